@@ -1,0 +1,150 @@
+"""The Ulysses x Ring executor that ``ulysses``, ``ring``, ``usp`` and ``tas`` share.
+
+Equivalent plain code (single process, on the gathered sequence)::
+
+    out = softmax(scale * Q K^T) V      # over all image tokens (+ text tokens if joint)
+
+What runs on each rank (P_u = Ulysses degree, P_r = Ring degree, see :mod:`sf_attn.layout`)::
+
+    qkv_u  = all_to_all(stack(q, k, v), ulysses)   # [3, B, seq_u, heads/P_u, D]
+    for step in range(P_r):                         # KV block of ring member (me - step)
+        next = ring_shift(kv)      ──┐ in flight while the block computes
+        o, lse = attn(q_u, kv)       │
+        merge into (acc_o, acc_lse)  │
+        kv = next.wait()           ◄─┘
+    out = all_to_all(acc_o, ulysses)                # back to [B, seq_local, heads, D]
+
+    time ─►   compute: | blk 0 | blk 1 | ... | blk P_r-1 |
+              ring:    | shift→1 | shift→2 | ...          (overlapped with compute)
+
+Joint (MMDiT) text tokens are replicated on every rank: their K/V are one extra block merged
+once per query (never once per rank), and text queries are computed against every block by
+the ranks of a Ring group and merged in block order, so every rank returns bit-identical text
+output (Note [Canonical text merge]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+import sf_comm
+
+from .backends import attention_with_lse
+from .layout import Layout
+from .merge import merge_attention_
+from .sharding import chunk_offsets, chunk_sizes
+
+
+def _empty_acc(
+    batch: int, seq: int, heads: int, dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    acc_o = torch.zeros(batch, seq, heads, dim, dtype=torch.float32, device=device)
+    acc_lse = torch.full((batch, heads, seq), -math.inf, dtype=torch.float32, device=device)
+    return acc_o, acc_lse
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ctx: sf_comm.Context,
+    layout: Layout,
+    seq_lens: Sequence[int],
+    scale: float,
+    joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    joint_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact attention of this rank's shard against the whole sharded sequence.
+
+    Args:
+        q, k, v: this rank's shard, [batch, seq_local, heads, head_dim].
+        ctx: the communication context.
+        layout: Ulysses and Ring partitions of the world.
+        seq_lens: every rank's ``seq_local``, in rank order.
+        scale: score scale.
+        joint: replicated text (tq, tk, tv), [batch, text, heads, head_dim], or None.
+        joint_mask: [batch, text] key mask of the text tokens (bool or additive), or None.
+        backend: local attention backend.
+
+    Returns:
+        (out [batch, seq_local, heads, head_dim], text out [batch, text, heads, head_dim] or None)
+    """
+    ug = ctx.subgroup(layout.ulysses, "ulysses")
+    rg = ctx.subgroup(layout.ring, "ring")
+    batch, seq_local, heads, dim = q.shape
+    p_u, p_r, i = ug.size, rg.size, ug.index
+    head_sizes = chunk_sizes(heads, p_u)
+    head_off = chunk_offsets(heads, p_u)
+    h_i = head_sizes[i]
+
+    # 1. Ulysses: sequence-sharded, all heads -> Ulysses-group sequence, heads group i.
+    qkv = torch.stack([q, k, v])  # [3, batch, seq_local, heads, dim]
+    if p_u > 1:
+        ins = [qkv[:, :, :, head_off[j] : head_off[j + 1]] for j in range(p_u)]
+        shapes = [(3, batch, seq_lens[r], h_i, dim) for r in ug.ranks]
+        qkv = torch.cat(sf_comm.all_to_all(ctx, ug, ins, shapes).wait(), dim=2)
+    q_u = qkv[0]  # [batch, seq_u, h_i, dim]
+    kv = qkv[1:].contiguous()  # [2, batch, seq_u, h_i, dim]
+    seq_u = q_u.shape[1]
+
+    text_q = text_kv = None
+    if joint is not None:
+        tq, tk, tv = (t[:, :, head_off[i] : head_off[i + 1]] for t in joint)
+        text_q, text_kv = tq, (tk, tv)
+
+    # 2. Ring over the ranks that hold the same heads: KV blocks rotate, outputs merge.
+    block_len = [
+        sum(seq_lens[r] for r in next(g for g in layout.ulysses if rank in g)) for rank in rg.ranks
+    ]
+    acc_o, acc_lse = _empty_acc(batch, seq_u, h_i, dim, q.device)
+    text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * p_r
+    holder = rg.index  # ring member whose KV block we hold
+    for step in range(p_r):
+        pending = None
+        if step < p_r - 1:
+            src = (rg.index - step - 1) % p_r
+            pending = sf_comm.ring_shift(
+                ctx, rg, kv, out_shape=(2, batch, block_len[src], h_i, dim)
+            )
+        merge_attention_(
+            acc_o, acc_lse, *attention_with_lse(q_u, kv[0], kv[1], scale=scale, backend=backend)
+        )
+        if text_q is not None:
+            text_parts[holder] = attention_with_lse(
+                text_q, kv[0], kv[1], scale=scale, backend=backend
+            )
+        if pending is not None:
+            kv = pending.wait()
+            holder = (holder - 1) % p_r
+
+    text_out = None
+    if text_q is not None and text_kv is not None:
+        tk, tv = text_kv
+        block = attention_with_lse(q_u, tk, tv, scale=scale, key_mask=joint_mask, backend=backend)
+        merge_attention_(acc_o, acc_lse, *block)
+        # Note [Canonical text merge]: text block first, then ring blocks in member order.
+        t_o, t_lse = attention_with_lse(
+            text_q, tk, tv, scale=scale, key_mask=joint_mask, backend=backend
+        )
+        t_acc_o, t_acc_lse = t_o.float(), t_lse.clone()
+        for part in text_parts:
+            assert part is not None
+            merge_attention_(t_acc_o, t_acc_lse, *part)
+        text_out = t_acc_o.to(q.dtype)
+        if p_u > 1:
+            t_shapes = [(batch, text_out.shape[1], head_sizes[j], dim) for j in range(p_u)]
+            text_out = torch.cat(sf_comm.all_gather(ctx, ug, text_out, t_shapes).wait(), dim=2)
+
+    # 3. Ulysses back: Ulysses-group sequence, heads group i -> own sequence chunk, all heads.
+    out_u = acc_o.to(q.dtype)
+    if p_u == 1:
+        return out_u, text_out
+    pieces = list(out_u.split([seq_lens[r] for r in ug.ranks], dim=1))
+    back = [(batch, seq_local, head_sizes[j], dim) for j in range(p_u)]
+    out = torch.cat(sf_comm.all_to_all(ctx, ug, pieces, back).wait(), dim=2)
+    return out, text_out

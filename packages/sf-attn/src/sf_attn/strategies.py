@@ -1,0 +1,133 @@
+"""Sequence-parallel strategies behind one small interface and a registry.
+
+A strategy turns (topology, heads, requested Ulysses degree) into a :class:`Layout`; the
+shared executor (:mod:`sf_attn.hybrid`) runs it. Adding a strategy is a subclass and one
+``register_strategy`` line.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+
+from sf_comm import Topology
+
+from .layout import Layout, make_layout, possible_ulysses_degrees
+
+
+class Strategy(abc.ABC):
+    """How ranks are laid out for one attention layer."""
+
+    name: str
+    order: str = "inter-first"
+
+    @abc.abstractmethod
+    def default_degree(self, topology: Topology, heads: int) -> int:
+        """The Ulysses degree used when the caller does not ask for one."""
+
+    def allowed_degrees(self, topology: Topology) -> list[int]:
+        return possible_ulysses_degrees(topology, self.order)
+
+    def layout(self, topology: Topology, heads: int, ulysses_degree: int | None = None) -> Layout:
+        """The layout for ``heads`` heads.
+
+        Raises:
+            ValueError: when the degree cannot split ``heads`` or cannot be laid out.
+        """
+        p_u = self.default_degree(topology, heads) if ulysses_degree is None else ulysses_degree
+        allowed = self.allowed_degrees(topology)
+        if p_u not in allowed:
+            raise ValueError(
+                f"strategy {self.name!r} on topology {topology} allows Ulysses degrees {allowed}, "
+                f"got {p_u}"
+            )
+        if heads < p_u:
+            ok = [d for d in allowed if d <= heads]
+            raise ValueError(
+                f"strategy {self.name!r} with Ulysses degree {p_u} needs at least {p_u} heads, got "
+                f"{heads}; degrees that fit {heads} heads: {ok} (ring needs none)"
+            )
+        return make_layout(topology, p_u, self.order)
+
+
+def _largest_fitting(topology: Topology, order: str, limit: int, heads: int) -> int:
+    """Largest reachable Ulysses degree that divides both ``limit`` and ``heads``."""
+    fits = [
+        d for d in possible_ulysses_degrees(topology, order) if limit % d == 0 and heads % d == 0
+    ]
+    return max(fits)
+
+
+class Ulysses(Strategy):
+    """All-to-all heads <-> sequence over the whole world, local attention, all-to-all back."""
+
+    name = "ulysses"
+
+    def default_degree(self, topology: Topology, heads: int) -> int:
+        return topology.world_size
+
+    def allowed_degrees(self, topology: Topology) -> list[int]:
+        return [topology.world_size]
+
+
+class Ring(Strategy):
+    """K/V blocks rotate around all ranks; each step's compute overlaps the next shift."""
+
+    name = "ring"
+
+    def default_degree(self, topology: Topology, heads: int) -> int:
+        return 1
+
+    def allowed_degrees(self, topology: Topology) -> list[int]:
+        return [1]
+
+
+class USP(Strategy):
+    """xDiT's hybrid: Ulysses inside a machine x Ring across machines."""
+
+    name = "usp"
+    order = "intra-first"
+
+    def default_degree(self, topology: Topology, heads: int) -> int:
+        return _largest_fitting(topology, self.order, topology.gpus_per_machine, heads)
+
+
+class TAS(Strategy):
+    """Topology-aware SP: Ulysses across machines (inter-first), Ring inside them.
+
+    Default degree P_u = gcd(world, heads), reduced to the largest degree the topology can
+    lay out inter-first.
+    """
+
+    name = "tas"
+    order = "inter-first"
+
+    def default_degree(self, topology: Topology, heads: int) -> int:
+        return _largest_fitting(topology, self.order, math.gcd(topology.world_size, heads), heads)
+
+
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    """Make ``parallel_attention(strategy=strategy.name)`` use ``strategy``."""
+    _STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def strategy_names() -> list[str]:
+    return [*sorted(_STRATEGIES), "auto"]
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return _STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}") from None
+
+
+Resolver = Callable[..., str]
+
+for _s in (Ulysses(), Ring(), USP(), TAS()):
+    register_strategy(_s)

@@ -1,0 +1,123 @@
+"""Collectives built from the transport's exchange primitive.
+
+Each returns a :class:`~sf_comm.transport.Handle`; ``handle.wait()`` gives the result and
+``with handle:`` waits on exit. Every member of the group must call the same collective in
+the same order (see the ordering contract in :mod:`sf_comm.transport`).
+
+Shapes of what a rank receives are passed in (``out_shapes``) rather than exchanged: the
+sequence-parallel strategies always know them from the shard convention, and it saves a
+round trip. When omitted, every member is assumed to send tensors of the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from .transport import Group, Handle
+
+if TYPE_CHECKING:
+    from .context import Context
+
+
+def _check_same(tensors: Sequence[torch.Tensor], op: str) -> None:
+    dtypes = {t.dtype for t in tensors}
+    devices = {t.device for t in tensors}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise TypeError(f"{op}: inputs must share one dtype and device, got {dtypes} on {devices}")
+
+
+def all_to_all(
+    ctx: Context,
+    group: Group,
+    inputs: Sequence[torch.Tensor],
+    out_shapes: Sequence[Sequence[int]] | None = None,
+) -> Handle[list[torch.Tensor]]:
+    """``inputs[i]`` goes to member i; result ``[j]`` is what member j sent here.
+
+    Splits may be uneven: ``out_shapes[j]`` is the shape member j sends to this rank.
+    Equivalent plain code (with a gather of everything everywhere)::
+
+        result[j] = inputs_of_member[j][group.index]
+    """
+    if len(inputs) != group.size:
+        raise ValueError(
+            f"all_to_all over {group.name} needs one input per member ({group.size}), "
+            f"got {len(inputs)}"
+        )
+    _check_same(inputs, "all_to_all")
+    shapes = [torch.Size(s) for s in out_shapes] if out_shapes is not None else None
+    if shapes is None:
+        if len({t.shape for t in inputs}) > 1:
+            raise ValueError("all_to_all with inputs of different shapes needs out_shapes")
+        shapes = [inputs[0].shape] * group.size
+    if len(shapes) != group.size:
+        raise ValueError(f"all_to_all: out_shapes needs {group.size} entries, got {len(shapes)}")
+    if group.size == 1:
+        return Handle.completed([inputs[0].clone()])
+    return ctx.transport.all_to_all(group, list(inputs), shapes)
+
+
+def shift(
+    ctx: Context,
+    group: Group,
+    tensor: torch.Tensor,
+    offset: int = 1,
+    out_shape: Sequence[int] | None = None,
+) -> Handle[torch.Tensor]:
+    """Send ``tensor`` to member ``index + offset`` and receive from member ``index - offset``.
+
+    ``offset=1`` is the ring shift; offset s is stage s of the pairwise staged exchange that
+    Torus Attention uses. Equivalent plain code::
+
+        result = tensor_of_member[(group.index - offset) % group.size]
+    """
+    shape = torch.Size(out_shape) if out_shape is not None else tensor.shape
+    if offset % group.size == 0:
+        if shape != tensor.shape:
+            raise ValueError(f"shift by {offset} in a group of {group.size} keeps the shape")
+        return Handle.completed(tensor.clone())
+    dst, src = group.peer(offset), group.peer(-offset)
+    handle = ctx.transport.exchange(
+        group, [(dst, tensor)], [(src, shape, tensor.dtype)], op=f"shift{offset:+d}"
+    )
+    return Handle(lambda: handle.wait()[0], handle.is_completed)
+
+
+def ring_shift(
+    ctx: Context, group: Group, tensor: torch.Tensor, out_shape: Sequence[int] | None = None
+) -> Handle[torch.Tensor]:
+    """Ring step: send to the next member, receive from the previous one."""
+    return shift(ctx, group, tensor, 1, out_shape)
+
+
+def all_gather(
+    ctx: Context,
+    group: Group,
+    tensor: torch.Tensor,
+    out_shapes: Sequence[Sequence[int]] | None = None,
+) -> Handle[list[torch.Tensor]]:
+    """Every member's tensor, in member order (``out_shapes[j]``: member j's shape)."""
+    shapes = [torch.Size(s) for s in out_shapes] if out_shapes else [tensor.shape] * group.size
+    if len(shapes) != group.size:
+        raise ValueError(f"all_gather: out_shapes needs {group.size} entries, got {len(shapes)}")
+    if shapes[group.index] != tensor.shape:
+        raise ValueError(
+            f"all_gather: out_shapes[{group.index}]={tuple(shapes[group.index])} must be this "
+            f"rank's own shape {tuple(tensor.shape)}"
+        )
+    me = group.index
+    if group.size == 1:
+        return Handle.completed([tensor.clone()])
+    sends = [(r, tensor) for i, r in enumerate(group.ranks) if i != me]
+    recvs = [(r, shapes[i], tensor.dtype) for i, r in enumerate(group.ranks) if i != me]
+    handle = ctx.transport.exchange(group, sends, recvs, op="all_gather")
+    local = tensor.clone()
+
+    def finish() -> list[torch.Tensor]:
+        got = handle.wait()
+        return [*got[:me], local, *got[me:]]
+
+    return Handle(finish, handle.is_completed)

@@ -1,0 +1,277 @@
+"""``sf_comm.init``: the communication context of a job (mesh, groups, transport)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .topology import Topology
+from .transport import Group, Transport, make_transport, register_transport, transport_names
+
+log = logging.getLogger(__name__)
+
+AXES = ("inter", "intra")
+
+
+class Context:
+    """Everything a rank needs to communicate: topology, DeviceMesh, groups, transport.
+
+    Created by :func:`init`; release it with :meth:`close` or use it as a ``with`` block.
+
+    Attributes:
+        topology: machines x gpus_per_machine of the job.
+        mesh: a torch DeviceMesh of shape ``topology.shape`` with axes ("inter", "intra").
+        rank, world_size: this rank and the job size.
+        transport: the :class:`~sf_comm.transport.Transport` collectives use.
+        device: where this rank's tensors live.
+    """
+
+    def __init__(
+        self, *, topology: Topology, mesh: DeviceMesh, transport: Transport, device: torch.device
+    ) -> None:
+        self.topology = topology
+        self.mesh = mesh
+        self.transport = transport
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        world_pg = dist.group.WORLD
+        self._groups = {"world": Group("world", tuple(range(self.world_size)), self.rank, world_pg)}
+        for axis in AXES:
+            pg = mesh.get_group(axis)
+            ranks = tuple(dist.get_process_group_ranks(pg))
+            self._groups[axis] = Group(axis, ranks, self.rank, pg)
+        self._partitions: dict[tuple[tuple[int, ...], ...], Group] = {}
+
+    def subgroup(self, partition: Sequence[Sequence[int]], name: str) -> Group:
+        """This rank's group in ``partition`` (a list of disjoint rank lists covering the world).
+
+        Collective the first time a partition is seen (process groups are created for all of
+        its groups, in the same order on every rank); cached afterwards. Partitions equal to
+        the world or to a mesh axis reuse those groups.
+        """
+        key = tuple(tuple(int(r) for r in members) for members in partition)
+        cached = self._partitions.get(key)
+        if cached is not None:
+            return cached
+        flat = sorted(r for members in key for r in members)
+        if flat != list(range(self.world_size)):
+            raise ValueError(f"partition {key} must cover ranks 0..{self.world_size - 1} once")
+        mine = next(members for members in key if self.rank in members)
+        # Decide from the whole partition (same on every rank), never from this rank's part:
+        # creating process groups is collective.
+        machines, gpus = self.topology.shape
+        axis_partitions = {
+            "world": {tuple(range(self.world_size))},
+            "intra": {tuple(m * gpus + g for g in range(gpus)) for m in range(machines)},
+            "inter": {tuple(m * gpus + g for m in range(machines)) for g in range(gpus)},
+        }
+        known = [axis for axis, part in axis_partitions.items() if part == set(key)]
+        if known:
+            group = dataclasses.replace(self._groups[known[0]], name=name)
+        elif max(len(m) for m in key) == 1:
+            group = Group(name, mine, self.rank, None)
+        else:
+            pg, _ = dist.new_subgroups_by_enumeration([list(m) for m in key])
+            group = Group(name, mine, self.rank, pg)
+        self._partitions[key] = group
+        return group
+
+    def group(self, axis: str = "world") -> Group:
+        """The group of this rank along ``axis``: "world", "inter" or "intra"."""
+        try:
+            return self._groups[axis]
+        except KeyError:
+            raise ValueError(
+                f"unknown mesh axis {axis!r}; use one of {list(self._groups)}"
+            ) from None
+
+    @property
+    def machine(self) -> int:
+        return self.topology.machine_of(self.rank)
+
+    @property
+    def local_rank(self) -> int:
+        return self.topology.local_of(self.rank)
+
+    def barrier(self, axis: str = "world") -> None:
+        self.transport.barrier(self.group(axis))
+
+    def close(self) -> None:
+        """Release the transport's buffers and segments (idempotent)."""
+        self.transport.close()
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(rank={self.rank}/{self.world_size}, topology={self.topology}, "
+            f"transport={self.transport.name}, device={self.device})"
+        )
+
+
+def _default_timeout() -> float:
+    return float(os.environ.get("SF_TIMEOUT", 120))
+
+
+def _ensure_process_group(timeout: float) -> None:
+    if dist.is_initialized():
+        return
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        return
+    # A single process with no launcher: a world of one, so the same code runs everywhere.
+    dist.init_process_group(
+        "gloo",
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+
+
+def _cuda_transport_available(name: str) -> bool:
+    if name == "nvshmem":
+        try:
+            import nvshmem.core  # noqa: F401
+        except Exception:
+            return False
+        return True
+    if name == "torch-symm":
+        try:
+            import torch.distributed._symmetric_memory as symm  # noqa: F401
+        except Exception:
+            return False
+        return torch.cuda.is_available()
+    return False
+
+
+def _resolve_auto(device: torch.device) -> str:
+    if device.type == "cuda":
+        for name in ("nvshmem", "torch-symm"):
+            if _cuda_transport_available(name):
+                return name
+        return "nccl"
+    return "shm"
+
+
+def init(
+    topology: Topology | str | None = None,
+    transport: str = "auto",
+    *,
+    timeout: float | None = None,
+    device: torch.device | str | None = None,
+    **transport_options: Any,
+) -> Context:
+    """Create the communication context of this rank (collective: every rank calls it).
+
+    Args:
+        topology: a :class:`Topology`, a ``"MACHINESxGPUS"`` string, or None to detect
+            (``SF_TOPOLOGY``, then torchrun's variables).
+        transport: one of "auto", "shm", "gloo", "nccl", "nvshmem", "torch-symm". "auto" takes
+            nvshmem or torch-symm on CUDA where available (else nccl), shm on CPU.
+        timeout: seconds any wait may take (default ``SF_TIMEOUT`` or 120).
+        device: where tensors live (default: this rank's CUDA device if the job uses NCCL,
+            else CPU).
+        transport_options: passed to the transport's factory (e.g. ``slot_bytes`` for shm).
+
+    Returns:
+        The :class:`Context`.
+
+    Raises:
+        ValueError: unknown transport, or a topology that does not match the world size.
+    """
+    if transport not in transport_names():
+        raise ValueError(f"unknown transport {transport!r}; choose one of {transport_names()}")
+    timeout = _default_timeout() if timeout is None else float(timeout)
+    _ensure_process_group(timeout)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if topology is None:
+        topo = Topology.detect(world_size=world)
+    elif isinstance(topology, str):
+        topo = Topology.parse(topology)
+        topo.check_world(world, source=f"topology {topology!r}")
+    else:
+        topo = topology
+        topo.check_world(world, source=f"Topology {topo}")
+    if device is None:
+        uses_nccl = "nccl" in str(dist.get_backend())
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
+        )
+    device = torch.device(device)
+    name = _resolve_auto(device) if transport == "auto" else transport
+    mesh = init_device_mesh(device.type, topo.shape, mesh_dim_names=AXES)
+    made = make_transport(
+        name, rank=rank, world_size=world, timeout=timeout, device=device, **transport_options
+    )
+    log.debug("rank %d: topology %s, transport %s", rank, topo, made.name)
+    return Context(topology=topo, mesh=mesh, transport=made, device=device)
+
+
+# -- transport registrations ----------------------------------------------------------------
+
+
+def _make_shm(
+    *, rank: int, world_size: int, timeout: float, device: torch.device, **kw: Any
+) -> Transport:
+    from .shm import ShmTransport
+
+    if device.type != "cpu":
+        raise ValueError(f"the shm transport moves CPU tensors; device is {device}")
+    cpu_pg = None
+    with contextlib.suppress(Exception):
+        if "gloo" not in str(dist.get_backend()):
+            cpu_pg = dist.new_group(backend="gloo")
+    return ShmTransport.create(rank=rank, world_size=world_size, timeout=timeout, pg=cpu_pg, **kw)
+
+
+def _make_two_sided(backend: str):  # type: ignore[no-untyped-def]
+    def factory(
+        *, rank: int, world_size: int, timeout: float, device: torch.device, **kw: Any
+    ) -> Transport:
+        from .twosided import TwoSidedTransport
+
+        if kw:
+            raise ValueError(f"the {backend} transport takes no options, got {sorted(kw)}")
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError("the nccl transport needs CUDA tensors; use gloo or shm on CPU")
+        return TwoSidedTransport(rank=rank, world_size=world_size, timeout=timeout, backend=backend)
+
+    return factory
+
+
+def _make_gpu(name: str):  # type: ignore[no-untyped-def]
+    def factory(
+        *, rank: int, world_size: int, timeout: float, device: torch.device, **kw: Any
+    ) -> Transport:
+        from . import gpu
+
+        if device.type != "cuda":
+            raise ValueError(f"the {name} transport needs CUDA tensors; use shm or gloo on CPU")
+        return gpu.create(
+            name, rank=rank, world_size=world_size, timeout=timeout, device=device, **kw
+        )
+
+    return factory
+
+
+register_transport("shm", _make_shm)
+register_transport("gloo", _make_two_sided("gloo"))
+register_transport("nccl", _make_two_sided("nccl"))
+register_transport("nvshmem", _make_gpu("nvshmem"))
+register_transport("torch-symm", _make_gpu("torch-symm"))

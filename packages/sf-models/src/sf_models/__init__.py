@@ -1,0 +1,1 @@
+"""StreamFusion models (placeholder docstring; see cli)."""

@@ -1,0 +1,151 @@
+"""Sequence-parallel plan for diffusers' ``FluxTransformer2DModel``.
+
+Image tokens (``hidden_states`` [B, img, C]) are split along dim 1 and their position ids
+(``img_ids`` [img, 3]) along their rows, so the model's own ``pos_embed`` yields RoPE cos/sin
+for the text rows plus this rank's image rows: exactly the rows of the q/k it holds (Note
+[Flux RoPE rows]). Text tokens (``encoder_hidden_states``, ``txt_ids``) stay replicated. The
+output ``sample`` is gathered along dim 1.
+
+Attention is swapped through diffusers' processor hook: :class:`FluxSequenceParallelProcessor`
+replaces each ``FluxAttnProcessor``. Its plain-code equivalent is ``FluxAttnProcessor``
+itself; the one change is the attention call::
+
+    q, k, v = cat([text, image_local]) after norms and RoPE   # [B, text + img_local, H, D]
+    out = sdpa(q, k, v)                                       # original: all tokens local
+    -> img_out, text_out = parallel_attention(q[:, text:], ..., joint=(q[:, :text], ...))
+    out = cat([text_out, img_out])                            # same rows as the original
+
+Dual-stream blocks project text and image separately and concatenate them in the processor;
+single-stream blocks concatenate ``[text, image_local]`` before the processor. Both arrive as
+one ``[text, image_local]`` stream, so one processor serves both: it cuts the stream at the
+text length (known from the block for dual-stream, from the call's ``encoder_hidden_states``
+for single-stream) and passes the replicated text part as ``joint=``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers import transformer_flux
+
+import sf_attn
+
+from .parallelize import SequenceParallelPlan, ShardState, register_plan
+
+__all__ = ["FLUX_PLAN", "FluxSequenceParallelProcessor"]
+
+
+class FluxSequenceParallelProcessor:
+    """``FluxAttnProcessor`` with the attention over the rank-split image sequence.
+
+    Args:
+        state: the shared per-call state (context, strategy, input lengths).
+        inner: the processor this one replaces; used while no parallel forward runs
+            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    """
+
+    def __init__(self, state: ShardState, inner: Any) -> None:
+        self.state = state
+        self.inner = inner
+
+    # FluxAttention.forward filters keyword arguments by this signature: keep the names.
+    def __call__(
+        self,
+        attn: transformer_flux.FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        if not state.active:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise ValueError("parallelize(Flux): attention_mask is not supported under sequence parallelism")
+
+        query, key, value, e_query, e_key, e_value = transformer_flux._get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, seq, H, D]
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            # Dual-stream block: the text stream has its own projections.
+            text_len = encoder_hidden_states.shape[1]
+            e_query = attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim)))
+            e_key = attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim)))
+            e_value = e_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([e_query, query], dim=1)  # [B, text + img_local, H, D]
+            key = torch.cat([e_key, key], dim=1)
+            value = torch.cat([e_value, value], dim=1)
+        else:
+            # Single-stream block: hidden_states is already cat([text, image_local]).
+            text_len = state.lengths.get("encoder_hidden_states", 0)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        image = (query[:, text_len:], key[:, text_len:], value[:, text_len:])
+        seq_len = state.lengths["hidden_states"]
+        if text_len:
+            joint = (query[:, :text_len], key[:, :text_len], value[:, :text_len])
+            img_out, text_out = sf_attn.parallel_attention(
+                *image, ctx=state.ctx, strategy=state.strategy, joint=joint, seq_len=seq_len
+            )
+            out = torch.cat([text_out, img_out], dim=1)
+        else:
+            out = sf_attn.parallel_attention(*image, ctx=state.ctx, strategy=state.strategy, seq_len=seq_len)
+        out = out.flatten(2, 3).to(query.dtype)  # [B, text + img_local, H * D]
+
+        if encoder_hidden_states is None:
+            return out
+        text_part, image_part = out[:, :text_len], out[:, text_len:]
+        image_part = attn.to_out[1](attn.to_out[0](image_part.contiguous()))
+        text_part = attn.to_add_out(text_part.contiguous())
+        return image_part, text_part
+
+
+def _attach(model: torch.nn.Module, state: ShardState) -> None:
+    """Swap every ``FluxAttnProcessor`` for a :class:`FluxSequenceParallelProcessor`.
+
+    Raises:
+        ValueError: a block uses another processor (IP-Adapter, custom), or ``state.strategy``
+            cannot split the model's heads on the context's topology (sf_attn's message).
+    """
+    heads = model.config.num_attention_heads
+    if state.strategy != "auto":
+        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
+    processors = model.attn_processors  # {"transformer_blocks.0.attn.processor": proc, ...}
+    unsupported = {
+        name: type(proc).__name__
+        for name, proc in processors.items()
+        if type(proc) is not transformer_flux.FluxAttnProcessor
+    }
+    if unsupported:
+        raise ValueError(
+            f"parallelize(Flux) can only replace FluxAttnProcessor; these blocks use others: {unsupported}"
+        )
+    model.set_attn_processor(
+        {name: FluxSequenceParallelProcessor(state, proc) for name, proc in processors.items()}
+    )
+
+
+FLUX_PLAN = SequenceParallelPlan(
+    split_inputs={"hidden_states": 1, "img_ids": -2},  # img_ids: [img, 3] (or deprecated [1, img, 3])
+    replicated_inputs={"encoder_hidden_states": 1, "txt_ids": -2},
+    output_dims={0: 1},  # sample [B, img, C]
+    # Per-image-token residuals would need splitting too; not planned yet.
+    unsupported_inputs=("controlnet_block_samples", "controlnet_single_block_samples"),
+    attach=_attach,
+)
+register_plan("FluxTransformer2DModel", FLUX_PLAN)
+
+
+# Note [Flux RoPE rows]
+# FluxTransformer2DModel.forward computes ``pos_embed(cat([txt_ids, img_ids]))``: cos/sin rows
+# in the order [text, image]. With img_ids split by the same tensor_split as hidden_states,
+# each rank's rows are [text, its image chunk], which is exactly the order of the q/k rows the
+# processor holds (text first in both block kinds), so apply_rotary_emb needs no offsets and
+# no rank ever computes RoPE for rows it does not own.
