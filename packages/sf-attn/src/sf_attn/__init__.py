@@ -11,6 +11,7 @@ _require("sf-comm", "0.1.0", by="sf-attn")
 
 from .api import parallel_attention  # noqa: E402
 from .backends import (  # noqa: E402
+    AttentionBackend,
     attention_with_lse,
     available_backends,
     reference_attention,
@@ -24,6 +25,7 @@ from .strategies import Strategy, get_strategy, register_strategy, strategy_name
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionBackend",
     "Layout",
     "Strategy",
     "__version__",

@@ -16,7 +16,9 @@ import triton.language as tl
 from torch import Tensor
 
 # Elements of one [BLOCK_R, BLOCK_D] tile; BLOCK_D covers head_dim up to 128 in one step.
-_TILE = 2048
+# 2048, 4096 and 8192 timed the same on an H200 ([1, 4096, 24, 128]: ~85 us bf16 out of
+# place, ~65 us fp32 in place, vs ~450 us for the torch ops).
+_TILE = 4096
 _MAX_BLOCK_D = 128
 
 

@@ -24,7 +24,8 @@ Note [Fully masked rows]
     A query row whose keys are all masked has an empty softmax. The contract is out = 0 and
     lse = -inf, which is exactly what a merge needs (such a block contributes nothing). The
     kernels disagree (the CPU flash op returns lse = 0), so :func:`attention_with_lse` fixes
-    these rows up after every backend instead of trusting each one. With a per-key mask
+    these rows up after every backend instead of trusting each one. Measured: the CPU flash
+    op and ``sdpa-efficient`` (torch 2.11, H200) give out = 0 but lse = 0; cuDNN gives -inf. With a per-key mask
     ``[batch, seq_k]`` a row is fully masked exactly when its whole batch element is.
 
 Note [Key-mask dtype on the CPU flash op] (measured on torch 2.13, CPU)

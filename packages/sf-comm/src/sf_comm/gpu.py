@@ -494,8 +494,17 @@ class TorchSymmTransport(_StreamedTransport):
             )
         procs = _procs(pg)
         dist.barrier(group=pg)
-        return cls(hdl=hdl, heap=heap, views=views, rank=rank, world_size=world_size,
-                   timeout=timeout, device=device, opts=opts, procs=procs)  # fmt: skip
+        return cls(
+            hdl=hdl,
+            heap=heap,
+            views=views,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device=device,
+            opts=opts,
+            procs=procs,
+        )
 
     def _tmo_ms(self) -> int:
         # Longer than the host watchdog, so its clearer error usually wins; still finite so a
@@ -679,8 +688,17 @@ class NvshmemTransport(_StreamedTransport):
         torch.cuda.synchronize(device)
         procs = _procs(pg)
         dist.barrier(group=pg)  # every rank's counters are zero before anyone signals
-        return cls(nvc=nvc, heap=heap, sig=sig, rank=rank, world_size=world_size,
-                   timeout=timeout, device=device, opts=opts, procs=procs)  # fmt: skip
+        return cls(
+            nvc=nvc,
+            heap=heap,
+            sig=sig,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device=device,
+            opts=opts,
+            procs=procs,
+        )
 
     def _buf(self, ptr: int, nbytes: int) -> Any:
         make: Callable[..., Any] = getattr(self._Buffer, "from_handle", self._Buffer)

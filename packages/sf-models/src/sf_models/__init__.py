@@ -1,1 +1,34 @@
-"""StreamFusion models (placeholder docstring; see cli)."""
+"""StreamFusion models: diffusers Diffusion Transformers under sequence parallelism.
+
+Entry point: :func:`parallelize` (a diffusers transformer -> a module that takes the same full
+inputs and returns the same full outputs on every rank, with the token sequence split
+inside). The ``streamfusion`` command lives in :mod:`sf_models.cli`.
+"""
+
+from sf_comm import require as _require
+
+_require("sf-comm", "0.1.0", by="sf-models")
+_require("sf-attn", "0.1.0", by="sf-models")
+
+from .parallelize import (  # noqa: E402
+    SequenceParallelModel,
+    SequenceParallelPlan,
+    ShardState,
+    get_plan,
+    parallelize,
+    register_plan,
+    supported_models,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SequenceParallelModel",
+    "SequenceParallelPlan",
+    "ShardState",
+    "__version__",
+    "get_plan",
+    "parallelize",
+    "register_plan",
+    "supported_models",
+]

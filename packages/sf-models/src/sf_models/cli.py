@@ -61,38 +61,50 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sf_attn import bench as abench
-    from sf_attn.planner import choose_strategy
-    from sf_comm import Topology
+    from . import job
 
     world, topo = _world_and_topology(args)
-    shape = (args.batch, args.seq, args.heads, args.head_dim)
-    strategies = tuple(abench.STRATEGIES) if args.strategy == "all" else (args.strategy,)
-    chosen, p_u = choose_strategy(Topology.parse(topo), heads=args.heads, seq_len=args.seq)
+    strategies = ("ulysses", "ring", "usp", "tas") if args.strategy == "all" else (args.strategy,)
+    dtype = _DTYPES[args.dtype]
     print(
-        f"streamfusion run: sequence-parallel attention {shape} {args.dtype}, {world} CPU ranks, "
+        f"streamfusion run: Flux-architecture DiT ({args.config or 'small config, random weights'}), "
+        f"{args.height}x{args.width} px, {args.steps} steps, {args.dtype}; {world} CPU ranks, "
         f"emulated topology {topo}, transport {args.transport}"
     )
-    print(f"plan for strategy=auto: {chosen} (Ulysses degree {p_u}, Ring degree {world // p_u})")
-    rows = abench.run(
-        world,
-        topo,
-        shape,
-        _DTYPES[args.dtype],
+    report = job.run(
+        world=world,
+        topology=topo,
+        transport=args.transport,
         strategies=strategies,
-        transports=(args.transport,),
-        iters=args.iters,
-        rounds=1,
+        config=args.config,
+        height=args.height,
+        width=args.width,
+        text=args.text,
+        steps=args.steps,
+        dtype=dtype,
     )
-    print(abench.format_table(rows))
-    tol = 1e-4 if args.dtype == "fp32" else 5e-2
-    worst = max(r["max_abs_err"] for r in rows)
-    print(f"max |parallel - single process| over strategies: {worst:.2e} (tolerance {tol:g})")
+    name, p_u = report["plan"]
+    print(
+        f"{report['tokens']} image tokens + {report['text']} text tokens; plan for strategy=auto: "
+        f"{name} (Ulysses degree {p_u}, Ring degree {world // p_u})"
+    )
+    print(f"single process: {report['single_step_s'] * 1e3:.1f} ms/step")
+    head = f"{'strategy':<9} {'ms/step':>9} {'vs 1 proc':>10} {'rel err':>9} {'MB/step sent by rank 0':>23}"
+    print(head + "\n" + "-" * len(head))
+    for strategy, row in report["strategies"].items():
+        print(
+            f"{strategy:<9} {row['step_s'] * 1e3:9.1f} {report['single_step_s'] / row['step_s']:9.2f}x "
+            f"{row['rel_err']:9.1e} {row['bytes_sent_rank0_per_step'] / 1e6:23.1f}"
+        )
+    tol = 1e-4 if args.dtype == "fp32" else 3e-2
+    worst = max(row["rel_err"] for row in report["strategies"].values())
+    verdict = "OK" if worst <= tol else "MISMATCH"
+    print(f"{verdict}: max relative error vs single process {worst:.1e} (tolerance {tol:g})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "run.json")
         with open(path, "w") as f:
-            json.dump({"shape": shape, "world": world, "topology": topo, "rows": rows}, f, indent=1)
+            json.dump({"world": world, "topology": topo, **report}, f, indent=1)
         print(f"wrote {path}")
     return 0 if worst <= tol else 1
 
@@ -116,10 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--iters", type=int, default=5)
 
     run = sub.add_parser(
-        "run", help="the main job: a real sequence-parallel run, checked against one process"
+        "run", help="the main job: a DiT denoising on several ranks, checked against one"
     )
-    common(run, seq=2048, heads=24)
-    run.add_argument("--strategy", default="all", help="ulysses, ring, usp, tas, or all")
+    run.add_argument("--world", type=int, default=None, help="number of CPU ranks (default 4)")
+    run.add_argument("--topology", default=None, help="MACHINESxGPUS to emulate (default 2x2)")
+    run.add_argument("--model", choices=["flux"], default="flux")
+    run.add_argument(
+        "--config", default=None, help="local from_pretrained directory of the transformer"
+    )
+    run.add_argument("--height", type=int, default=512)
+    run.add_argument("--width", type=int, default=512)
+    run.add_argument("--text", type=int, default=64, help="text tokens")
+    run.add_argument("--steps", type=int, default=4)
+    run.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    run.add_argument("--strategy", default="all", help="ulysses, ring, usp, tas, auto, or all")
     run.add_argument("--transport", default="shm", help="shm or gloo")
     run.add_argument("--out", default="out", help="directory for results")
     run.set_defaults(fn=_cmd_run)

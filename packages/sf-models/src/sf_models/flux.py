@@ -61,9 +61,13 @@ class FluxSequenceParallelProcessor:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         state = self.state
         if not state.active:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
         if attention_mask is not None:
-            raise ValueError("parallelize(Flux): attention_mask is not supported under sequence parallelism")
+            raise ValueError(
+                "parallelize(Flux): attention_mask is not supported under sequence parallelism"
+            )
 
         query, key, value, e_query, e_key, e_value = transformer_flux._get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
@@ -84,8 +88,9 @@ class FluxSequenceParallelProcessor:
             # Single-stream block: hidden_states is already cat([text, image_local]).
             text_len = state.lengths.get("encoder_hidden_states", 0)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            # (cos, sin); diffusers annotates the argument as a 1-tuple.
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
 
         image = (query[:, text_len:], key[:, text_len:], value[:, text_len:])
         seq_len = state.lengths["hidden_states"]
@@ -96,7 +101,11 @@ class FluxSequenceParallelProcessor:
             )
             out = torch.cat([text_out, img_out], dim=1)
         else:
-            out = sf_attn.parallel_attention(*image, ctx=state.ctx, strategy=state.strategy, seq_len=seq_len)
+            result = sf_attn.parallel_attention(
+                *image, ctx=state.ctx, strategy=state.strategy, seq_len=seq_len
+            )
+            assert isinstance(result, torch.Tensor)  # no joint: one tensor back
+            out = result
         out = out.flatten(2, 3).to(query.dtype)  # [B, text + img_local, H * D]
 
         if encoder_hidden_states is None:
@@ -107,17 +116,24 @@ class FluxSequenceParallelProcessor:
         return image_part, text_part
 
 
-def _attach(model: torch.nn.Module, state: ShardState) -> None:
+def _attach(module: torch.nn.Module, state: ShardState) -> None:
     """Swap every ``FluxAttnProcessor`` for a :class:`FluxSequenceParallelProcessor`.
 
     Raises:
-        ValueError: a block uses another processor (IP-Adapter, custom), or ``state.strategy``
-            cannot split the model's heads on the context's topology (sf_attn's message).
+        ValueError: a block uses another processor (IP-Adapter, custom), the model is already
+            parallelized, or ``state.strategy`` cannot split the model's heads on the
+            context's topology (sf_attn's message).
     """
+    model: Any = module  # a FluxTransformer2DModel (AttentionMixin, ConfigMixin)
     heads = model.config.num_attention_heads
     if state.strategy != "auto":
         sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
     processors = model.attn_processors  # {"transformer_blocks.0.attn.processor": proc, ...}
+    if any(isinstance(proc, FluxSequenceParallelProcessor) for proc in processors.values()):
+        # A second wrapper would leave the first one's processors reading the wrong state.
+        raise ValueError(
+            "parallelize(Flux): this model is already parallelized; use the returned wrapper"
+        )
     unsupported = {
         name: type(proc).__name__
         for name, proc in processors.items()
@@ -133,7 +149,10 @@ def _attach(model: torch.nn.Module, state: ShardState) -> None:
 
 
 FLUX_PLAN = SequenceParallelPlan(
-    split_inputs={"hidden_states": 1, "img_ids": -2},  # img_ids: [img, 3] (or deprecated [1, img, 3])
+    split_inputs={
+        "hidden_states": 1,
+        "img_ids": -2,
+    },  # img_ids: [img, 3] (or deprecated [1, img, 3])
     replicated_inputs={"encoder_hidden_states": 1, "txt_ids": -2},
     output_dims={0: 1},  # sample [B, img, C]
     # Per-image-token residuals would need splitting too; not planned yet.

@@ -100,7 +100,9 @@ class SequenceParallelPlan:
 
     def __post_init__(self) -> None:
         if not self.split_inputs:
-            raise ValueError("SequenceParallelPlan.split_inputs is empty; at least one input must be split")
+            raise ValueError(
+                "SequenceParallelPlan.split_inputs is empty; at least one input must be split"
+            )
         _check_dims("split_inputs", self.split_inputs, str)
         _check_dims("replicated_inputs", self.replicated_inputs, str)
         _check_dims("output_dims", self.output_dims, int)
@@ -158,7 +160,9 @@ class SequenceParallelModel(torch.nn.Module):
     module (``config``, ``dtype``, ...), so it can stand in for the model.
     """
 
-    def __init__(self, module: torch.nn.Module, plan: SequenceParallelPlan, state: ShardState) -> None:
+    def __init__(
+        self, module: torch.nn.Module, plan: SequenceParallelPlan, state: ShardState
+    ) -> None:
         super().__init__()
         self.module = module
         self.plan = plan
@@ -215,7 +219,9 @@ class SequenceParallelModel(torch.nn.Module):
         return out
 
 
-def parallelize(model: torch.nn.Module, *, ctx: sf_comm.Context, strategy: str = "auto") -> SequenceParallelModel:
+def parallelize(
+    model: torch.nn.Module, *, ctx: sf_comm.Context, strategy: str = "auto"
+) -> SequenceParallelModel:
     """Wrap a diffusers transformer so its token sequence is split across ``ctx``'s ranks.
 
     Every rank calls the returned module with the same full inputs and gets the same full

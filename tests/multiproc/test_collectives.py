@@ -35,10 +35,14 @@ def _rows(seed: int, src: int, dst: int, max_rows: int) -> int:
     return (seed + 7 * src + 3 * dst) % (max_rows + 1)
 
 
-def _check_all_to_all(ctx: sf_comm.Context, axis: str, seed: int, max_rows: int, cols: int, dtype: torch.dtype) -> int:
+def _check_all_to_all(
+    ctx: sf_comm.Context, axis: str, seed: int, max_rows: int, cols: int, dtype: torch.dtype
+) -> int:
     group = ctx.group(axis)
     me = group.index
-    inputs = [_make(seed, me, j, _rows(seed, me, j, max_rows), cols, dtype) for j in range(group.size)]
+    inputs = [
+        _make(seed, me, j, _rows(seed, me, j, max_rows), cols, dtype) for j in range(group.size)
+    ]
     shapes = [(_rows(seed, j, me, max_rows), cols) for j in range(group.size)]
     with sf_comm.all_to_all(ctx, group, inputs, shapes) as h:
         pass
@@ -49,7 +53,9 @@ def _check_all_to_all(ctx: sf_comm.Context, axis: str, seed: int, max_rows: int,
     return len(out)
 
 
-def _check_shift_and_gather(ctx: sf_comm.Context, axis: str, seed: int, rows: int, cols: int, dtype: torch.dtype) -> None:
+def _check_shift_and_gather(
+    ctx: sf_comm.Context, axis: str, seed: int, rows: int, cols: int, dtype: torch.dtype
+) -> None:
     group = ctx.group(axis)
     me, n = group.index, group.size
     mine = _make(seed, me, 0, rows + me, cols, dtype)  # different length per member
@@ -81,9 +87,22 @@ def test_collectives_property(ranks, world: int, transport: str) -> None:
         topo=st.sampled_from(TOPOLOGIES[world]),
         axis=st.sampled_from(["world", "inter", "intra"]),
     )
-    def check(seed: int, max_rows: int, cols: int, dtype: torch.dtype, topo: str, axis: str) -> None:
-        pool.run(_check_all_to_all, axis, seed, max_rows, cols, dtype, topology=topo, transport=transport)
-        pool.run(_check_shift_and_gather, axis, seed, max_rows, cols, dtype, topology=topo, transport=transport)
+    def check(
+        seed: int, max_rows: int, cols: int, dtype: torch.dtype, topo: str, axis: str
+    ) -> None:
+        pool.run(
+            _check_all_to_all, axis, seed, max_rows, cols, dtype, topology=topo, transport=transport
+        )
+        pool.run(
+            _check_shift_and_gather,
+            axis,
+            seed,
+            max_rows,
+            cols,
+            dtype,
+            topology=topo,
+            transport=transport,
+        )
 
     check()
 
@@ -107,8 +126,13 @@ def _large_and_pipelined(ctx: sf_comm.Context, numel: int) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_messages_larger_than_a_slot(ranks, transport: str) -> None:
     """Catches a broken piece/credit protocol: messages spanning many 4 KiB slots, several in flight."""
-    ranks(4).run(_large_and_pipelined, 40_000, topology="2x2", transport=transport,
-                 ctx_options={"slot_bytes": 4096} if transport == "shm" else None)
+    ranks(4).run(
+        _large_and_pipelined,
+        40_000,
+        topology="2x2",
+        transport=transport,
+        ctx_options={"slot_bytes": 4096} if transport == "shm" else None,
+    )
 
 
 def _count(ctx: sf_comm.Context) -> tuple[dict[str, int], dict[str, int]]:
@@ -169,9 +193,9 @@ def _shm_segments() -> set[str]:
 def test_killed_rank_fails_survivors_fast_and_leaks_nothing(transport: str) -> None:
     """Catches survivors hanging on a dead peer, errors that do not name it, and leaked segments."""
     before = _shm_segments()
-    with RankPool(4, env={"SF_TIMEOUT": "20", "SF_POOL_GRACE": "25"}) as pool:
-        with pytest.raises(RankError) as err:
-            pool.run(_victim, 2, topology="2x2", transport=transport, timeout=60)
+    env = {"SF_TIMEOUT": "20", "SF_POOL_GRACE": "25"}
+    with RankPool(4, env=env) as pool, pytest.raises(RankError) as err:
+        pool.run(_victim, 2, topology="2x2", transport=transport, timeout=60)
     failures = {f.rank: f for f in err.value.failures}
     assert set(failures) == {2} and failures[2].kind == "died", err.value
     for rank in (0, 1, 3):
@@ -195,7 +219,9 @@ def _timeout(ctx: sf_comm.Context) -> tuple[float, str]:
 def test_wait_times_out_with_a_clear_message() -> None:
     """Catches a wait that spins forever when a peer never arrives."""
     with RankPool(2) as pool:
-        (took, msg), _ = pool.run(_timeout, topology="1x2", transport="shm", ctx_options={"timeout": 2.0})
+        (took, msg), _ = pool.run(
+            _timeout, topology="1x2", transport="shm", ctx_options={"timeout": 2.0}
+        )
     assert 1.5 < took < 10, took
     assert "rank 0" in msg and "shift+1 timed out after 2s" in msg and "[1]" in msg
 

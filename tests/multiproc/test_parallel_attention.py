@@ -31,16 +31,33 @@ HYP = settings(max_examples=10, deadline=None, suppress_health_check=list(Health
 def _inputs(seed: int, batch: int, seq: int, heads: int, dim: int, text: int, dtype: torch.dtype):
     g = torch.Generator().manual_seed(seed)
     qkv = [torch.randn(batch, seq, heads, dim, generator=g).to(dtype) for _ in range(3)]
-    txt = [torch.randn(batch, text, heads, dim, generator=g).to(dtype) for _ in range(3)] if text else None
+    txt = (
+        [torch.randn(batch, text, heads, dim, generator=g).to(dtype) for _ in range(3)]
+        if text
+        else None
+    )
     return qkv, txt
 
 
-def _check(ctx: sf_comm.Context, strategy: str, seed: int, batch: int, seq: int, heads: int,
-           dim: int, text: int, dtype: torch.dtype, pass_len: bool) -> float:
+def _check(
+    ctx: sf_comm.Context,
+    strategy: str,
+    seed: int,
+    batch: int,
+    seq: int,
+    heads: int,
+    dim: int,
+    text: int,
+    dtype: torch.dtype,
+    pass_len: bool,
+) -> float:
     (q, k, v), txt = _inputs(seed, batch, seq, heads, dim, text, dtype)
     shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
     result = sf_attn.parallel_attention(
-        *shards, ctx=ctx, strategy=strategy, joint=tuple(txt) if txt else None,
+        *shards,
+        ctx=ctx,
+        strategy=strategy,
+        joint=tuple(txt) if txt else None,
         seq_len=seq if pass_len else None,
     )
     if txt:
@@ -94,8 +111,20 @@ def test_every_strategy_matches_single_process(ranks, world: int, transport: str
     def check(seed, batch, seq, heads, dim, text, dtype, topo, strategy, pass_len) -> None:  # type: ignore[no-untyped-def]
         if strategy == "ulysses" and heads < world:
             strategy = "ring"  # ulysses cannot split fewer heads than ranks (tested below)
-        pool.run(_check, strategy, seed, batch, seq, heads, dim, text, dtype, pass_len,
-                 topology=topo, transport=transport)
+        pool.run(
+            _check,
+            strategy,
+            seed,
+            batch,
+            seq,
+            heads,
+            dim,
+            text,
+            dtype,
+            pass_len,
+            topology=topo,
+            transport=transport,
+        )
 
     check()
 
@@ -104,8 +133,9 @@ def test_every_strategy_matches_single_process(ranks, world: int, transport: str
 @pytest.mark.parametrize("topo", ["2x2", "1x4", "4x1"])
 def test_each_strategy_on_each_topology(ranks, strategy: str, topo: str) -> None:
     """Catches a strategy/topology pair the property test's random draws happened to miss."""
-    errs = ranks(4).run(_check, strategy, 7, 2, 37, 4, 16, 5, torch.float32, False,
-                        topology=topo, transport="shm")
+    errs = ranks(4).run(
+        _check, strategy, 7, 2, 37, 4, 16, 5, torch.float32, False, topology=topo, transport="shm"
+    )
     assert max(errs) < 2e-5
 
 
@@ -113,8 +143,9 @@ def _count(ctx: sf_comm.Context, strategy: str, heads: int, text: int) -> tuple[
     (q, k, v), txt = _inputs(0, 1, 64, heads, 8, text, torch.float32)
     shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
     before = ctx.transport.stats.snapshot()
-    sf_attn.parallel_attention(*shards, ctx=ctx, strategy=strategy, seq_len=64,
-                               joint=tuple(txt) if txt else None)
+    sf_attn.parallel_attention(
+        *shards, ctx=ctx, strategy=strategy, seq_len=64, joint=tuple(txt) if txt else None
+    )
     delta = ctx.transport.stats - before
     return dict(delta.calls), dict(delta.bytes_sent), shards[0].numel() * 4
 
@@ -127,17 +158,23 @@ def test_communication_counts(ranks, transport: str) -> None:
     each way in the Ulysses group plus P_r-1 shifts; nobody moves more than its own share.
     """
     pool = ranks(4)
-    calls, sent, shard_bytes = pool.run(_count, "ring", 4, 0, topology="2x2", transport=transport)[0]
+    calls, sent, shard_bytes = pool.run(_count, "ring", 4, 0, topology="2x2", transport=transport)[
+        0
+    ]
     assert calls == {"shift+1": 3}
     assert sent == {"shift+1": 3 * 2 * shard_bytes}  # K and V, three steps
-    calls, sent, shard_bytes = pool.run(_count, "ulysses", 4, 0, topology="2x2", transport=transport)[0]
+    calls, sent, shard_bytes = pool.run(
+        _count, "ulysses", 4, 0, topology="2x2", transport=transport
+    )[0]
     assert calls == {"all_to_all": 2}
     # forward: q, k, v minus own quarter; back: out minus own quarter
     assert sent == {"all_to_all": 3 * shard_bytes * 3 // 4 + shard_bytes * 3 // 4}
     calls, _, _ = pool.run(_count, "ulysses", 4, 5, topology="2x2", transport=transport)[0]
     assert calls == {"all_to_all": 2, "all_gather": 1}  # + the text outputs' heads
     for strategy in ("usp", "tas"):
-        calls, sent, shard_bytes = pool.run(_count, strategy, 2, 0, topology="2x2", transport=transport)[0]
+        calls, sent, shard_bytes = pool.run(
+            _count, strategy, 2, 0, topology="2x2", transport=transport
+        )[0]
         assert calls == {"all_to_all": 2, "shift+1": 1}, (strategy, calls)
         ulysses_bytes = 3 * shard_bytes // 2 + shard_bytes // 2
         ring_bytes = 2 * 2 * shard_bytes // 2  # K, V of 2 shards' tokens, half the heads
@@ -153,9 +190,17 @@ def test_layouts_put_links_where_intended(ranks) -> None:
     """Catches TAS and USP swapping roles: USP's Ulysses stays in a machine, TAS's spans machines."""
     topo = sf_comm.Topology.parse("2x4")
     usp = sf_attn.get_strategy("usp").layout(topo, heads=8)
-    assert usp.ulysses == ((0, 1, 2, 3), (4, 5, 6, 7)) and usp.ring == ((0, 4), (1, 5), (2, 6), (3, 7))
+    assert usp.ulysses == ((0, 1, 2, 3), (4, 5, 6, 7)) and usp.ring == (
+        (0, 4),
+        (1, 5),
+        (2, 6),
+        (3, 7),
+    )
     tas = sf_attn.get_strategy("tas").layout(topo, heads=6)  # gcd(8, 6) = 2: across machines
-    assert tas.ulysses == ((0, 4), (1, 5), (2, 6), (3, 7)) and tas.ring == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert tas.ulysses == ((0, 4), (1, 5), (2, 6), (3, 7)) and tas.ring == (
+        (0, 1, 2, 3),
+        (4, 5, 6, 7),
+    )
 
 
 def _bad(ctx: sf_comm.Context) -> list[str]:

@@ -1,0 +1,167 @@
+"""The main job: a Flux-architecture DiT denoising on several ranks, checked against one.
+
+``streamfusion run`` calls :func:`run`. A ``FluxTransformer2DModel`` is built from a small
+config with random weights (seeded, so every rank and the single-process reference hold the
+same model), or loaded with ``from_pretrained`` from a local directory. A few flow-matching
+Euler steps run once in a single process and once per strategy on the rank pool, from the
+same noise; the final latents are compared.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import sf_comm
+from sf_comm.launch import RankPool
+
+SMALL_FLUX = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=64,
+    num_attention_heads=8,
+    joint_attention_dim=256,
+    pooled_projection_dim=128,
+    axes_dims_rope=(16, 24, 24),
+)
+
+
+def build_model(config: str | None, dtype: torch.dtype) -> Any:
+    """The transformer: ``from_pretrained(config)`` for a local directory, else SMALL_FLUX."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model: Any
+    if config:
+        model = FluxTransformer2DModel.from_pretrained(config, torch_dtype=dtype)
+    else:
+        model = FluxTransformer2DModel(**SMALL_FLUX)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+    return model.eval()
+
+
+def make_inputs(
+    model: Any, height: int, width: int, text: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Latent noise for a ``height`` x ``width`` image (16x16 pixels per token) and prompt embeds."""
+    cfg = model.config
+    rows, cols = height // 16, width // 16
+    g = torch.Generator().manual_seed(1)
+    img_ids = torch.zeros(rows * cols, 3)
+    img_ids[:, 1] = torch.arange(rows * cols) // cols
+    img_ids[:, 2] = torch.arange(rows * cols) % cols
+    return dict(
+        hidden_states=torch.randn(1, rows * cols, cfg.in_channels, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, generator=g).to(dtype),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(text, 3),
+    )
+
+
+@torch.no_grad()
+def denoise(
+    model: Any, inputs: dict[str, torch.Tensor], steps: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Flow-matching Euler steps from t=1 to t=0; returns final latents and per-step seconds."""
+    latents = inputs["hidden_states"]
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        velocity = model(
+            **{**inputs, "hidden_states": latents},
+            timestep=sigmas[i].expand(latents.shape[0]).to(latents.dtype),
+        ).sample
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+        times.append(time.perf_counter() - t0)
+    return latents, times
+
+
+def _rank_job(
+    ctx: sf_comm.Context,
+    strategy: str,
+    config: str | None,
+    height: int,
+    width: int,
+    text: int,
+    steps: int,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    from sf_attn.planner import choose_strategy
+
+    from .parallelize import parallelize
+
+    model = build_model(config, dtype)
+    inputs = make_inputs(model, height, width, text, dtype)
+    heads = model.config.num_attention_heads
+    chosen = choose_strategy(ctx.topology, heads=heads, seq_len=inputs["hidden_states"].shape[1])
+    sp = parallelize(model, ctx=ctx, strategy=strategy)
+    ctx.barrier()
+    before = ctx.transport.stats.snapshot()
+    latents, times = denoise(sp, inputs, steps)
+    sent = ctx.transport.stats - before
+    return {
+        "latents": latents if ctx.rank == 0 else None,
+        "step_s": times,
+        "plan": chosen,
+        "bytes_sent": sum(sent.bytes_sent.values()) / steps,
+    }
+
+
+def run(
+    *,
+    world: int,
+    topology: str,
+    transport: str,
+    strategies: tuple[str, ...],
+    config: str | None,
+    height: int,
+    width: int,
+    text: int,
+    steps: int,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Single-process reference, then every strategy on ``world`` ranks; returns a report."""
+    model = build_model(config, dtype)
+    inputs = make_inputs(model, height, width, text, dtype)
+    reference, ref_times = denoise(model, inputs, steps)
+    report: dict[str, Any] = {
+        "tokens": inputs["hidden_states"].shape[1],
+        "text": text,
+        "single_step_s": statistics.median(ref_times),
+        "strategies": {},
+    }
+    with RankPool(world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"}) as pool:
+        for strategy in strategies:
+            results = pool.run(
+                _rank_job,
+                strategy,
+                config,
+                height,
+                width,
+                text,
+                steps,
+                dtype,
+                topology=topology,
+                transport=transport,
+                timeout=900,
+            )
+            latents = results[0]["latents"]
+            err = (
+                (latents.double() - reference.double()).norm() / reference.double().norm()
+            ).item()
+            step = statistics.median(max(r["step_s"][i] for r in results) for i in range(steps))
+            report["plan"] = results[0]["plan"]
+            report["strategies"][strategy] = {
+                "step_s": step,
+                "rel_err": err,
+                "bytes_sent_rank0_per_step": results[0]["bytes_sent"],
+            }
+    return report

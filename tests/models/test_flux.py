@@ -1,0 +1,208 @@
+"""Tier 2: ``sf_models.parallelize`` on a tiny diffusers ``FluxTransformer2DModel``.
+
+Every rank builds the same random-weight model and inputs from a shared seed, runs the
+parallelized model on the full inputs and compares its (full) output with the original model
+run in one process on the same inputs.
+
+Tolerance: the model is float32 throughout. The only arithmetic that differs from the
+reference is attention (SDPA over all keys vs sf_attn's blockwise online-softmax merges, both
+float32), which agree to ~1e-6 relative per layer; through two attention layers plus residuals
+the output stays within a few 1e-7 of the reference, relative to its largest entry (measured
+2e-7). 1e-4 leaves margin for summation-order noise while any real bug (a wrong RoPE row, a
+dropped text or image block, a misrouted head) moves it by ~1e-2 (rank 0's RoPE rows on every
+rank: 9e-3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+import sf_attn
+import sf_attn.hybrid
+import sf_comm
+from sf_models.flux import FLUX_PLAN
+from sf_models.parallelize import SequenceParallelPlan, parallelize, supported_models
+
+STRATEGIES = ["ulysses", "ring", "usp", "tas"]
+WORLDS = [(2, "1x2"), (4, "2x2")]
+BATCH, GRID, TEXT = 2, (5, 7), 6  # 35 image tokens: uneven over 2 and 4 ranks
+IMG = GRID[0] * GRID[1]
+HEADS = 4
+LAYERS = 2  # one dual-stream + one single-stream block, one attention each
+REL_TOL = 1e-4  # see the module docstring
+
+
+def _model(heads: int = HEADS) -> Any:  # a FluxTransformer2DModel (diffusers is untyped)
+    torch.manual_seed(0)  # same weights on every rank
+    model: Any = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=heads,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+    return model.eval()
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    cols = GRID[1]
+    img_ids = torch.zeros(IMG, 3)
+    img_ids[:, 1] = torch.arange(IMG) // cols
+    img_ids[:, 2] = torch.arange(IMG) % cols
+    return dict(
+        hidden_states=torch.randn(BATCH, IMG, 16, generator=g),
+        encoder_hidden_states=torch.randn(BATCH, TEXT, 32, generator=g),
+        pooled_projections=torch.randn(BATCH, 32, generator=g),
+        timestep=torch.rand(BATCH, generator=g),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(TEXT, 3),
+    )
+
+
+@torch.no_grad()
+def _check(ctx: sf_comm.Context, strategy: str) -> dict[str, object]:
+    inputs = _inputs()
+    model = _model()
+    ref = model(**inputs).sample
+    sp = parallelize(model, ctx=ctx, strategy=strategy)
+    out = sp(**inputs).sample
+    # Positional arguments and return_dict=False take the tuple path through the wrapper.
+    (out_tuple,) = sp(*inputs.values(), return_dict=False)
+    every = sf_comm.all_gather(ctx, ctx.group("world"), out.contiguous()).wait()
+    return dict(
+        rel_err=((out - ref).abs().max() / ref.abs().max()).item(),
+        shape_ok=out.shape == ref.shape,
+        same_on_every_rank=all(torch.equal(every[0], t) for t in every),
+        tuple_path_equal=torch.equal(out_tuple, out),
+        direct_call_unchanged=torch.equal(model(**inputs).sample, ref),
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("world", "topo"), WORLDS)
+def test_parallel_flux_matches_single_process(ranks, world: int, topo: str, strategy: str) -> None:
+    """Catches a wrong sequence split inside Flux: RoPE rows not matching the rank's image
+    chunk, the single-stream block's text part sharded instead of replicated, text output that
+    differs per rank, a dropped/duplicated uneven last chunk (35 tokens), or an output gathered
+    in the wrong order. Also catches the installed processors changing what the original model
+    computes when called outside the wrapper, and the positional / tuple-output path breaking.
+    """
+    results = ranks(world).run(_check, strategy, topology=topo, transport="shm")
+    for rank, res in enumerate(results):
+        assert res["shape_ok"], (rank, res)
+        assert res["rel_err"] < REL_TOL, (rank, res)
+        assert res["same_on_every_rank"], (rank, res)
+        assert res["tuple_path_equal"], (rank, res)
+        assert res["direct_call_unchanged"], (rank, res)
+
+
+@torch.no_grad()
+def _count(ctx: sf_comm.Context, strategy: str) -> tuple[int, int]:
+    """(image-query, text-query) x key pairs this rank's local attention computes, per head."""
+    counts = {"image": 0, "text": 0}
+    original = sf_attn.hybrid.attention_with_lse
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
+        # TEXT (6) differs from every image shard length here (35, 18, 17, 9, 8).
+        kind = "text" if q.shape[1] == TEXT else "image"
+        counts[kind] += q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
+        return original(q, k, v, **kwargs)
+
+    sp = parallelize(_model(), ctx=ctx, strategy=strategy)
+    sf_attn.hybrid.attention_with_lse = counting
+    try:
+        sp(**_inputs())
+    finally:
+        sf_attn.hybrid.attention_with_lse = original
+    return counts["image"], counts["text"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_attention_work_is_split(ranks, strategy: str) -> None:
+    """Catches a parallelize that gives correct numbers without splitting the work: e.g. every
+    rank attending the full image sequence (processor falling back to local attention on
+    gathered tokens), or image queries computed twice across ranks.
+
+    Full attention per layer is (text + image) queries x (text + image) keys x heads. The
+    image-query pairs must be computed exactly once in total and about 1/world on each rank
+    (within one token's share, as 35 tokens do not split evenly); the replicated text queries
+    add at most the full text-query work on any rank.
+    """
+    world = 4
+    seq = TEXT + IMG
+    full_image = LAYERS * BATCH * IMG * seq * HEADS
+    full_text = LAYERS * BATCH * TEXT * seq * HEADS
+    counts = ranks(world).run(_count, strategy, topology="2x2", transport="shm")
+    image = [c[0] for c in counts]
+    assert sum(image) == full_image, (image, full_image)
+    for rank, (img, txt) in enumerate(counts):
+        assert abs(img / full_image - 1 / world) <= 1 / IMG, (rank, img / full_image)
+        assert txt <= full_text, (rank, txt, full_text)
+        assert img + txt < (full_image + full_text) / 2, (
+            rank,
+            img + txt,
+        )  # well under half of it all
+
+
+def _errors(ctx: sf_comm.Context) -> list[str]:
+    msgs = []
+    cases = [
+        lambda: parallelize(_model(heads=2), ctx=ctx, strategy="ulysses"),  # 2 heads, 4 ranks
+        lambda: parallelize(_model(), ctx=ctx, strategy="spiral"),
+        lambda: parallelize(parallelize(_model(), ctx=ctx, strategy="ring").module, ctx=ctx),
+        lambda: parallelize(_model(), ctx=ctx, strategy="ring")(
+            **_inputs(), controlnet_block_samples=[torch.zeros(BATCH, IMG, 16)]
+        ),
+    ]
+    for case in cases:
+        try:
+            case()
+            msgs.append("no error")
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_errors_name_the_problem(ranks) -> None:
+    """Catches bad configurations failing late or obscurely: heads the strategy cannot split
+    must fail in parallelize() with sf_attn's message (not mid-forward or as a hang), as must an
+    unknown strategy, a second parallelize of the same model (whose old wrapper would silently
+    compute garbage), and inputs the plan cannot shard (ControlNet residuals).
+    """
+    msgs = ranks(4).run(_errors, topology="2x2", transport="shm")[0]
+    assert "needs at least 4 heads, got 2" in msgs[0], msgs[0]
+    assert "unknown strategy 'spiral'" in msgs[1], msgs[1]
+    assert "already parallelized" in msgs[2], msgs[2]
+    assert "'controlnet_block_samples' is not supported" in msgs[3], msgs[3]
+
+
+def test_unsupported_model_lists_supported() -> None:
+    """Catches an unknown model being wrapped silently (it would run unsplit or crash deep in
+    forward) instead of a ValueError that names the supported classes."""
+    with pytest.raises(
+        ValueError, match=r"no sequence-parallel plan for Linear.*FluxTransformer2DModel"
+    ):
+        parallelize(torch.nn.Linear(2, 2), ctx=None, strategy="ring")  # type: ignore[arg-type]
+    assert "FluxTransformer2DModel" in supported_models()
+
+
+def test_plan_validation() -> None:
+    """Catches malformed plans being accepted and failing later at a model's first call."""
+    with pytest.raises(ValueError, match="split_inputs is empty"):
+        SequenceParallelPlan(split_inputs={}, attach=FLUX_PLAN.attach)
+    with pytest.raises(ValueError, match=r"\['x'\] are both split and replicated"):
+        SequenceParallelPlan(
+            split_inputs={"x": 1}, replicated_inputs={"x": 1}, attach=FLUX_PLAN.attach
+        )
+    with pytest.raises(ValueError, match="must map str -> int dim"):
+        SequenceParallelPlan(split_inputs={"x": "1"}, attach=FLUX_PLAN.attach)  # type: ignore[dict-item]
+    assert dict(FLUX_PLAN.split_inputs) == {"hidden_states": 1, "img_ids": -2}
