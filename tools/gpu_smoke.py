@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -289,7 +290,10 @@ class _Log:
 
     def write(self, check: str, status: str, seconds: float = 0.0, detail: str = "") -> None:
         self._f.write(
-            json.dumps(dict(check=check, status=status, seconds=seconds, detail=detail)) + "\n"
+            json.dumps(
+                dict(check=check, status=status, seconds=seconds, detail=detail, t=time.time())
+            )
+            + "\n"
         )
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -368,7 +372,7 @@ def _worker(
         ctx = SimpleNamespace(transport=tr)
         group = Group("world", tuple(range(world)), rank, dist.group.WORLD)
         for name in (*DATA_CHECKS, *FAILURE_CHECKS.get(world, ())):
-            log.run(name, lambda name=name: CHECKS[name](ctx, group))
+            log.run(name, functools.partial(CHECKS[name], ctx, group))
     except BaseException as exc:
         log.write("worker", "fail", 0.0, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
@@ -407,11 +411,12 @@ def _merge(
         ends = {r: es[-1] for r, es in per.items() if es and es[-1]["status"] != "start"}
         started = {r for r, es in per.items() if es}
         seconds = max((e["seconds"] for e in ends.values()), default=0.0)
-        fails = [(r, e["detail"]) for r, e in ends.items() if e["status"] == "fail"]
+        # the rank that failed first is the likeliest cause; the others mostly time out on it
+        fails = sorted((e["t"], r, e["detail"]) for r, e in ends.items() if e["status"] == "fail")
         skips = [(r, e["detail"]) for r, e in ends.items() if e["status"] == "skip"]
         hung = sorted(started - set(ends))
         if fails:
-            r, detail = fails[0]
+            _, r, detail = fails[0]
             more = f" (and {len(fails) - 1} more ranks)" if len(fails) > 1 else ""
             rows.append(Row(transport, world, check, "FAIL", seconds, f"rank {r}{more}: {detail}"))
         elif hung:

@@ -21,7 +21,7 @@ import sf_attn
 import sf_comm
 from sf_attn.backends import reference_attention
 
-STRATEGIES = ["ulysses", "ring", "usp", "tas", "auto"]
+STRATEGIES = ["ulysses", "ring", "usp", "tas", "torus", "auto"]
 TRANSPORTS = ["shm", "gloo"]
 TOPOLOGIES = {1: ["1x1"], 2: ["1x2", "2x1"], 4: ["2x2", "1x4", "4x1"], 8: ["2x4", "4x2"]}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -129,7 +129,7 @@ def test_every_strategy_matches_single_process(ranks, world: int, transport: str
     check()
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "ring", "usp", "tas"])
+@pytest.mark.parametrize("strategy", ["ulysses", "ring", "usp", "tas", "torus"])
 @pytest.mark.parametrize("topo", ["2x2", "1x4", "4x1"])
 def test_each_strategy_on_each_topology(ranks, strategy: str, topo: str) -> None:
     """Catches a strategy/topology pair the property test's random draws happened to miss."""

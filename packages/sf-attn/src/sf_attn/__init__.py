@@ -19,14 +19,19 @@ from .backends import (  # noqa: E402
 )
 from .layout import Layout, make_layout  # noqa: E402
 from .merge import merge_attention, merge_attention_  # noqa: E402
+from .planner import Plan, plan  # noqa: E402
 from .sharding import chunk_sizes, gather, shard  # noqa: E402
+from .simulate import CostModel, SimResult, simulate  # noqa: E402
 from .strategies import Strategy, get_strategy, register_strategy, strategy_names  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionBackend",
+    "CostModel",
     "Layout",
+    "Plan",
+    "SimResult",
     "Strategy",
     "__version__",
     "attention_with_lse",
@@ -38,9 +43,11 @@ __all__ = [
     "merge_attention",
     "merge_attention_",
     "parallel_attention",
+    "plan",
     "reference_attention",
     "register_backend",
     "register_strategy",
     "shard",
+    "simulate",
     "strategy_names",
 ]

@@ -9,7 +9,6 @@ import torch
 
 import sf_comm
 
-from .hybrid import hybrid_attention
 from .sharding import chunk_sizes
 from .strategies import get_strategy, strategy_names
 
@@ -125,7 +124,8 @@ def parallel_attention(
         q, k, v: this rank's shard, [batch, seq_local, heads, head_dim] (the shard convention
             of :func:`sf_attn.shard`; lengths may differ by one across ranks).
         ctx: the communication context (:func:`sf_comm.init`).
-        strategy: one of "ulysses", "ring", "usp", "tas", "auto". All give the same numbers.
+        strategy: one of "ulysses", "ring", "usp", "tas", "torus", "auto". All give the same
+            numbers.
         joint: replicated text tokens (text_q, text_k, text_v), [batch, text, heads, head_dim],
             identical on every rank (MMDiT joint attention).
         joint_mask: [batch, text] mask over text keys (bool True = attend, or additive).
@@ -161,10 +161,18 @@ def parallel_attention(
     if strategy == "auto":
         from .planner import choose_strategy
 
-        strategy, ulysses_degree = choose_strategy(ctx.topology, heads=heads, seq_len=sum(seq_lens))
-    layout = get_strategy(strategy).layout(ctx.topology, heads, ulysses_degree)
+        strategy, ulysses_degree = choose_strategy(
+            ctx.topology,
+            heads=heads,
+            seq_len=sum(seq_lens),
+            head_dim=q.shape[-1],
+            dtype=q.dtype,
+            one_sided=ctx.transport.one_sided,
+        )
+    chosen = get_strategy(strategy)
+    layout = chosen.layout(ctx.topology, heads, ulysses_degree)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, text_out = hybrid_attention(
+    out, text_out = chosen.execute(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sf_comm import trace
+
 __all__ = [
     "AttentionBackend",
     "attention_with_lse",
@@ -109,7 +111,11 @@ class AttentionBackend:
         return None
 
 
-_REGISTRY: dict[str, AttentionBackend] = {}  # insertion order is the order "auto" tries
+_REGISTRY: dict[str, AttentionBackend] = {}
+# Set by sf_attn.simulate while it runs: receives (seq_q, seq_k) of every block.
+_block_shape_hook: Callable[[int, int], None] | None = (
+    None  # insertion order is the order "auto" tries
+)
 
 
 def register_backend(
@@ -217,7 +223,13 @@ def attention_with_lse(
         out = torch.zeros_like(q, memory_format=torch.contiguous_format)
         lse = torch.full((batch, heads, seq_q), -math.inf, dtype=torch.float32, device=q.device)
         return out, lse
-    out, lse = entry.fn(q, k, v, scale, key_mask)
+    flops = 4.0 * batch * seq_q * k.shape[1] * heads * q.shape[-1]
+    if _block_shape_hook is not None:
+        _block_shape_hook(seq_q, k.shape[1])
+    with trace.compute_span(
+        "attn", flops=flops, nbytes=(q.numel() + k.numel() + v.numel()) * q.element_size()
+    ):
+        out, lse = entry.fn(q, k, v, scale, key_mask)
     out, lse = out.to(q.dtype), lse.to(torch.float32)
     if key_mask is not None:  # Note [Fully masked rows]
         dead = (
@@ -471,6 +483,15 @@ def _cpu_flash(
     return out.transpose(1, 2), lse
 
 
+def _meta(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    batch, seq_q, heads, _ = q.shape
+    return torch.empty_like(q), torch.empty(
+        batch, heads, seq_q, dtype=torch.float32, device=q.device
+    )
+
+
 def _reference(
     q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -514,6 +535,8 @@ for _backend in (
         device_check=_sdpa_cudnn_check,
     ),
     AttentionBackend(name="cpu-flash", fn=_cpu_flash, devices=frozenset({"cpu"})),
+    # Shapes only: the simulator runs strategies on meta tensors (sf_attn.simulate).
+    AttentionBackend(name="meta", fn=_meta, devices=frozenset({"meta"})),
     AttentionBackend(name="reference", fn=_reference),
 ):
     register_backend(_backend)

@@ -32,6 +32,8 @@ import os
 import torch
 from torch import Tensor
 
+from sf_comm import trace
+
 __all__ = ["merge_attention", "merge_attention_"]
 
 _IMPLS = ("auto", "torch", "triton")
@@ -79,7 +81,7 @@ def merge_attention(
     return o.to(o1.dtype), lse
 
 
-def merge_attention_(
+def _merge_attention_(
     acc_o: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor, *, impl: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Merges ``(o, lse)`` into the accumulators ``(acc_o, acc_lse)`` in place.
@@ -206,3 +208,15 @@ def _pick_impl(impl: str, o: Tensor, compute_dtype: torch.dtype) -> str:
                 "TRITON_INTERPRET=1 before triton is imported"
             )
     return impl
+
+
+@functools.wraps(_merge_attention_)
+def merge_attention_(
+    acc_o: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor, *, impl: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    if trace.active() is None:
+        return _merge_attention_(acc_o, acc_lse, o, lse, impl=impl)
+    # read acc + block, write acc: memory-bound
+    nbytes = 2 * acc_o.numel() * acc_o.element_size() + o.numel() * o.element_size()
+    with trace.compute_span("merge", nbytes=nbytes):
+        return _merge_attention_(acc_o, acc_lse, o, lse, impl=impl)

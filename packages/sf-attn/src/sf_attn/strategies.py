@@ -1,8 +1,9 @@
 """Sequence-parallel strategies behind one small interface and a registry.
 
-A strategy turns (topology, heads, requested Ulysses degree) into a :class:`Layout`; the
-shared executor (:mod:`sf_attn.hybrid`) runs it. Adding a strategy is a subclass and one
-``register_strategy`` line.
+A strategy turns (topology, heads, requested Ulysses degree) into a :class:`Layout` and runs
+it: the shared Ulysses x Ring executor (:mod:`sf_attn.hybrid`) for ulysses/ring/usp/tas, the
+staged torus exchange (:mod:`sf_attn.torus`) for torus. Adding a strategy is a subclass and
+one ``register_strategy`` line.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
+from typing import Any
 
 from sf_comm import Topology
 
+from .hybrid import hybrid_attention
 from .layout import Layout, make_layout, possible_ulysses_degrees
+from .torus import torus_attention
 
 
 class Strategy(abc.ABC):
@@ -49,6 +53,10 @@ class Strategy(abc.ABC):
                 f"{heads}; degrees that fit {heads} heads: {ok} (ring needs none)"
             )
         return make_layout(topology, p_u, self.order)
+
+    def execute(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+        """Run the layout: ``(out, text_out)``; see :func:`sf_attn.hybrid.hybrid_attention`."""
+        return hybrid_attention(q, k, v, **kwargs)
 
 
 def _largest_fitting(topology: Topology, order: str, limit: int, heads: int) -> int:
@@ -107,6 +115,24 @@ class TAS(Strategy):
         return _largest_fitting(topology, self.order, math.gcd(topology.world_size, heads), heads)
 
 
+class Torus(TAS):
+    """TAS's layout with the inter-machine all-to-all staged and overlapped (sf_attn.torus).
+
+    Default torus group: the machines (P_u = gcd(machines, heads)), so every staged transfer
+    is inter-machine and the Ring stays inside machines. A larger P_u mixes intra and inter
+    peers in the torus group, whose stages then load the inter link in one direction at a
+    time (the simulator shows it); the planner may still pick one.
+    """
+
+    name = "torus"
+
+    def default_degree(self, topology: Topology, heads: int) -> int:
+        return _largest_fitting(topology, self.order, math.gcd(topology.machines, heads), heads)
+
+    def execute(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+        return torus_attention(q, k, v, **kwargs)
+
+
 _STRATEGIES: dict[str, Strategy] = {}
 
 
@@ -129,5 +155,5 @@ def get_strategy(name: str) -> Strategy:
 
 Resolver = Callable[..., str]
 
-for _s in (Ulysses(), Ring(), USP(), TAS()):
+for _s in (Ulysses(), Ring(), USP(), TAS(), Torus()):
     register_strategy(_s)

@@ -12,14 +12,55 @@ round trip. When omitted, every member is assumed to send tensors of the same sh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from . import trace
 from .transport import Group, Handle
 
 if TYPE_CHECKING:
     from .context import Context
+
+T = TypeVar("T")
+
+
+def _traced(
+    ctx: Context,
+    handle: Handle[T],
+    op: str,
+    sends: Sequence[tuple[int, int]],
+    recvs: Sequence[tuple[int, int]],
+) -> Handle[T]:
+    """Report the collective to the active tracer (if any) from issue to wait.
+
+    ``sends``/``recvs`` are (peer, bytes). Links are full duplex, so each link's load is the
+    larger of what this rank sends and receives over it (a ring rank whose predecessor is on
+    another machine waits on the inter-machine link even if it sends inside its machine).
+    """
+    tracer = trace.active()
+    if tracer is None:
+        return handle
+    topo = ctx.topology
+    out: dict[str, int] = {}
+    into: dict[str, int] = {}
+    for pairs, load in ((sends, out), (recvs, into)):
+        for peer, nbytes in pairs:
+            link = "intra" if topo.same_machine(peer, ctx.rank) else "inter"
+            load[link] = load.get(link, 0) + nbytes
+    links = {link: max(out.get(link, 0), into.get(link, 0)) for link in {*out, *into}}
+    token = tracer.comm_start(op, links, max(len(sends), len(recvs)))
+
+    def finish() -> T:
+        result = handle.wait()
+        tracer.comm_end(token)
+        return result
+
+    return Handle(finish, handle.is_completed)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _check_same(tensors: Sequence[torch.Tensor], op: str) -> None:
@@ -57,7 +98,12 @@ def all_to_all(
         raise ValueError(f"all_to_all: out_shapes needs {group.size} entries, got {len(shapes)}")
     if group.size == 1:
         return Handle.completed([inputs[0].clone()])
-    return ctx.transport.all_to_all(group, list(inputs), shapes)
+    handle = ctx.transport.all_to_all(group, list(inputs), shapes)
+    item = inputs[0].element_size()
+    me = group.index
+    sends = [(r, _nbytes(inputs[i])) for i, r in enumerate(group.ranks) if i != me]
+    recvs = [(r, shapes[i].numel() * item) for i, r in enumerate(group.ranks) if i != me]
+    return _traced(ctx, handle, "all_to_all", sends, recvs)
 
 
 def shift(
@@ -80,10 +126,11 @@ def shift(
             raise ValueError(f"shift by {offset} in a group of {group.size} keeps the shape")
         return Handle.completed(tensor.clone())
     dst, src = group.peer(offset), group.peer(-offset)
-    handle = ctx.transport.exchange(
-        group, [(dst, tensor)], [(src, shape, tensor.dtype)], op=f"shift{offset:+d}"
-    )
-    return Handle(lambda: handle.wait()[0], handle.is_completed)
+    op = f"shift{offset:+d}"
+    handle = ctx.transport.exchange(group, [(dst, tensor)], [(src, shape, tensor.dtype)], op=op)
+    first: Handle[torch.Tensor] = Handle(lambda: handle.wait()[0], handle.is_completed)
+    recv_bytes = shape.numel() * tensor.element_size()
+    return _traced(ctx, first, op, [(dst, _nbytes(tensor))], [(src, recv_bytes)])
 
 
 def ring_shift(
@@ -120,4 +167,6 @@ def all_gather(
         got = handle.wait()
         return [*got[:me], local, *got[me:]]
 
-    return Handle(finish, handle.is_completed)
+    sent = [(r, _nbytes(tensor)) for r, _ in sends]
+    received = [(r, shape.numel() * tensor.element_size()) for r, shape, _ in recvs]
+    return _traced(ctx, Handle(finish, handle.is_completed), "all_gather", sent, received)

@@ -261,8 +261,16 @@ class _StreamedTransport(Transport):
     def exchange(
         self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str
     ) -> Handle[list[torch.Tensor]]:
+        """Pipelined puts into the peers' inboxes; see the module docstring for the timeline.
+
+        Equivalent plain code (two-sided)::
+
+            works = dist.batch_isend_irecv([P2POp(isend, t, peer) for peer, t in sends] +
+                                           [P2POp(irecv, out, peer) for peer, out in recvs])
+        """
         self._check()
-        for peer, *_ in (*sends, *recvs):
+        peers = sorted({p for p, _ in sends} | {p for p, _, _ in recvs})
+        for peer in peers:
             if peer == self.rank or not 0 <= peer < self.world_size:
                 raise ValueError(f"{op}: invalid peer rank {peer} for rank {self.rank}")
         for _, t in sends:
@@ -284,7 +292,6 @@ class _StreamedTransport(Transport):
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(dev))
         events: list[torch.cuda.Event] = []
-        peers = sorted({p for p, *_ in (*sends, *recvs)})
         try:
             for i, ((peer, _), data) in enumerate(zip(sends, datas)):
                 stream = self._stream("send", peer)
@@ -298,9 +305,9 @@ class _StreamedTransport(Transport):
                         hdr = hdrs[i].view(torch.uint8) if hdrs is not None and n == 0 else None
                         self._put(peer, k, q, data[a:b], hdr, stream)
                         self._sent[peer] = q
-                for t in (data, hdrs):
-                    if t is not None:
-                        t.record_stream(stream)
+                data.record_stream(stream)  # the caller may free it before we read it
+                if hdrs is not None:
+                    hdrs.record_stream(stream)
                 events.append(torch.cuda.Event())
                 events[-1].record(stream)
             for j, ((peer, _, _), out) in enumerate(zip(recvs, outputs)):
@@ -320,9 +327,9 @@ class _StreamedTransport(Transport):
                             flat[a:b].copy_(self._local(self._slot_off(peer, k), b - a))
                         self._ack(peer, k, q, stream)
                         self._recvd[peer] = q
-                for t in (out, got):
-                    if t is not None:
-                        t.record_stream(stream)
+                out.record_stream(stream)
+                if got is not None:
+                    got.record_stream(stream)
                 events.append(torch.cuda.Event())
                 events[-1].record(stream)
         except CommError:
@@ -482,11 +489,12 @@ class TorchSymmTransport(_StreamedTransport):
                 f"the process group must hold all {world_size} ranks in order"
             )
         # get_remote_tensor honours the handle's offset inside a pooled block; get_buffer
-        # (older torch) starts at the block. Our own view must alias the heap either way.
+        # (older torch) counts from the block's start. Our own view must alias the heap.
         if hasattr(hdl, "get_remote_tensor"):
             views = [hdl.get_remote_tensor(r, (nbytes,), torch.uint8) for r in range(world_size)]
         else:
-            views = [hdl.get_buffer(r, (nbytes,), torch.uint8, 0) for r in range(world_size)]
+            off = heap.data_ptr() - hdl.get_buffer(rank, (1,), torch.uint8, 0).data_ptr()
+            views = [hdl.get_buffer(r, (nbytes,), torch.uint8, off) for r in range(world_size)]
         if views[rank].data_ptr() != heap.data_ptr():
             raise TransportUnavailable(
                 f"rank {rank}: torch-symm view of the own heap is at {views[rank].data_ptr():#x}, "
@@ -617,9 +625,9 @@ class NvshmemTransport(_StreamedTransport):
         super().__init__(**kw)
         self._nvc = nvc
         self._heap = heap  # [heap_bytes] uint8 symmetric tensor
-        self._sig = (
-            sig  # [3, world] int64 symmetric: pieces written by src, consumed by dst, barriers
-        )
+        # sig[0, src]: pieces src wrote here; sig[1, dst]: pieces of mine dst consumed;
+        # sig[2, src]: barriers src entered with me  # [3, world] int64, symmetric
+        self._sig = sig
         self._bars = [0] * self.world_size
         rma = importlib.import_module("nvshmem.core.rma")
         self._Buffer = getattr(rma, "Buffer", None) or importlib.import_module("cuda.core").Buffer
@@ -659,10 +667,9 @@ class NvshmemTransport(_StreamedTransport):
                 cdev.set_current()
                 uid = nvc.get_unique_id(empty=rank != 0)
                 raw = uid._data.view("u1")  # the id's bytes, a numpy array
-                box = [bytes(raw) if rank == 0 else None]
+                box = [bytes(raw)]
                 dist.broadcast_object_list(box, src=dist.get_global_rank(pg, 0), group=pg)
-                if rank != 0:
-                    raw[:] = list(box[0])
+                raw[:] = list(box[0])
                 step = "nvshmem.core.init"
                 nvc.init(
                     device=cdev, uid=uid, rank=rank, nranks=world_size, initializer_method="uid"

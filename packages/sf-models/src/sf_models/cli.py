@@ -109,6 +109,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if worst <= tol else 1
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from sf_attn import tracerun
+
+    shape = (args.batch, args.seq, args.heads, args.head_dim)
+    topo = args.topology or "2x2"
+    json_path, png_path = tracerun.run(
+        strategy=args.strategy,
+        topology=topo,
+        transport=args.transport,
+        shape=shape,
+        dtype=_DTYPES[args.dtype],
+        out=args.out,
+        ulysses_degree=args.ulysses_degree,
+    )
+    print(
+        f"traced {args.strategy} on {topo} ({args.transport}), {shape}: {json_path} (chrome://tracing "
+        f"or ui.perfetto.dev), {png_path}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamfusion",
@@ -145,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transport", default="shm", help="shm or gloo")
     run.add_argument("--out", default="out", help="directory for results")
     run.set_defaults(fn=_cmd_run)
+
+    tr = sub.add_parser(
+        "trace", help="trace one attention layer on every rank: Chrome JSON + timeline PNG"
+    )
+    common(tr, seq=4096, heads=8)
+    tr.add_argument("--strategy", default="torus")
+    tr.add_argument("--ulysses-degree", type=int, default=None)
+    tr.add_argument("--transport", default="shm")
+    tr.add_argument("--out", default="out")
+    tr.set_defaults(fn=_cmd_trace)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks")
     bench.add_argument("what", choices=["comm", "attention"])

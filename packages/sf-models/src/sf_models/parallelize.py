@@ -16,6 +16,16 @@ What runs on each rank::
     out_local = model(**inputs)                # attention: parallel_attention over the shards
     for index, dim in plan.output_dims:  out[index] = gather(out_local[index], ctx, dim)
 
+Models that patchify inside ``forward`` (latent [B, C, (F,) H, W] in, the same out) are split
+on the token sequence *inside* the model instead, by hooks on named submodules (Note [Split
+inside the model])::
+
+    tokens = patch_embed(latent)                         # full, on every rank
+    tokens = shard(tokens, ctx, 1)                       # split_module_outputs / _inputs
+    ...blocks on the shard...
+    out = gather(proj_out(tokens), ctx, 1)               # gather_module_outputs
+    latent_out = unpatchify(out)                         # full, on every rank
+
 Contract with the attention processors a plan installs (Note [Inactive processors]): the
 processors read the per-call :class:`ShardState` that the wrapper fills in before each
 forward, and delegate to the processor they replaced while no parallel forward is running,
@@ -27,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -55,7 +66,9 @@ class ShardState:
         strategy: the ``sf_attn.parallel_attention`` strategy name.
         active: True only while a parallel forward runs (Note [Inactive processors]).
         lengths: full (unsplit) length of every split or replicated input along its plan dim,
-            for the current call, e.g. ``{"hidden_states": 35, "encoder_hidden_states": 6}``.
+            for the current call, e.g. ``{"hidden_states": 35, "encoder_hidden_states": 6}``;
+            a split submodule output is keyed by the submodule's name (``"rope"``) and a split
+            submodule input by ``"<submodule>.<argument>"`` (``"blocks.0.hidden_states"``).
     """
 
     ctx: sf_comm.Context
@@ -65,6 +78,16 @@ class ShardState:
 
 
 Attach = Callable[[torch.nn.Module, ShardState], None]
+
+
+def _check_module_inputs(value: Mapping[str, Mapping[str, int]]) -> None:
+    for module, dims in value.items():
+        if not isinstance(module, str) or not isinstance(dims, Mapping):
+            raise ValueError(
+                "SequenceParallelPlan.split_module_inputs must map submodule name -> "
+                f"{{argument: dim}}; got {module!r}: {dims!r}"
+            )
+        _check_dims(f"split_module_inputs[{module!r}]", dims, str)
 
 
 def _check_dims(field: str, value: Mapping[Any, int], key_type: type) -> None:
@@ -87,33 +110,55 @@ class SequenceParallelPlan:
             it is gathered along (``sf_attn.gather``).
         unsupported_inputs: forward arguments that must be None (e.g. sequence-shaped extras
             the plan does not shard yet); anything else raises ValueError at call time.
+        split_module_inputs: submodule name -> {forward argument: dim}: while a parallel forward
+            runs, those arguments of that submodule are sharded on their way in (e.g.
+            ``{"blocks.0": {"hidden_states": 1}}``). Note [Split inside the model].
+        split_module_outputs: submodule name -> dim: that submodule's output (a tensor, or a
+            tuple of tensors such as RoPE ``(cos, sin)``: each one) is sharded along dim.
+        gather_module_outputs: submodule name -> dim: that submodule's output is gathered
+            along dim (e.g. ``{"proj_out": 1}`` before an unpatchify).
         attach: ``attach(model, state)`` swaps the model's attention for a sequence-parallel
             one that reads ``state``; it validates the model (heads vs strategy) and raises
             ValueError for what it cannot run.
     """
 
-    split_inputs: Mapping[str, int]
+    split_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     replicated_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     output_dims: Mapping[int, int] = dataclasses.field(default_factory=lambda: {0: 1})
     unsupported_inputs: tuple[str, ...] = ()
+    split_module_inputs: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
+    split_module_outputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    gather_module_outputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     attach: Attach
 
     def __post_init__(self) -> None:
-        if not self.split_inputs:
+        if not (self.split_inputs or self.split_module_inputs or self.split_module_outputs):
             raise ValueError(
-                "SequenceParallelPlan.split_inputs is empty; at least one input must be split"
+                "SequenceParallelPlan.split_inputs is empty and so are split_module_inputs and "
+                "split_module_outputs; at least one input must be split"
             )
         _check_dims("split_inputs", self.split_inputs, str)
         _check_dims("replicated_inputs", self.replicated_inputs, str)
         _check_dims("output_dims", self.output_dims, int)
+        _check_module_inputs(self.split_module_inputs)
+        _check_dims("split_module_outputs", self.split_module_outputs, str)
+        _check_dims("gather_module_outputs", self.gather_module_outputs, str)
         both = sorted(set(self.split_inputs) & set(self.replicated_inputs))
         if both:
             raise ValueError(f"SequenceParallelPlan: inputs {both} are both split and replicated")
         if not callable(self.attach):
             raise ValueError(f"SequenceParallelPlan.attach must be callable, got {self.attach!r}")
         # Frozen plans are shared by every model of a class: make the maps read-only too.
-        for name in ("split_inputs", "replicated_inputs", "output_dims"):
+        for name in (
+            "split_inputs",
+            "replicated_inputs",
+            "output_dims",
+            "split_module_outputs",
+            "gather_module_outputs",
+        ):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        module_inputs = {m: MappingProxyType(dict(d)) for m, d in self.split_module_inputs.items()}
+        object.__setattr__(self, "split_module_inputs", MappingProxyType(module_inputs))
 
 
 _PLANS: dict[str, SequenceParallelPlan] = {}
@@ -149,7 +194,7 @@ def get_plan(model: torch.nn.Module) -> SequenceParallelPlan:
 def _load_builtin_plans() -> None:
     # The model modules register themselves on import; importing here keeps the registry
     # complete without sf_models/__init__ having to import every model.
-    from . import flux  # noqa: F401
+    from . import cogvideox, flux, hunyuanvideo, sd3, wan  # noqa: F401
 
 
 class SequenceParallelModel(torch.nn.Module):
@@ -248,8 +293,87 @@ def parallelize(
     if strategy != "auto":
         sf_attn.get_strategy(strategy)  # unknown names fail here, not mid-forward
     state = ShardState(ctx=ctx, strategy=strategy)
+    hooked = {name: _submodule(model, name) for name in _hooked_modules(plan)}
     plan.attach(model, state)
+    _install_module_hooks(hooked, plan, state)
     return SequenceParallelModel(model, plan, state)
+
+
+def _hooked_modules(plan: SequenceParallelPlan) -> list[str]:
+    names = [*plan.split_module_inputs, *plan.split_module_outputs, *plan.gather_module_outputs]
+    return list(dict.fromkeys(names))
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"parallelize: the {type(model).__name__} plan hooks submodule {name!r}, which this "
+            f"model does not have (check its config, e.g. a zero layer count)"
+        ) from None
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` on a tensor, or on each tensor of a tuple/list (RoPE ``(cos, sin)``)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    raise TypeError(f"parallelize: expected a tensor or a tuple of tensors, got {type(value)}")
+
+
+def _first_length(value: Any, dim: int) -> int:
+    return int((value if isinstance(value, torch.Tensor) else value[0]).shape[dim])
+
+
+def _install_module_hooks(
+    modules: Mapping[str, torch.nn.Module], plan: SequenceParallelPlan, state: ShardState
+) -> None:
+    """Register the plan's submodule hooks (Note [Split inside the model])."""
+    ctx = state.ctx
+
+    def split_inputs_hook(name: str, dims: Mapping[str, int], module: torch.nn.Module) -> Any:
+        signature = inspect.signature(module.forward)
+
+        def hook(_: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+            if not state.active:
+                return None
+            bound = signature.bind(*args, **kwargs)
+            for arg, dim in dims.items():
+                value = bound.arguments.get(arg)
+                if value is None:
+                    continue
+                state.lengths[f"{name}.{arg}"] = _first_length(value, dim)
+                bound.arguments[arg] = _map_tensors(value, partial(sf_attn.shard, ctx=ctx, dim=dim))
+            return bound.args, bound.kwargs
+
+        return hook
+
+    def split_output_hook(name: str, dim: int) -> Any:
+        def hook(_: torch.nn.Module, __: Any, out: Any) -> Any:
+            if not state.active:
+                return None
+            state.lengths[name] = _first_length(out, dim)
+            return _map_tensors(out, partial(sf_attn.shard, ctx=ctx, dim=dim))
+
+        return hook
+
+    def gather_output_hook(dim: int) -> Any:
+        def hook(_: torch.nn.Module, __: Any, out: Any) -> Any:
+            if not state.active:
+                return None
+            return _map_tensors(out, partial(sf_attn.gather, ctx=ctx, dim=dim))
+
+        return hook
+
+    for name, dims in plan.split_module_inputs.items():
+        module = modules[name]
+        module.register_forward_pre_hook(split_inputs_hook(name, dims, module), with_kwargs=True)
+    for name, dim in plan.split_module_outputs.items():
+        modules[name].register_forward_hook(split_output_hook(name, dim))
+    for name, dim in plan.gather_module_outputs.items():
+        modules[name].register_forward_hook(gather_output_hook(dim))
 
 
 # Note [Inactive processors]
@@ -258,3 +382,16 @@ def parallelize(
 # original function when called on its own (e.g. as the single-process reference, or by
 # code that still holds it), every installed processor checks ``state.active`` and hands
 # the call to the processor it replaced unless the wrapper's forward is running.
+
+
+# Note [Split inside the model]
+# Flux takes token-shaped inputs, so the wrapper can split them. SD3, CogVideoX, HunyuanVideo
+# and Wan take a latent image/video and patchify inside forward(), adding positional
+# embeddings that depend on the whole grid; splitting the latent itself would change those
+# embeddings and would not give tensor_split-sized token chunks. Their plans instead name
+# submodules whose outputs (or inputs) are the token sequence right after patch embedding,
+# which every rank computes in full (a cheap, replicated convolution), and shard it there;
+# the last per-token layer (``proj_out``) is gathered so the model's own unpatchify sees the
+# full sequence. RoPE tables computed from the full grid are sharded the same way, so each
+# rank holds exactly the rows of its own tokens. The hooks are no-ops outside a parallel
+# forward (Note [Inactive processors]) and must sit on submodules that run once per forward.

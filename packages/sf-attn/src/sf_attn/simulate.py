@@ -1,0 +1,264 @@
+"""The simulator: the strategies' own code, run on meta tensors against a modelled clock.
+
+``simulate(strategy, topology, ...)`` builds a :class:`SimContext` for one representative
+rank (rank 0, which holds the largest shard), runs ``parallel_attention`` with meta tensors
+(shapes only, no data) and a :class:`VirtualTracer` installed. Every collective the strategy
+issues and every attention block / merge it computes is costed as it happens, so the
+simulated schedule is exactly the executed one (same stages, same order, same overlap).
+
+Cost model (Note [Cost model]):
+
+- compute: an attention block takes ``attn_overhead + flops / (device_flops * eff)`` with
+  ``eff = tile_eff(seq_q) * tile_eff(seq_k)`` modelling small-block loss, where
+  ``tile_eff(n) = n / (n + block_half)``; a merge takes ``merge_overhead + bytes / mem_bw``.
+- links: a transfer takes ``latency + bytes / bandwidth`` on each link it uses (``intra``:
+  peers on the same machine, ``intra_bw``; ``inter``: other machines, ``inter_bw`` shared by
+  ``gpus_per_nic`` GPUs that all send at once in these symmetric strategies). Transfers on
+  one link queue behind each other (contention); different links run concurrently.
+- two-sided transports pay a rendezvous per message (``handshake`` seconds: the receiver
+  must post and match before data moves); one-sided puts do not, so one-sided never costs
+  more.
+- overlap: a collective starts when the program issues it (after the compute before it) and
+  the compute stream stalls at ``wait()`` until the transfer is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from sf_comm import Group, Handle, Topology
+from sf_comm.trace import Event, Tracer, tracing
+from sf_comm.transport import Recv, Send, Transport
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class CostModel:
+    """Constants of Note [Cost model] that do not belong to a topology."""
+
+    attn_overhead: float = 8e-6  # kernel launch + tail, s
+    merge_overhead: float = 4e-6
+    mem_bw: float = 2.0e12  # device memory bytes/s achievable by an elementwise kernel
+    block_half: int = 96  # tokens at which a block dimension runs at half efficiency
+    handshake: float = 12e-6  # two-sided rendezvous per message, s
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not value >= 0:
+                raise ValueError(f"CostModel.{field.name} must be >= 0, got {value!r}")
+
+
+class VirtualTracer(Tracer):
+    """A tracer whose clock is the cost model's (see module docstring)."""
+
+    def __init__(
+        self, topology: Topology, *, one_sided: bool = True, cost: CostModel | None = None
+    ) -> None:
+        super().__init__()
+        self.topology = topology
+        self.one_sided = one_sided
+        self.cost = cost or CostModel()
+        self.now = 0.0  # where the compute stream (the program) is
+        self.link_free = {"intra": 0.0, "inter": 0.0}
+        self.pending_shape: tuple[int, int] | None = None
+
+    def _bandwidth(self, link: str) -> float:
+        topo = self.topology
+        return topo.intra_bw if link == "intra" else topo.inter_bw / topo.gpus_per_nic
+
+    def _latency(self, link: str) -> float:
+        return self.topology.intra_latency if link == "intra" else self.topology.inter_latency
+
+    def comm_start(self, op: str, links: dict[str, int], messages: int) -> Any:
+        end = self.now
+        step = self._next()
+        per_link_msgs = max(1, messages // max(1, len(links)))
+        for link, nbytes in links.items():
+            start = max(self.now, self.link_free[link])
+            took = self._latency(link) + nbytes / self._bandwidth(link)
+            if not self.one_sided:
+                took += self.cost.handshake * per_link_msgs
+            self.link_free[link] = start + took
+            end = max(end, start + took)
+            self.events.append(Event(link, op, start, start + took, nbytes=nbytes, step=step))
+        return end
+
+    def comm_end(self, token: Any) -> None:
+        self.now = max(self.now, float(token))
+
+    def compute_start(self, name: str, flops: float, nbytes: int) -> Any:
+        return (name, flops, nbytes)
+
+    def compute_end(self, token: Any) -> None:
+        name, flops, nbytes = token
+        c = self.cost
+        if name == "attn" and self.pending_shape is not None:
+            sq, sk = self.pending_shape
+            eff = (sq / (sq + c.block_half)) * (sk / (sk + c.block_half))
+            took = c.attn_overhead + flops / (self.topology.device_flops * max(eff, 1e-6))
+        elif name == "attn":
+            took = c.attn_overhead + flops / self.topology.device_flops
+        else:
+            took = c.merge_overhead + nbytes / c.mem_bw
+        self.events.append(
+            Event("compute", name, self.now, self.now + took, nbytes, flops, self._next())
+        )
+        self.now += took
+
+
+class SimTransport(Transport):
+    """Returns meta tensors of the right shapes; moves nothing (the tracer costs it)."""
+
+    name = "sim"
+    one_sided = True
+
+    def exchange(
+        self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str
+    ) -> Handle[list[torch.Tensor]]:
+        self.record(op, sends)
+        return Handle.completed(
+            [torch.empty(shape, dtype=dtype, device="meta") for _, shape, dtype in recvs]
+        )
+
+    def barrier(self, group: Group) -> None:
+        pass
+
+
+class SimContext:
+    """A :class:`sf_comm.Context` look-alike for one rank of a topology, with no processes."""
+
+    def __init__(self, topology: Topology, rank: int = 0) -> None:
+        self.topology = topology
+        self.rank = rank
+        self.world_size = topology.world_size
+        self.device = torch.device("meta")
+        self.transport = SimTransport(rank=rank, world_size=self.world_size, timeout=0.0)
+        machines, gpus = topology.shape
+        m, g = divmod(rank, gpus)
+        self._groups = {
+            "world": Group("world", tuple(range(self.world_size)), rank),
+            "intra": Group("intra", tuple(m * gpus + i for i in range(gpus)), rank),
+            "inter": Group("inter", tuple(i * gpus + g for i in range(machines)), rank),
+        }
+
+    def group(self, axis: str = "world") -> Group:
+        return self._groups[axis]
+
+    def subgroup(self, partition: Sequence[Sequence[int]], name: str) -> Group:
+        mine = next(tuple(members) for members in partition if self.rank in members)
+        return Group(name, mine, self.rank)
+
+    def barrier(self, axis: str = "world") -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SimResult:
+    """Simulated latency of one attention layer on one rank.
+
+    Attributes:
+        strategy: the strategy simulated; ``degrees``: (Ulysses, Ring).
+        latency_s: time until the last compute or transfer ends.
+        breakdown: busy seconds per resource ("compute", "intra", "inter").
+        events: the costed schedule (for traces and plots).
+    """
+
+    strategy: str
+    degrees: tuple[int, int]
+    latency_s: float
+    breakdown: dict[str, float]
+    events: tuple[Event, ...]
+
+
+def simulate(
+    strategy: str,
+    topology: Topology,
+    *,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.bfloat16,
+    batch: int = 1,
+    text_len: int = 0,
+    one_sided: bool = True,
+    ulysses_degree: int | None = None,
+    cost: CostModel | None = None,
+) -> SimResult:
+    """Per-layer attention latency of ``strategy`` on ``topology`` (no devices needed).
+
+    Args:
+        strategy: a strategy name (not "auto": rank them with :func:`sf_attn.plan`).
+        topology: machines, links and device rate (e.g. ``Topology.preset("p4de", 4)``).
+        seq_len, heads, head_dim, dtype, batch: the attention layer.
+        text_len: replicated joint text tokens (MMDiT).
+        one_sided: cost transfers as one-sided puts (True) or two-sided send/recv.
+        ulysses_degree: override the strategy's default degree.
+        cost: cost-model constants.
+
+    Raises:
+        ValueError: as :func:`sf_attn.parallel_attention` for impossible degrees/heads.
+    """
+    from .api import parallel_attention
+    from .sharding import chunk_sizes
+    from .strategies import get_strategy
+
+    if strategy == "auto":
+        raise ValueError("simulate needs a concrete strategy; use sf_attn.plan to rank them")
+    layout = get_strategy(strategy).layout(topology, heads, ulysses_degree)
+    ctx = SimContext(topology)
+    local = chunk_sizes(seq_len, topology.world_size)[0]
+    q, k, v = (
+        torch.empty(batch, local, heads, head_dim, dtype=dtype, device="meta") for _ in range(3)
+    )
+    joint = None
+    if text_len:
+        joint = tuple(
+            torch.empty(batch, text_len, heads, head_dim, dtype=dtype, device="meta")
+            for _ in range(3)
+        )
+    tracer = VirtualTracer(topology, one_sided=one_sided, cost=cost)
+    with tracing(tracer), _block_shapes(tracer):
+        parallel_attention(
+            q,
+            k,
+            v,
+            ctx=ctx,  # type: ignore[arg-type]  # SimContext quacks like Context
+            strategy=strategy,
+            joint=joint,  # type: ignore[arg-type]
+            seq_len=seq_len,
+            ulysses_degree=layout.p_u,
+        )
+    return SimResult(
+        strategy=strategy,
+        degrees=(layout.p_u, layout.p_r),
+        latency_s=max(tracer.now, *tracer.link_free.values()),
+        breakdown=tracer.busy(),
+        events=tuple(tracer.events),
+    )
+
+
+class _block_shapes:
+    """Tells the virtual tracer each attention block's (seq_q, seq_k) for the efficiency term."""
+
+    def __init__(self, tracer: VirtualTracer) -> None:
+        self.tracer = tracer
+
+    def __enter__(self) -> None:
+        from . import backends
+
+        self._saved = backends._block_shape_hook
+        tracer = self.tracer
+
+        def hook(seq_q: int, seq_k: int) -> None:
+            tracer.pending_shape = (seq_q, seq_k)
+
+        backends._block_shape_hook = hook
+
+    def __exit__(self, *exc: object) -> None:
+        from . import backends
+
+        backends._block_shape_hook = self._saved

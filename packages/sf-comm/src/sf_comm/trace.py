@@ -1,0 +1,208 @@
+"""Recording what a rank does: communication and compute spans, real or simulated.
+
+A *tracer* is installed for a block of code with :func:`tracing`; while it is active the
+collectives (:mod:`sf_comm.collectives`) report every operation they start and finish, and
+compute code (``sf_attn``'s local attention and merges) reports its spans. Two tracers:
+
+- :class:`WallTracer` stamps real wall-clock times (a real run's trace, for Chrome/Perfetto
+  and for the tests that prove overlap).
+- A virtual tracer (``sf_attn.simulate``) advances a modelled clock instead: the same strategy
+  code runs on meta tensors and the tracer costs each span, so what the simulator predicts is
+  what the executor runs.
+
+Events are per rank; tracks are ``compute``, ``intra`` and ``inter`` (the links a
+communication uses: peers on the same machine go over ``intra``, the others over ``inter``).
+With no tracer installed the hooks cost one global lookup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+
+@dataclasses.dataclass(slots=True)
+class Event:
+    """One span on one track: ``start``/``end`` in seconds from the tracer's origin."""
+
+    track: str  # "compute", "intra" or "inter"
+    name: str
+    start: float
+    end: float
+    nbytes: int = 0
+    flops: float = 0.0
+    step: int = 0  # sequence number of the span among its kind (for tests)
+
+
+class Tracer:
+    """Base tracer: receives span reports; subclasses decide what time is."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._counter = 0
+
+    # -- hooks (called by collectives and compute code) --------------------------------
+
+    def comm_start(self, op: str, links: dict[str, int], messages: int) -> Any:
+        """A collective was issued; ``links`` maps "intra"/"inter" to bytes this rank sends."""
+        raise NotImplementedError
+
+    def comm_end(self, token: Any) -> None:
+        """The collective's handle was waited on."""
+        raise NotImplementedError
+
+    def compute_start(self, name: str, flops: float, nbytes: int) -> Any:
+        raise NotImplementedError
+
+    def compute_end(self, token: Any) -> None:
+        raise NotImplementedError
+
+    # -- results ---------------------------------------------------------------------
+
+    def _next(self) -> int:
+        self._counter += 1
+        return self._counter
+
+    def busy(self) -> dict[str, float]:
+        """Seconds each track was busy."""
+        out: dict[str, float] = {}
+        for e in self.events:
+            out[e.track] = out.get(e.track, 0.0) + (e.end - e.start)
+        return out
+
+    def span(self) -> float:
+        return max((e.end for e in self.events), default=0.0)
+
+    def to_chrome(self, rank: int = 0) -> list[dict[str, Any]]:
+        """Chrome/Perfetto trace events (``chrome://tracing``, ui.perfetto.dev)."""
+        tids = {"compute": 0, "intra": 1, "inter": 2}
+        out: list[dict[str, Any]] = [
+            {"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": track}}
+            for track, tid in tids.items()
+        ]
+        out.append(
+            {"ph": "M", "name": "process_name", "pid": rank, "args": {"name": f"rank {rank}"}}
+        )
+        for e in self.events:
+            out.append(
+                {
+                    "ph": "X",
+                    "name": e.name,
+                    "pid": rank,
+                    "tid": tids.get(e.track, 3),
+                    "ts": e.start * 1e6,
+                    "dur": max(e.end - e.start, 0.0) * 1e6,
+                    "args": {"bytes": e.nbytes, "flops": e.flops},
+                }
+            )
+        return out
+
+
+class WallTracer(Tracer):
+    """Real time: spans from ``time.perf_counter`` relative to the tracer's creation.
+
+    A communication span runs from the issue of the collective to the return of its wait:
+    the transfer happened somewhere inside it (one-sided puts usually right at the issue).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origin = time.perf_counter()
+
+    def _now(self) -> float:
+        return time.perf_counter() - self.origin
+
+    def comm_start(self, op: str, links: dict[str, int], messages: int) -> Any:
+        return (op, links, self._now(), self._next())
+
+    def comm_end(self, token: Any) -> None:
+        op, links, start, step = token
+        end = self._now()
+        for track, nbytes in links.items():
+            self.events.append(Event(track, op, start, end, nbytes=nbytes, step=step))
+
+    def compute_start(self, name: str, flops: float, nbytes: int) -> Any:
+        return (name, flops, nbytes, self._now(), self._next())
+
+    def compute_end(self, token: Any) -> None:
+        name, flops, nbytes, start, step = token
+        self.events.append(Event("compute", name, start, self._now(), nbytes, flops, step))
+
+
+_ACTIVE: Tracer | None = None
+
+
+def active() -> Tracer | None:
+    return _ACTIVE
+
+
+@contextlib.contextmanager
+def tracing(tracer: Tracer) -> Iterator[Tracer]:
+    """Install ``tracer`` for the block (not re-entrant across threads)."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, tracer
+    try:
+        yield tracer
+    finally:
+        _ACTIVE = previous
+
+
+@contextlib.contextmanager
+def compute_span(name: str, flops: float = 0.0, nbytes: int = 0) -> Iterator[None]:
+    """Report a compute span to the active tracer (no-op without one)."""
+    tracer = _ACTIVE
+    if tracer is None:
+        yield
+        return
+    token = tracer.compute_start(name, flops, nbytes)
+    try:
+        yield
+    finally:
+        tracer.compute_end(token)
+
+
+def write_chrome(path: str, traces: Sequence[list[dict[str, Any]]]) -> None:
+    """Write per-rank Chrome trace events (from :meth:`Tracer.to_chrome`) as one JSON file."""
+    events = [e for per_rank in traces for e in per_rank]
+    with open(path, "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+
+
+def timeline_png(path: str, traces: Sequence[list[dict[str, Any]]], title: str = "") -> None:
+    """Draw per-rank compute/intra/inter tracks as a timeline PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {0: "#4c72b0", 1: "#55a868", 2: "#c44e52"}
+    names = {0: "compute", 1: "intra", 2: "inter"}
+    ranks = len(traces)
+    fig, ax = plt.subplots(figsize=(12, 0.9 * 3 * ranks + 1))
+    yticks, ylabels = [], []
+    for r, per_rank in enumerate(traces):
+        for e in per_rank:
+            if e.get("ph") != "X":
+                continue
+            tid = e["tid"]
+            y = (ranks - 1 - r) * 3.5 + (2 - tid)
+            ax.broken_barh(
+                [(e["ts"] / 1e3, max(e["dur"] / 1e3, 1e-4))],
+                (y, 0.8),
+                facecolors=colors.get(tid, "grey"),
+                edgecolors="black",
+                linewidth=0.3,
+            )
+        for tid in range(3):
+            yticks.append((ranks - 1 - r) * 3.5 + (2 - tid) + 0.4)
+            ylabels.append(f"rank {r} {names[tid]}")
+    ax.set_yticks(yticks, ylabels)
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,232 @@
+"""Sequence-parallel plan for diffusers' ``HunyuanVideoTransformer3DModel``.
+
+HunyuanVideo takes the latent video [B, C, F, H, W]. The plan shards the output of
+``x_embedder`` (video tokens [B, f*h*w, D], frame-major) and of ``rope`` (cos, sin, [f*h*w, D]
+for the full grid) along the token dim, and gathers ``proj_out``'s output along dim 1 before
+the model's unpatchify (Note [Split inside the model] in :mod:`sf_models.parallelize`). So
+each rank's RoPE rows are exactly those of the tokens it holds.
+
+Text: ``context_embedder`` (the token refiner: self-attention over the prompt only, with its
+own mask) runs on the replicated prompt on every rank, untouched. The model then builds a key
+mask over ``[video, text]`` from the prompt mask; the video part is all True, so each
+processor passes only its text part as ``joint_mask`` (Note [HunyuanVideo prompt mask]).
+
+Attention is swapped through diffusers' processor hook: :class:`HunyuanVideoSequenceParallelProcessor`
+replaces the ``HunyuanVideoAttnProcessor2_0`` of every dual- and single-stream block. Its
+plain-code equivalent is that processor; the one change is the attention call::
+
+    q, k, v = cat([video, text]) after projections, qk-norms, RoPE on video  # [B, N + T, H, D]
+    out = sdpa(q, k, v, attn_mask=[video keys: True, text keys: prompt mask])
+    -> video_out, text_out = parallel_attention(q[:, :N], ..., joint=(q[:, N:], ...),
+                                                joint_mask=prompt key mask)
+
+Image-to-video with ``image_condition_type="token_replace"`` treats the first frame's tokens
+specially (``num_tokens`` of them, at the front of the sequence); the plan rewrites that count
+to this rank's share of them (Note [HunyuanVideo first-frame tokens]).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers import transformer_hunyuan_video as hunyuan
+
+import sf_attn
+
+from .parallelize import SequenceParallelPlan, ShardState, register_plan
+
+__all__ = ["HUNYUANVIDEO_PLAN", "HunyuanVideoSequenceParallelProcessor"]
+
+_VIDEO = "x_embedder"  # ShardState.lengths key of the video token count
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+class HunyuanVideoSequenceParallelProcessor:
+    """``HunyuanVideoAttnProcessor2_0`` with the attention over the rank-split video sequence.
+
+    Args:
+        state: the shared per-call state (context, strategy, input lengths).
+        inner: the processor this one replaces; used while no parallel forward runs
+            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    """
+
+    def __init__(self, state: ShardState, inner: Any) -> None:
+        self.state = state
+        self.inner = inner
+
+    # Attention.forward filters keyword arguments by this signature: keep the names.
+    def __call__(
+        self,
+        attn: Any,  # diffusers' Attention
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        if not state.active:
+            return self.inner(  # type: ignore[no-any-return]
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+        if encoder_hidden_states is None:
+            raise ValueError("parallelize(HunyuanVideo): blocks must pass the text tokens")
+        video_len = hidden_states.shape[1]
+        text_len = encoder_hidden_states.shape[1]
+        dual_stream = attn.add_q_proj is not None
+
+        # Single-stream blocks project [video, text] with one set of weights, dual-stream ones
+        # the text with its own (add_*_proj, norm_added_*): split after projecting either way.
+        stream = (
+            hidden_states if dual_stream else torch.cat([hidden_states, encoder_hidden_states], 1)
+        )
+        query = attn.to_q(stream).unflatten(2, (attn.heads, -1))  # [B, N_local (+ T), H, D]
+        key = attn.to_k(stream).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(stream).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if dual_stream:
+            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+        else:
+            text_q, query = query[:, video_len:], query[:, :video_len]
+            text_k, key = key[:, video_len:], key[:, :video_len]
+            text_v, value = value[:, video_len:], value[:, :video_len]
+        if image_rotary_emb is not None:  # rows of this rank's tokens (x_embedder/rope split)
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+
+        video_out, text_out = sf_attn.parallel_attention(
+            query,
+            key,
+            value,
+            ctx=state.ctx,
+            strategy=state.strategy,
+            joint=(text_q, text_k, text_v),
+            joint_mask=_text_key_mask(attention_mask, video_len, text_len),
+            seq_len=state.lengths[_VIDEO],
+        )
+        video_out = video_out.flatten(2, 3).to(query.dtype)
+        text_out = text_out.flatten(2, 3).to(query.dtype)
+        if getattr(attn, "to_out", None) is not None:
+            video_out = attn.to_out[1](attn.to_out[0](video_out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return video_out, text_out
+
+
+def _text_key_mask(
+    attention_mask: torch.Tensor | None, video_len: int, text_len: int
+) -> torch.Tensor | None:
+    """The text-key part [B, T] of the model's [B, 1, 1, N_local + T] key mask
+    (Note [HunyuanVideo prompt mask])."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1):
+        raise ValueError(
+            "parallelize(HunyuanVideo): expected the model's key mask [B, 1, 1, video + text], "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.shape[-1] != video_len + text_len:
+        raise ValueError(
+            f"parallelize(HunyuanVideo): key mask covers {attention_mask.shape[-1]} tokens, "
+            f"expected {video_len} video + {text_len} text on this rank"
+        )
+    return attention_mask[:, 0, 0, video_len:]
+
+
+def _first_frame_hook(state: ShardState, block: torch.nn.Module) -> Any:
+    """Forward pre-hook: ``num_tokens`` (global first-frame token count) -> this rank's share
+    (Note [HunyuanVideo first-frame tokens])."""
+    signature = inspect.signature(block.forward)
+
+    def hook(_: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+        if not state.active:
+            return None
+        bound = signature.bind(*args, **kwargs)
+        num_tokens = bound.arguments.get("num_tokens")
+        if num_tokens is None:
+            return None
+        ctx = state.ctx
+        start = sum(sf_attn.chunk_sizes(state.lengths[_VIDEO], ctx.world_size)[: ctx.rank])
+        local_len = bound.arguments["hidden_states"].shape[1]
+        bound.arguments["num_tokens"] = max(0, min(int(num_tokens) - start, local_len))
+        return bound.args, bound.kwargs
+
+    return hook
+
+
+def _attach(module: torch.nn.Module, state: ShardState) -> None:
+    """Swap the joint-attention processors of the dual- and single-stream blocks for
+    :class:`HunyuanVideoSequenceParallelProcessor`; the token refiner's stay.
+
+    Raises:
+        ValueError: a block uses another processor, the model is already parallelized, or
+            ``state.strategy`` cannot split the model's heads on the context's topology
+            (sf_attn's message).
+    """
+    model: Any = module  # a HunyuanVideoTransformer3DModel (AttentionMixin, ConfigMixin)
+    heads = model.config.num_attention_heads
+    if state.strategy != "auto":
+        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
+    processors = dict(model.attn_processors)  # {"transformer_blocks.0.attn.processor": ...}
+    if any(isinstance(proc, HunyuanVideoSequenceParallelProcessor) for proc in processors.values()):
+        raise ValueError(
+            "parallelize(HunyuanVideo): this model is already parallelized; use the returned wrapper"
+        )
+    # The token refiner (context_embedder.*) attends over the replicated prompt: left as is.
+    joint = [name for name in processors if name.startswith(_BLOCK_LISTS)]
+    unsupported = {
+        name: type(processors[name]).__name__
+        for name in joint
+        if type(processors[name]) is not hunyuan.HunyuanVideoAttnProcessor2_0
+    }
+    if unsupported:
+        raise ValueError(
+            "parallelize(HunyuanVideo) can only replace HunyuanVideoAttnProcessor2_0; these "
+            f"blocks use others: {unsupported}"
+        )
+    for name in joint:
+        processors[name] = HunyuanVideoSequenceParallelProcessor(state, processors[name])
+    model.set_attn_processor(processors)
+    if model.config.image_condition_type == "token_replace":
+        for block_list in _BLOCK_LISTS:
+            for block in getattr(model, block_list):
+                block.register_forward_pre_hook(_first_frame_hook(state, block), with_kwargs=True)
+
+
+HUNYUANVIDEO_PLAN = SequenceParallelPlan(
+    split_module_outputs={
+        _VIDEO: 1,  # video tokens [B, f*h*w, D]
+        "rope": 0,  # (cos, sin), each [f*h*w, D]
+    },
+    gather_module_outputs={"proj_out": 1},  # [B, f*h*w, p_t*p*p*C], before the unpatchify
+    replicated_inputs={"encoder_hidden_states": 1},
+    output_dims={},  # the output latent is already whole (gathered before unpatchify)
+    attach=_attach,
+)
+register_plan("HunyuanVideoTransformer3DModel", HUNYUANVIDEO_PLAN)
+
+
+# Note [HunyuanVideo prompt mask]
+# HunyuanVideoTransformer3DModel.forward builds its attention mask after x_embedder, so under
+# the split it is [B, 1, 1, N_local + T]: True for every video key and for the first
+# ``encoder_attention_mask.sum()`` text keys (the model assumes the prompt's valid tokens come
+# first; we keep its rule by reading its mask rather than the prompt mask). Only keys are
+# masked, every query is computed, as in the original. The video part is True by
+# construction, so the text part alone, passed as ``joint_mask``, reproduces it on every rank.
+#
+# Note [HunyuanVideo first-frame tokens]
+# The token-replace blocks modulate ``hidden_states[:, :num_tokens]`` (the first latent frame)
+# with the clean-image timestep. Those tokens are a prefix of the global sequence, so on a
+# rank holding tokens [start, start + n) they are the local prefix of length
+# clamp(num_tokens - start, 0, n); the pre-hook passes that instead of the global count.

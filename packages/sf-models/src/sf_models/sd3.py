@@ -1,0 +1,157 @@
+"""Sequence-parallel plan for diffusers' ``SD3Transformer2DModel`` (SD3 and SD3.5).
+
+SD3 takes the latent [B, C, H, W] and patchifies inside ``forward``; ``pos_embed`` (a
+``PatchEmbed``: conv + cropped 2-D sin-cos table for the whole grid) returns the image tokens
+[B, img, D]. The plan shards that output along dim 1 and gathers ``proj_out``'s output
+[B, img, p*p*C] along dim 1, so the model's own unpatchify sees every token (Note [Split
+inside the model] in :mod:`sf_models.parallelize`). Text tokens (``encoder_hidden_states``,
+after ``context_embedder``) stay replicated. SD3 has no RoPE: the positional table is added
+inside ``pos_embed`` on the full grid, before the split, so it is exact.
+
+Attention is swapped through diffusers' processor hook: :class:`SD3SequenceParallelProcessor`
+replaces each ``JointAttnProcessor2_0``. Its plain-code equivalent is ``JointAttnProcessor2_0``;
+the one change is the attention call::
+
+    q, k, v = cat([image, text]) after projections and qk-norms    # [B, img + text, H, D]
+    out = sdpa(q, k, v)                                            # original: all tokens local
+    -> img_out, text_out = parallel_attention(q_img, k_img, v_img, joint=(q_txt, k_txt, v_txt))
+
+The SD3.5 second attention (``attn2``, image tokens only, ``encoder_hidden_states=None``) is
+the same call without ``joint``. The last block is ``context_pre_only``: like the original,
+its text output is computed and then dropped by the block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models import attention_processor
+
+import sf_attn
+
+from .parallelize import SequenceParallelPlan, ShardState, register_plan
+
+__all__ = ["SD3_PLAN", "SD3SequenceParallelProcessor"]
+
+_IMAGE = "pos_embed"  # ShardState.lengths key of the image token count
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1))  # [B, seq, H * D] -> [B, seq, H, D]
+
+
+class SD3SequenceParallelProcessor:
+    """``JointAttnProcessor2_0`` with the attention over the rank-split image sequence.
+
+    Args:
+        state: the shared per-call state (context, strategy, input lengths).
+        inner: the processor this one replaces; used while no parallel forward runs
+            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    """
+
+    def __init__(self, state: ShardState, inner: Any) -> None:
+        self.state = state
+        self.inner = inner
+
+    # Attention.forward filters keyword arguments by this signature: keep JointAttnProcessor2_0's.
+    def __call__(
+        self,
+        attn: attention_processor.Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        if not state.active:
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                "parallelize(SD3): attention_mask is not supported under sequence parallelism"
+            )
+
+        query = _heads(attn.to_q(hidden_states), attn.heads)  # [B, img_local, H, D]
+        key = _heads(attn.to_k(hidden_states), attn.heads)
+        value = _heads(attn.to_v(hidden_states), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        seq_len = state.lengths[_IMAGE]
+
+        if encoder_hidden_states is None:  # SD3.5 attn2: image tokens only
+            out = sf_attn.parallel_attention(
+                query, key, value, ctx=state.ctx, strategy=state.strategy, seq_len=seq_len
+            )
+            assert isinstance(out, torch.Tensor)  # no joint: one tensor back
+            out = out.flatten(2, 3).to(query.dtype)
+            return attn.to_out[1](attn.to_out[0](out))
+
+        text_query = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)  # [B, text, H, D]
+        text_key = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
+        text_value = _heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        img_out, text_out = sf_attn.parallel_attention(
+            query,
+            key,
+            value,
+            ctx=state.ctx,
+            strategy=state.strategy,
+            joint=(text_query, text_key, text_value),
+            seq_len=seq_len,
+        )
+        img_out = img_out.flatten(2, 3).to(query.dtype)
+        text_out = text_out.flatten(2, 3).to(query.dtype)
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return attn.to_out[1](attn.to_out[0](img_out)), text_out
+
+
+def _attach(module: torch.nn.Module, state: ShardState) -> None:
+    """Swap every ``JointAttnProcessor2_0`` for an :class:`SD3SequenceParallelProcessor`.
+
+    Raises:
+        ValueError: a block uses another processor (IP-Adapter, fused QKV, custom), the model
+            is already parallelized, or ``state.strategy`` cannot split the model's heads on
+            the context's topology (sf_attn's message).
+    """
+    model: Any = module  # an SD3Transformer2DModel (AttentionMixin, ConfigMixin)
+    heads = model.config.num_attention_heads
+    if state.strategy != "auto":
+        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
+    processors = model.attn_processors  # {"transformer_blocks.0.attn.processor": proc, ...}
+    if any(isinstance(proc, SD3SequenceParallelProcessor) for proc in processors.values()):
+        raise ValueError(
+            "parallelize(SD3): this model is already parallelized; use the returned wrapper"
+        )
+    unsupported = {
+        name: type(proc).__name__
+        for name, proc in processors.items()
+        if type(proc) is not attention_processor.JointAttnProcessor2_0
+    }
+    if unsupported:
+        raise ValueError(
+            f"parallelize(SD3) can only replace JointAttnProcessor2_0; these blocks use others: {unsupported}"
+        )
+    model.set_attn_processor(
+        {name: SD3SequenceParallelProcessor(state, proc) for name, proc in processors.items()}
+    )
+
+
+SD3_PLAN = SequenceParallelPlan(
+    split_module_outputs={_IMAGE: 1},  # image tokens [B, img, D] (+ sin-cos table)
+    gather_module_outputs={"proj_out": 1},  # [B, img, p*p*C], before the unpatchify
+    replicated_inputs={"encoder_hidden_states": 1},
+    output_dims={},  # the output latent is already whole (gathered before unpatchify)
+    # Per-image-token residuals would need splitting too; not planned yet.
+    unsupported_inputs=("block_controlnet_hidden_states",),
+    attach=_attach,
+)
+register_plan("SD3Transformer2DModel", SD3_PLAN)

@@ -1,0 +1,127 @@
+"""Shared pieces of the tier-2 model tests: run a parallelized model on CPU ranks against the
+same model in one process, and count each rank's attention work.
+
+The functions here run on the ranks (``ranks(world).run(fn, ...)``); the model and inputs are
+built on every rank by module-level ``make_model(*args)`` / ``make_inputs(*args)`` functions of
+the test module, from fixed seeds, so every rank holds the same weights and inputs.
+
+Tolerance (``REL_TOL``): the models are float32 throughout. The only arithmetic that differs
+from the reference is attention (SDPA over all keys vs sf_attn's blockwise online-softmax
+merges, both float32), which agree to ~1e-6 relative per layer; through two attention layers
+plus residuals the outputs stay within a few 1e-7 of the reference, relative to their largest
+entry. 1e-4 leaves margin for summation-order noise, while a real bug (a RoPE row off by one
+token, a dropped or duplicated token chunk, a text mask lost, a misrouted head) moves the
+output by 1e-3 or more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import sf_attn
+import sf_attn.hybrid
+import sf_comm
+from sf_models.parallelize import parallelize
+
+STRATEGIES = ["ulysses", "ring", "usp", "tas"]
+WORLDS = [(2, "1x2"), (4, "2x2")]
+REL_TOL = 1e-4  # see the module docstring
+
+Builder = Callable[..., Any]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@torch.no_grad()
+def compare(
+    ctx: sf_comm.Context,
+    strategy: str,
+    make_model: Builder,
+    make_inputs: Builder,
+    *args: Any,
+) -> dict[str, object]:
+    """Run the parallelized model and the original on the same full inputs on this rank."""
+    inputs = make_inputs(*args)
+    model = make_model(*args)
+    ref = model(**inputs).sample
+    sp = parallelize(model, ctx=ctx, strategy=strategy)
+    out = sp(**inputs).sample
+    (out_tuple,) = sp(**inputs, return_dict=False)
+    every = sf_comm.all_gather(ctx, ctx.group("world"), out.contiguous()).wait()
+    return dict(
+        rel_err=rel_err(out, ref),
+        shape_ok=out.shape == ref.shape,
+        same_on_every_rank=all(torch.equal(every[0], t) for t in every),
+        tuple_path_equal=torch.equal(out_tuple, out),
+        # The processors and hooks stay installed; outside the wrapper they must be inert.
+        direct_call_unchanged=torch.equal(model(**inputs).sample, ref),
+    )
+
+
+def assert_matches(results: list[dict[str, object]]) -> None:
+    for rank, res in enumerate(results):
+        assert res["shape_ok"], (rank, res)
+        assert isinstance(res["rel_err"], float) and res["rel_err"] < REL_TOL, (rank, res)
+        assert res["same_on_every_rank"], (rank, res)
+        assert res["tuple_path_equal"], (rank, res)
+        assert res["direct_call_unchanged"], (rank, res)
+
+
+@torch.no_grad()
+def count_pairs(
+    ctx: sf_comm.Context,
+    strategy: str,
+    text_len: int,
+    make_model: Builder,
+    make_inputs: Builder,
+    *args: Any,
+) -> tuple[int, int]:
+    """(video-query, text-query) x key pairs this rank's local attention computes, summed over
+    heads and batch. Text queries are told apart by their length: the caller picks a text
+    length that no video shard (or Ulysses group of shards) has."""
+    counts = {"video": 0, "text": 0}
+    original = sf_attn.hybrid.attention_with_lse
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
+        kind = "text" if q.shape[1] == text_len else "video"
+        counts[kind] += q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
+        return original(q, k, v, **kwargs)
+
+    sp = parallelize(make_model(*args), ctx=ctx, strategy=strategy)
+    sf_attn.hybrid.attention_with_lse = counting
+    try:
+        sp(**make_inputs(*args))
+    finally:
+        sf_attn.hybrid.attention_with_lse = original
+    return counts["video"], counts["text"]
+
+
+def assert_work_split(
+    counts: list[tuple[int, int]], *, full_video: int, full_text: int, tokens: int
+) -> None:
+    """Video-query pairs computed exactly once in total and ~1/world per rank (within one
+    token's share, as ``tokens`` does not split evenly); replicated text queries add at most
+    the full text-query work on any rank, and no rank does half of everything."""
+    world = len(counts)
+    video = [c[0] for c in counts]
+    assert sum(video) == full_video, (video, full_video)
+    for rank, (vid, txt) in enumerate(counts):
+        assert abs(vid / full_video - 1 / world) <= 1 / tokens, (rank, vid / full_video)
+        assert txt <= full_text, (rank, txt, full_text)
+        assert vid + txt < (full_video + full_text) / 2, (rank, vid + txt)
+
+
+def shard_lengths(tokens: int) -> set[int]:
+    """Every query length a video shard can have under the tested worlds and strategies
+    (single chunks, Ulysses groups of two chunks, the whole sequence)."""
+    lengths = {tokens}
+    for world in (2, 4):
+        sizes = sf_attn.chunk_sizes(tokens, world)
+        lengths |= set(sizes)
+        lengths |= {a + b for i, a in enumerate(sizes) for b in sizes[i + 1 :]}
+    return lengths
