@@ -38,6 +38,10 @@ from typing import Any
 
 import torch
 
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "packages", "sf-comm", "src")
+if importlib.util.find_spec("sf_comm") is None and os.path.isdir(_SRC):
+    sys.path.insert(0, os.path.normpath(_SRC))  # a bare checkout; spawned ranks inherit sys.path
+
 TRANSPORTS = ("torch-symm", "nvshmem")
 DATA_CHECKS = (
     "all_to_all_uneven",

@@ -139,6 +139,28 @@ def test_each_strategy_on_each_topology(ranks, strategy: str, topo: str) -> None
     assert max(errs) < 2e-5
 
 
+def _with_degree(ctx: sf_comm.Context, strategy: str, degree: int) -> float:
+    (q, k, v), txt = _inputs(5, 1, 30, 8, 8, 3, torch.float32)
+    shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
+    out, _ = sf_attn.parallel_attention(*shards, ctx=ctx, strategy=strategy, joint=tuple(txt),
+                                        ulysses_degree=degree)
+    fq, fk, fv = (torch.cat([t, i], dim=1) for t, i in zip(txt, (q, k, v)))
+    ref = sf_attn.shard(reference_attention(fq, fk, fv)[0][:, 3:], ctx)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    return (out.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("strategy", "degree"), [("usp", 4), ("usp", 1), ("tas", 2), ("tas", 1), ("torus", 4)])
+def test_every_degree(ranks, transport: str, strategy: str, degree: int) -> None:
+    """Catches layouts whose member order differs from the process group's rank order.
+
+    USP with P_u = 4 on 2x2 numbers its Ulysses members (0, 2, 1, 3): a transport that
+    trusted the library's rank order would hand every chunk to the wrong member.
+    """
+    ranks(4).run(_with_degree, strategy, degree, topology="2x2", transport=transport)
+
+
 def _count(ctx: sf_comm.Context, strategy: str, heads: int, text: int) -> tuple[dict, dict, int]:
     (q, k, v), txt = _inputs(0, 1, 64, heads, 8, text, torch.float32)
     shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]

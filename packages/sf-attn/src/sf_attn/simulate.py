@@ -43,7 +43,7 @@ class CostModel:
     merge_overhead: float = 4e-6
     mem_bw: float = 2.0e12  # device memory bytes/s achievable by an elementwise kernel
     block_half: int = 96  # tokens at which a block dimension runs at half efficiency
-    handshake: float = 12e-6  # two-sided rendezvous per message, s
+    handshake: float = 20e-6  # two-sided rendezvous per message, s (fitted: docs/simulator.md)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

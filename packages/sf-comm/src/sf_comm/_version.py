@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 
 __version__ = "0.1.0"
@@ -15,6 +16,15 @@ def _parse(version: str) -> tuple[int, ...]:
             break
         parts.append(int(digits))
     return tuple(parts)
+
+
+def _source_version(dist: str) -> str | None:
+    """``__version__`` of a package importable from source (PYTHONPATH), not installed."""
+    try:
+        module = importlib.import_module(dist.replace("-", "_"))
+    except ImportError:
+        return None
+    return getattr(module, "__version__", None)
 
 
 def require(dist: str, minimum: str, *, by: str) -> None:
@@ -31,6 +41,8 @@ def require(dist: str, minimum: str, *, by: str) -> None:
     try:
         found = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
+        found = _source_version(dist)
+    if found is None:
         raise ImportError(
             f"{by} needs {dist}>={minimum}, which is not installed; "
             f"install it with `pip install -e packages/{dist}` (tools/bootstrap.sh does this)"

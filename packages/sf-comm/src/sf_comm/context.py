@@ -215,10 +215,26 @@ def init(
         )
     device = torch.device(device)
     name = _resolve_auto(device) if transport == "auto" else transport
-    mesh = init_device_mesh(device.type, topo.shape, mesh_dim_names=AXES)
-    made = make_transport(
-        name, rank=rank, world_size=world, timeout=timeout, device=device, **transport_options
-    )
+    # The mesh's device type picks the process groups' backend: CUDA meshes need NCCL, which
+    # refuses several ranks on one GPU; a gloo job keeps a CPU mesh even for CUDA tensors.
+    mesh_type = device.type if "nccl" in str(dist.get_backend()) else "cpu"
+    mesh = init_device_mesh(mesh_type, topo.shape, mesh_dim_names=AXES)
+    tries = [name]
+    if transport == "auto" and device.type == "cuda":
+        tries = [n for n in ("nvshmem", "torch-symm") if _cuda_transport_available(n)] + ["nccl"]
+    made = None
+    for i, candidate in enumerate(tries):
+        try:
+            made = make_transport(
+                candidate, rank=rank, world_size=world, timeout=timeout, device=device,
+                **transport_options,
+            )
+            break
+        except Exception as exc:  # auto: fall back to the next transport
+            if i == len(tries) - 1:
+                raise
+            log.warning("rank %d: transport %s unavailable (%s); trying %s", rank, candidate, exc, tries[i + 1])
+    assert made is not None
     log.debug("rank %d: topology %s, transport %s", rank, topo, made.name)
     return Context(topology=topo, mesh=mesh, transport=made, device=device)
 

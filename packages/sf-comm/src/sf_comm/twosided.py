@@ -94,9 +94,15 @@ class TwoSidedTransport(Transport):
         dtype, device = inputs[me].dtype, inputs[me].device
         self.record("all_to_all", [(r, inputs[i]) for i, r in enumerate(group.ranks) if i != me])
         item = inputs[me].element_size()
-        send = torch.cat([_as_bytes(t) for t in inputs])
-        send_splits = [t.numel() * item for t in inputs]
-        recv_splits = [int(torch.Size(s).numel()) * item for s in out_shapes]
+        # The library orders a group by global rank; a Group's member order may differ
+        # (layouts number members by their Ulysses index), so permute into library order.
+        pg_ranks = dist.get_process_group_ranks(group.pg) if group.pg is not None else list(group.ranks)
+        if sorted(pg_ranks) != sorted(group.ranks):
+            raise CommError(f"rank {self.rank}: group {group.name} {group.ranks} does not match its process group {pg_ranks}")
+        order = [group.ranks.index(r) for r in pg_ranks]  # library position -> member index
+        send = torch.cat([_as_bytes(inputs[i]) for i in order])
+        send_splits = [inputs[i].numel() * item for i in order]
+        recv_splits = [int(torch.Size(out_shapes[i]).numel()) * item for i in order]
         recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
         try:
             work = dist.all_to_all_single(
@@ -107,10 +113,10 @@ class TwoSidedTransport(Transport):
 
         def finish() -> list[torch.Tensor]:
             self._wait([work], "all_to_all", group.ranks)
-            return [
-                chunk.view(dtype).view(shape)
-                for chunk, shape in zip(recv.split(recv_splits), out_shapes)
-            ]
+            out: list[torch.Tensor] = [torch.empty(0)] * len(order)
+            for chunk, i in zip(recv.split(recv_splits), order):
+                out[i] = chunk.view(dtype).view(out_shapes[i])
+            return out
 
         return Handle(finish, work.is_completed)
 

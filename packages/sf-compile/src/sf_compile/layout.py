@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sf_attn import chunk_offsets, chunk_sizes
+from sf_attn.sharding import chunk_offsets, chunk_sizes
 
 __all__ = ["Layout", "Shard", "Split"]
 

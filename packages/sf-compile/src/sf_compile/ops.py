@@ -36,8 +36,16 @@ _CONTEXTS: dict[int, sf_comm.Context] = {}
 
 
 def register_context(ctx: sf_comm.Context) -> int:
-    """The key under which the ops find ``ctx`` (stable for the life of the process)."""
-    key = id(ctx)
+    """The key under which the ops find ``ctx`` (stable for the life of the process).
+
+    Keys count up in registration order rather than being ``id(ctx)``: the key is a constant
+    in the compiled graph, and a key that is the same in every run lets Inductor's FX graph
+    cache hit across runs.
+    """
+    for key, known in _CONTEXTS.items():
+        if known is ctx:
+            return key
+    key = len(_CONTEXTS)
     _CONTEXTS[key] = ctx
     return key
 
@@ -65,15 +73,18 @@ def gather(x: torch.Tensor, dim: int, length: int, prefix: int, ctx_key: int) ->
     full = sf_attn.gather(split, ctx, dim, length=length - prefix)
     if prefix:
         full = torch.cat([x.narrow(dim, 0, prefix), full], dim)
-    # A custom op's output must not alias its input (world of one returns x itself).
-    return full.clone() if full is x or full.data_ptr() == x.data_ptr() else full
+    # A custom op's output must not alias its input (world of one returns x itself), and
+    # must be contiguous like the fake impl says.
+    if full.data_ptr() == x.data_ptr():
+        return full.clone(memory_format=torch.contiguous_format)
+    return full.contiguous()
 
 
 @gather.register_fake
 def _(x: torch.Tensor, dim: int, length: int, prefix: int, ctx_key: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = length
-    return x.new_empty(shape)
+    return x.new_empty(shape)  # contiguous, as torch.cat returns
 
 
 def _split_joint(
@@ -122,7 +133,7 @@ def attention(
     if isinstance(result, tuple):
         img_out, text_out = result
         return torch.cat([text_out, img_out], dim=1)
-    return result
+    return result.contiguous()  # the fake impl promises a contiguous result
 
 
 @attention.register_fake
@@ -137,4 +148,4 @@ def _(
     ctx_key: int,
     backend: str,
 ) -> torch.Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, whatever q's strides

@@ -48,7 +48,7 @@ from torch import fx
 
 from .layout import Layout, Shard, Split
 
-__all__ = ["Call", "Plan", "UnsupportedOpError", "op_name", "rule_for"]
+__all__ = ["Call", "Plan", "UnsupportedOpError", "mutated_input", "op_name", "rule_for"]
 
 
 class UnsupportedOpError(ValueError):
@@ -323,7 +323,7 @@ def map_view(in_shape: Sequence[int], out_shape: Sequence[int], dim: int) -> int
         if acc == before and s == size:
             return j
         acc *= s
-        if acc > before * size and before * size > 0:
+        if acc > before:
             break
     return None
 
@@ -407,44 +407,33 @@ def shuffle(call: Call) -> Plan:
 # -- indexing, splitting, joining ---------------------------------------------------------
 
 
-def getitem(call: Call) -> Plan:
-    """Tuple element or tensor indexing; indexing must keep the token dim whole, or cut it at
-    the joint-text boundary (``x[:, :text]`` is replicated, ``x[:, text:]`` split)."""
-    src = call.node.args[0]
-    index = call.node.args[1]
-    if call.layouts and isinstance(call.layouts[0], tuple):
-        if not isinstance(index, int):
-            return gather_all(call, "getitem with a non-int index of a tuple", unsupported=True)
-        return Plan(list(call.layouts), call.layouts[0][index])
-    lay = _only(call)
-    if lay is None or not isinstance(src, fx.Node):
-        return replicated(call)
-    if len(call.inputs) != 1:
-        return gather_all(call, "indexing with tensors", unsupported=True)
+def index_layout(lay: Shard, index: Any, ndim: int) -> tuple[Layout, Any] | str:
+    """Layout of ``x[index]`` for split ``x`` and the index to use on this rank's part, or why
+    the index needs all tokens. Indexing must keep the token dim whole, or cut it at the
+    joint-text boundary (``x[:, :text]`` is replicated, ``x[:, text:]`` split)."""
     items = list(index) if isinstance(index, tuple) else [index]
-    ndim = len(call.shape(0))
     if items.count(Ellipsis) > 1:
-        return gather_all(call, "indexing with two Ellipsis", unsupported=True)
+        return "indexing with two Ellipsis"
     if Ellipsis in items:
         at = items.index(Ellipsis)
         used = sum(1 for it in items if it is not None and it is not Ellipsis)
         items[at : at + 1] = [slice(None)] * (ndim - used)
     in_dim = out_dim = 0
     new_items: list[Any] = []
-    out: Shard | None = lay
+    out: Layout = lay
     for it in items:
         if it is None:
             out_dim += 1
             new_items.append(it)
             continue
         if isinstance(it, bool) or not isinstance(it, (int, slice)):
-            return gather_all(call, "indexing with tensors or bools", unsupported=True)
+            return "indexing with tensors or bools"
         if in_dim == lay.dim:
             if isinstance(it, int):
-                return gather_all(call, "indexing a single token")
+                return "indexing a single token"
             start, stop, step = it.indices(lay.length)
             if step != 1:
-                return gather_all(call, "strided indexing of the tokens")
+                return "strided indexing of the tokens"
             if (start, stop) == (0, lay.length):
                 out = lay.moved(out_dim)
                 it = slice(None)
@@ -454,19 +443,63 @@ def getitem(call: Call) -> Plan:
                 out = Shard(out_dim, lay.length - lay.prefix)
                 it = slice(lay.prefix, None)
             else:
-                return gather_all(call, "indexing part of the token sequence")
+                return "indexing part of the token sequence"
         in_dim += 1
         if isinstance(it, slice):
             out_dim += 1
         new_items.append(it)
-    if lay.dim >= in_dim:  # token dim untouched by (shorter) index
+    if lay.dim >= in_dim:  # token dim after the indexed dims
         out = lay.moved(lay.dim - in_dim + out_dim)
-    new_index: Any = tuple(new_items) if isinstance(index, tuple) else new_items[0]
+    return out, (tuple(new_items) if isinstance(index, tuple) else new_items[0])
 
+
+def _with_index(new_index: Any) -> Rewrite:
     def rewrite(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (args[0], new_index), kwargs
+        return (args[0], new_index, *args[2:]), kwargs
 
-    return Plan([lay], out, rewrite=rewrite)
+    return rewrite
+
+
+def getitem(call: Call) -> Plan:
+    """Tuple element, or tensor indexing (see :func:`index_layout`)."""
+    src, index = call.node.args[0], call.node.args[1]
+    if call.layouts and isinstance(call.layouts[0], tuple):
+        if not isinstance(index, int):
+            return gather_all(call, "getitem with a non-int index of a tuple", unsupported=True)
+        return Plan(list(call.layouts), call.layouts[0][index])
+    lay = _only(call)
+    if lay is None or not isinstance(src, fx.Node):
+        return replicated(call)
+    if len(call.inputs) != 1:
+        return gather_all(call, "indexing with tensors", unsupported=True)
+    found = index_layout(lay, index, len(call.shape(0)))
+    if isinstance(found, str):
+        return gather_all(call, found, unsupported=found.startswith("indexing with"))
+    out, new_index = found
+    return Plan([lay], out, rewrite=_with_index(new_index))
+
+
+def setitem(call: Call) -> Plan:
+    """``x[index] = value`` (in place): ``x`` keeps its layout when the index keeps the tokens
+    whole; ``value`` is sliced like an elementwise operand of the indexed region."""
+    target, index, value = call.node.args[:3]
+    it, iv = call.index_of(target), call.index_of(value)
+    lay = call.layouts[it] if it is not None else None
+    if it is None or not isinstance(lay, Shard):
+        return replicated(call)
+    found = index_layout(lay, index, len(call.shape(it)))
+    if isinstance(found, str) or not isinstance(found[0], Shard):
+        return gather_all(call, "in-place write into part of the token sequence")
+    region, new_index = found
+    need: list[Any] = [None] * len(call.inputs)
+    need[it] = lay
+    if iv is not None:
+        region_shape = torch.empty(call.shape(it), device="meta")[index].shape
+        v_shape = call.shape(iv)
+        dim = region.dim - (len(region_shape) - len(v_shape))
+        if dim >= 0 and v_shape[dim] == region.length:
+            need[iv] = region.moved(dim)
+    return Plan(need, None, rewrite=_with_index(new_index))
 
 
 def splitting(call: Call) -> Plan:
@@ -621,8 +654,6 @@ def _parallel_attention(
     cfg = call.cfg
     scale = bound.get("scale")
     names = _ATTENTION_PARAMS[call.name][0]
-    q_node, k_node, v_node = call.inputs[call.index_of(bound["query"]) or 0], None, None
-    del q_node, k_node, v_node
 
     def emit(graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         new = dict(zip(names, args))
@@ -700,6 +731,7 @@ RULES.update(
     squeeze=shuffle,
     t=shuffle,
     getitem=getitem,
+    setitem=setitem,
     split=splitting,
     split_with_sizes=splitting,
     chunk=splitting,
@@ -729,6 +761,7 @@ _OPERATORS: dict[Any, str] = {
     operator.neg: "neg",
     operator.matmul: "matmul",
     operator.getitem: "getitem",
+    operator.setitem: "setitem",
 }
 
 _NAMESPACES = (torch, torch.nn.functional, torch._C._nn, torch.Tensor, torch.special)
@@ -750,6 +783,21 @@ def op_name(node: fx.Node) -> str | None:
     name = getattr(target, "__name__", None)
     if name and any(getattr(ns, name, None) is target for ns in _NAMESPACES):
         return name
+    return None
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def mutated_input(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes (``x.add_(y)``, ``x += y``, ``x[i] = y``), or None."""
+    name = op_name(node)
+    in_place = node.target in _IN_PLACE_OPERATORS or (
+        name is not None and name.endswith("_") and not name.startswith("_")
+    )
+    target = node.args[0] if node.args else None
+    if in_place and isinstance(target, fx.Node) and isinstance(value_of(target), torch.Tensor):
+        return target
     return None
 
 

@@ -1,0 +1,526 @@
+"""Per-step latency of a whole DiT denoising step under sequence parallelism (no devices).
+
+``simulate_step(model, topology, height=, width=, frames=)`` costs one transformer forward
+(one denoising step, one sample) for every strategy and for ``auto``:
+
+    step = sum over blocks of
+             self-attention      sf_attn.simulate(strategy, ...) with the block's shape
+           + split compute       GEMMs, norms, modulation of this rank's tokens (1/P of them)
+           + replicated compute  the text tokens every rank repeats (they are not sharded)
+           + cross-attention     local: this rank's queries x the replicated text (Wan)
+
+The self-attention term is the simulator's (:mod:`sf_attn.simulate`: the strategy's own code
+on meta tensors, links, overlap). The rest is Note [Step cost]. Every strategy shards the
+tokens the same way, so only the attention term differs between strategies; that is why
+``auto`` plans each distinct attention layer with :func:`sf_attn.planner.plan_for` alone.
+
+Note [Step cost]: a GEMM of ``m`` tokens through ``w`` weights takes
+``2 m w / (device_flops * gemm_eff * m / (m + gemm_half))`` (``gemm_eff``: the MFU of compiled
+projections/MLPs relative to ``Topology.device_flops``, the rate attention blocks get in the
+simulator; ``gemm_half``: rows at which a GEMM runs at half its large-``m`` rate). Everything
+elementwise (norms, adaLN modulation, gates, residuals, RoPE, the MLP activation) is memory
+bound: ``(hidden_passes * hidden + ffn_passes * ffn) * itemsize`` bytes per token per block
+at the device's memory bandwidth. ``block_overhead`` is a fixed time per block (kernel
+launches and gaps that compilation does not remove). The calibration that set these is in
+docs/simulator.md (:func:`xdit_flux_calibration`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from sf_comm import Topology
+
+from .models_table import DiTConfig, get_model
+from .simulate import CostModel, simulate
+
+STRATEGIES = ("usp", "ulysses", "ring", "tas", "torus")  # table order: the baseline first
+
+# Achievable device-memory bandwidth of an elementwise kernel, bytes/s, ~80 % of the HBM
+# peak (A100 80GB 2.04 TB/s, H100 SXM 3.35 TB/s, H200 4.8 TB/s). Topologies not listed
+# (custom ones) use CostModel.mem_bw.
+_MEM_BW = {"p4de": 1.6e12, "h100-ib": 2.6e12, "h200-ib": 3.8e12}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StepCost:
+    """Constants of Note [Step cost]; ``attention`` is the simulator's cost model."""
+
+    gemm_eff: float = 0.9  # fitted (docs/simulator.md)
+    gemm_half: int = 64
+    hidden_passes: float = 12.0
+    ffn_passes: float = 2.0
+    block_overhead: float = 20e-6  # fitted
+    mem_bw: float | None = None  # None: the preset's (_MEM_BW) or attention.mem_bw
+    attention: CostModel = dataclasses.field(default_factory=CostModel)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gemm_eff <= 1:
+            raise ValueError(f"StepCost.gemm_eff must be in (0, 1], got {self.gemm_eff!r}")
+        for name in ("gemm_half", "hidden_passes", "ffn_passes", "block_overhead"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"StepCost.{name} must be >= 0, got {value!r}")
+        if self.mem_bw is not None and not self.mem_bw > 0:
+            raise ValueError(f"StepCost.mem_bw must be > 0 or None, got {self.mem_bw!r}")
+
+    def memory_bw(self, topology: Topology) -> float:
+        if self.mem_bw is not None:
+            return self.mem_bw
+        return _MEM_BW.get(topology.name, self.attention.mem_bw)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StrategyStep:
+    """One strategy's step. ``latency_s`` is the sum of the four terms (Note [Step cost]).
+
+    Attributes:
+        strategy: the name asked for ("auto" included); ``chosen``: what ran ("auto" -> the
+            planner's pick).
+        degrees: (Ulysses, Ring) degrees of the self-attention.
+        latency_s: the step, seconds.
+        attention_s: all self-attention layers (communication included, as simulated).
+        compute_s: projections, MLPs, elementwise work and block overheads of this rank's
+            image/video tokens (what SP splits).
+        replicated_s: work on the text tokens that every rank repeats.
+        cross_attention_s: local cross-attention to the text (0 for joint-text models).
+        attention_layer_s: one self-attention layer.
+        uneven_heads: the heads do not divide evenly over the Ulysses degree (the executor
+            runs it, rank 0 gets the larger head group).
+    """
+
+    strategy: str
+    chosen: str
+    degrees: tuple[int, int]
+    latency_s: float
+    attention_s: float
+    compute_s: float
+    replicated_s: float
+    cross_attention_s: float
+    attention_layer_s: float
+    uneven_heads: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepResult:
+    """Every strategy's step on one topology, and the lower bound.
+
+    Attributes:
+        model, topology, height, width, frames: what was simulated.
+        tokens: image/video tokens; ``text_len``: text tokens.
+        strategies: name -> :class:`StrategyStep`, or None where the strategy cannot split
+            the heads on this topology (``unavailable`` holds the reason).
+        bound_s: ``max(compute_bound_s, comm_bound_s)`` (see :func:`simulate_step`).
+    """
+
+    model: str
+    topology: Topology
+    height: int
+    width: int
+    frames: int
+    tokens: int
+    text_len: int
+    strategies: dict[str, StrategyStep | None]
+    unavailable: dict[str, str]
+    bound_s: float
+    compute_bound_s: float
+    comm_bound_s: float
+
+    def speedup_over_usp(self, name: str) -> float | None:
+        usp, mine = self.strategies.get("usp"), self.strategies.get(name)
+        if usp is None or mine is None:
+            return None
+        return usp.latency_s / mine.latency_s
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"strategies": {name: {"latency_s", "degrees", ...} or null}, "bound_s", ...}``."""
+        out: dict[str, Any] = {}
+        for name, s in self.strategies.items():
+            if s is None:
+                out[name] = None
+                continue
+            out[name] = {
+                "latency_s": s.latency_s,
+                "degrees": list(s.degrees),
+                "chosen": s.chosen,
+                "speedup_over_usp": self.speedup_over_usp(name),
+                "attention_s": s.attention_s,
+                "compute_s": s.compute_s,
+                "replicated_s": s.replicated_s,
+                "cross_attention_s": s.cross_attention_s,
+                "uneven_heads": s.uneven_heads,
+            }
+        return {
+            "model": self.model,
+            "topology": {
+                "preset": self.topology.name,
+                "machines": self.topology.machines,
+                "gpus_per_machine": self.topology.gpus_per_machine,
+            },
+            "height": self.height,
+            "width": self.width,
+            "frames": self.frames,
+            "tokens": self.tokens,
+            "text_len": self.text_len,
+            "strategies": out,
+            "unavailable": dict(self.unavailable),
+            "bound_s": self.bound_s,
+            "compute_bound_s": self.compute_bound_s,
+            "comm_bound_s": self.comm_bound_s,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Work:
+    """The step's shapes on one topology (rank 0 holds the largest shard)."""
+
+    cfg: DiTConfig
+    topology: Topology
+    batch: int
+    itemsize: int
+    dtype: torch.dtype
+    seq_len: int  # tokens in the sharded sequence
+    attn_text: int  # replicated joint text in the self-attention
+    local_tokens: int  # this rank's share of seq_len
+    local_text: int  # text tokens this rank computes the text weights on
+    cross_text: int  # text tokens of the cross-attention
+    text_sharded: bool
+
+
+def _make_work(cfg: DiTConfig, topology: Topology, tokens: int, *, text: str, batch: int,
+               dtype: torch.dtype) -> _Work:
+    if text not in ("replicated", "sharded"):
+        raise ValueError(f"text must be 'replicated' or 'sharded', got {text!r}")
+    world = topology.world_size
+    sharded = text == "sharded" and cfg.text_mode == "joint"
+    seq_len = tokens + (cfg.text_len if sharded else 0)
+    return _Work(
+        cfg=cfg,
+        topology=topology,
+        batch=batch,
+        itemsize=torch.empty((), dtype=dtype).element_size(),
+        dtype=dtype,
+        seq_len=seq_len,
+        attn_text=0 if sharded else cfg.joint_text_len,
+        local_tokens=-(-seq_len // world),
+        local_text=0 if sharded else cfg.text_len,
+        cross_text=cfg.text_len if cfg.text_mode == "cross" else 0,
+        text_sharded=sharded,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _attention_layer(strategy: str, topology: Topology, seq_len: int, heads: int, head_dim: int,
+                     dtype: torch.dtype, batch: int, text_len: int, one_sided: bool,
+                     degree: int | None, cost: CostModel) -> tuple[float, tuple[int, int]]:
+    r = simulate(strategy, topology, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=dtype,
+                 batch=batch, text_len=text_len, one_sided=one_sided, ulysses_degree=degree,
+                 cost=cost)
+    return r.latency_s, r.degrees
+
+
+def _tile(n: int, half: float) -> float:
+    return n / (n + half) if n > 0 else 1.0
+
+
+def _gemm_s(tokens: int, weights: int, w: _Work, cost: StepCost) -> float:
+    if tokens == 0 or weights == 0:
+        return 0.0
+    rate = w.topology.device_flops * cost.gemm_eff * _tile(tokens, cost.gemm_half)
+    return 2.0 * w.batch * tokens * weights / rate
+
+
+def _elementwise_s(tokens: int, w: _Work, cost: StepCost) -> float:
+    per_token = (cost.hidden_passes * w.cfg.hidden + cost.ffn_passes * w.cfg.ffn) * w.itemsize
+    return w.batch * tokens * per_token / cost.memory_bw(w.topology)
+
+
+def _cross_s(w: _Work, cost: StepCost) -> float:
+    if w.cross_text == 0:
+        return 0.0
+    c = cost.attention
+    flops = 4.0 * w.batch * w.local_tokens * w.cross_text * w.cfg.hidden
+    eff = _tile(w.local_tokens, c.block_half) * _tile(w.cross_text, c.block_half)
+    return c.attn_overhead + flops / (w.topology.device_flops * eff)
+
+
+def _strategy_step(name: str, w: _Work, *, chosen: str, degree: int | None, one_sided: bool,
+                   cost: StepCost) -> StrategyStep:
+    cfg = w.cfg
+    layer_s, degrees = _attention_layer(chosen, w.topology, w.seq_len, cfg.heads, cfg.head_dim,
+                                        w.dtype, w.batch, w.attn_text, one_sided, degree,
+                                        cost.attention)
+    # rank 0 holds the largest shard; with sharded text, ~text/P of it are text tokens
+    text_share = -(-cfg.text_len // w.topology.world_size) if w.text_sharded else 0
+    image_local = w.local_tokens - text_share
+    attention = compute = replicated = cross = 0.0
+    for block in cfg.blocks:
+        if block.self_attention:
+            attention += block.count * layer_s
+        compute += block.count * (
+            _gemm_s(image_local, block.image_weights, w, cost)
+            + _gemm_s(text_share, block.text_weights, w, cost)
+            + _elementwise_s(w.local_tokens, w, cost)
+            + cost.block_overhead
+        )
+        text_elem = _elementwise_s(w.local_text, w, cost) if cfg.text_mode == "joint" else 0.0
+        replicated += block.count * (_gemm_s(w.local_text, block.text_weights, w, cost) + text_elem)
+        if block.cross_attention:
+            cross += block.count * _cross_s(w, cost)
+    return StrategyStep(
+        strategy=name,
+        chosen=chosen,
+        degrees=degrees,
+        latency_s=attention + compute + replicated + cross,
+        attention_s=attention,
+        compute_s=compute,
+        replicated_s=replicated,
+        cross_attention_s=cross,
+        attention_layer_s=layer_s,
+        uneven_heads=cfg.heads % degrees[0] != 0,
+    )
+
+
+def _bounds(w: _Work, cost: StepCost) -> tuple[float, float]:
+    """(compute / P, unavoidable communication): see :func:`simulate_step`."""
+    cfg, topo = w.cfg, w.topology
+    world, gpus = topo.world_size, topo.gpus_per_machine
+    n_img = w.seq_len - (cfg.text_len if w.text_sharded else 0)
+    text = cfg.text_len
+    seq = w.seq_len + w.attn_text  # every token of the self-attention
+    mem_bw = cost.memory_bw(topo)
+    compute = comm = 0.0
+    for block in cfg.blocks:
+        flops = 2.0 * w.batch * (n_img * block.image_weights + text * block.text_weights)
+        one = flops / (topo.device_flops * cost.gemm_eff)
+        elem_tokens = n_img + (text if cfg.text_mode == "joint" else 0)
+        one += w.batch * elem_tokens * (cost.hidden_passes * cfg.hidden + cost.ffn_passes * cfg.ffn) * w.itemsize / mem_bw
+        if block.self_attention:
+            one += 4.0 * w.batch * seq * seq * cfg.hidden / topo.device_flops
+            # head scatter over all ranks: 3/4 of the bytes are q, k, v out, 1/4 the output back
+            local_bytes = 4.0 * w.batch * (w.seq_len / world) * cfg.hidden * w.itemsize
+            inter = local_bytes * (world - gpus) / world / (topo.inter_bw / topo.gpus_per_nic)
+            intra = local_bytes * (gpus - 1) / world / topo.intra_bw
+            comm += block.count * max(inter, intra)
+        if block.cross_attention:
+            one += 4.0 * w.batch * n_img * w.cross_text * cfg.hidden / topo.device_flops
+        compute += block.count * one
+    return compute / world, comm
+
+
+def simulate_step(
+    model: str | DiTConfig,
+    topology: Topology,
+    *,
+    height: int,
+    width: int,
+    frames: int = 1,
+    strategy: str | Sequence[str] | None = None,
+    one_sided: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    batch: int = 1,
+    text: Literal["replicated", "sharded"] = "replicated",
+    cost: StepCost | None = None,
+) -> StepResult:
+    """Per-step latency of ``model`` at ``height`` x ``width`` (x ``frames``) on ``topology``.
+
+    Args:
+        model: a :mod:`sf_attn.models_table` name ("flux", "sd3", "cogvideox",
+            "hunyuanvideo", "wan") or a :class:`DiTConfig`.
+        topology: e.g. ``Topology.preset("p4de", machines=4)``.
+        height, width, frames: the output size in pixels (frames: 1 for image models).
+        strategy: one name, several, or None for all of ``STRATEGIES`` plus "auto".
+        one_sided: cost the transfers as one-sided puts (False: two-sided send/recv).
+        dtype, batch: activations' dtype and the samples per step.
+        text: "replicated" (StreamFusion: the joint text tokens are on every rank and every
+            rank computes them) or "sharded" (xDiT's Flux: the text joins the sharded
+            sequence; used for calibration against xDiT).
+        cost: Note [Step cost] constants (default: the calibrated :class:`StepCost`).
+
+    Returns:
+        A :class:`StepResult`. ``bound_s = max(compute_bound_s, comm_bound_s)``:
+
+        - ``compute_bound_s``: the whole step's compute on one device (attention FLOPs at
+          ``device_flops`` with no small-block loss, GEMMs at ``device_flops * gemm_eff``,
+          elementwise bytes at full memory bandwidth, no per-kernel overheads; text tokens
+          counted once) divided by P.
+        - ``comm_bound_s`` (the unavoidable communication): per self-attention layer, the
+          bytes of a head scatter over all P ranks (each rank sends (P-1)/P of its q, k, v and
+          of the output rows it computed for others: ``4 (P-1)/P * N/P * hidden`` elements),
+          of which the share addressed to other machines crosses the NICs at
+          ``inter_bw / gpus_per_nic`` per GPU and the rest NVLink at ``intra_bw``; the slower
+          of the two, with no latency, no handshakes and perfect overlap. No strategy here
+          moves fewer inter-machine bytes (Ring/USP move more once there are more than two
+          machines; TAS/Torus move the same), and with two machines it equals the pairwise
+          minimum (every cross-machine query/key pair needs k, v or q, o to cross).
+
+    Raises:
+        ValueError: unknown model or strategy, or a size/frame count the model cannot make.
+    """
+    from .planner import plan_for
+
+    cfg = get_model(model) if isinstance(model, str) else model
+    cost = cost or StepCost()
+    tokens = cfg.tokens(height, width, frames)
+    if strategy is None:
+        names: list[str] = [*STRATEGIES, "auto"]
+    elif isinstance(strategy, str):
+        names = [strategy]
+    else:
+        names = list(strategy)
+    w = _make_work(cfg, topology, tokens, text=text, batch=batch, dtype=dtype)
+    results: dict[str, StrategyStep | None] = {}
+    unavailable: dict[str, str] = {}
+    for name in names:
+        if name == "auto":
+            plan = plan_for(topology, seq_len=w.seq_len, heads=cfg.heads, head_dim=cfg.head_dim,
+                            dtype=dtype, batch=batch, text_len=w.attn_text, one_sided=one_sided)
+            results[name] = _strategy_step(name, w, chosen=plan.strategy,
+                                           degree=plan.ulysses_degree, one_sided=one_sided,
+                                           cost=cost)
+            continue
+        try:
+            results[name] = _strategy_step(name, w, chosen=name, degree=None,
+                                           one_sided=one_sided, cost=cost)
+        except ValueError as err:
+            if "unknown strategy" in str(err):
+                raise
+            results[name] = None
+            unavailable[name] = str(err)
+    compute_bound, comm_bound = _bounds(w, cost)
+    return StepResult(
+        model=cfg.name,
+        topology=topology,
+        height=height,
+        width=width,
+        frames=frames,
+        tokens=tokens,
+        text_len=cfg.text_len,
+        strategies=results,
+        unavailable=unavailable,
+        bound_s=max(compute_bound, comm_bound),
+        compute_bound_s=compute_bound,
+        comm_bound_s=comm_bound,
+    )
+
+
+def step_latency(
+    model: str | DiTConfig,
+    topology: Topology,
+    *,
+    height: int,
+    width: int,
+    frames: int = 1,
+    strategy: str,
+    ulysses_degree: int | None = None,
+    one_sided: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    batch: int = 1,
+    text: Literal["replicated", "sharded"] = "replicated",
+    cost: StepCost | None = None,
+) -> StrategyStep:
+    """One strategy's step at a given Ulysses degree (``simulate_step`` uses the defaults).
+
+    Raises:
+        ValueError: as :func:`sf_attn.simulate` (degree or heads the strategy cannot split).
+    """
+    cfg = get_model(model) if isinstance(model, str) else model
+    w = _make_work(cfg, topology, cfg.tokens(height, width, frames), text=text, batch=batch,
+                   dtype=dtype)
+    return _strategy_step(strategy, w, chosen=strategy, degree=ulysses_degree,
+                          one_sided=one_sided, cost=cost or StepCost())
+
+
+# -- calibration -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CalibrationRow:
+    """One published configuration and the simulator's prediction of it."""
+
+    label: str
+    gpus: int
+    strategy: str
+    ulysses_degree: int
+    published_s: float
+    predicted_s: float
+    fitted: bool  # used to set the constants (False: held out, a check)
+
+    @property
+    def error(self) -> float:
+        return self.predicted_s / self.published_s - 1.0
+
+
+# xDiT docs/performance/flux.md: FLUX.1-dev, 1024x1024 px, 28 steps, bf16, torch.compile,
+# end-to-end seconds on 4x H100 (one machine, NVLink).
+XDIT_FLUX_H100: tuple[tuple[str, int, str, int, float, bool], ...] = (
+    ("1 GPU", 1, "ulysses", 1, 4.30, True),
+    ("Ulysses-4", 4, "ulysses", 4, 1.63, True),
+    ("Ring-4", 4, "ring", 1, 1.98, True),
+    ("Ulysses-2 x Ring-2", 4, "usp", 2, 1.80, True),
+    ("Ulysses-2", 2, "ulysses", 2, 2.68, False),
+    ("Ring-2", 2, "ring", 1, 2.60, False),
+)
+XDIT_STEPS = 28
+# Outside the 28 transformer calls: T5-XXL + CLIP text encoding, VAE decode of a 1024 px
+# image, scheduler and launch: an estimate, not fitted (it is the same for every row).
+XDIT_PIPELINE_OVERHEAD_S = 0.12
+# Fitted (with StepCost.gemm_eff, block_overhead and CostModel.handshake) to the four rows
+# marked fitted above; see docs/simulator.md.
+XDIT_BLOCK_OVERHEAD_S = 50e-6  # per attention block (CostModel.attn_overhead)
+XDIT_MERGE_OVERHEAD_S = 40e-6  # per merge (CostModel.merge_overhead)
+XDIT_MERGE_BW = 1.0e12  # bytes/s of the unfused float32 merge (CostModel.mem_bw)
+
+
+def xdit_cost() -> StepCost:
+    """:class:`StepCost` for xDiT's implementation: the defaults plus its ring loop's overheads.
+
+    xDiT's ring attention (yunchang) runs each ring step from Python: a flash-attention call
+    with its own log-sum-exp bookkeeping, then an unfused float32 merge (several elementwise
+    kernels where StreamFusion's merge is one). Those per-block and per-merge costs were
+    fitted to the published numbers (Note [Step cost], docs/simulator.md); everything else is
+    the default (shared) constants.
+    """
+    base = StepCost()
+    xdit_attention = dataclasses.replace(
+        base.attention,
+        attn_overhead=XDIT_BLOCK_OVERHEAD_S,
+        merge_overhead=XDIT_MERGE_OVERHEAD_S,
+        mem_bw=XDIT_MERGE_BW,
+    )
+    return dataclasses.replace(base, attention=xdit_attention)
+
+
+def xdit_flux_calibration(cost: StepCost | None = None) -> list[CalibrationRow]:
+    """Predicted vs published end-to-end FLUX.1-dev latency on H100s (xDiT, see docs).
+
+    Each prediction is ``XDIT_STEPS * step + XDIT_PIPELINE_OVERHEAD_S`` with the step on
+    ``Topology.preset("h100-ib")`` cut to one machine of ``gpus`` GPUs, text sharded (as
+    xDiT does for Flux), two-sided transfers (NCCL).
+    """
+    cost = cost or xdit_cost()
+    rows = []
+    for label, gpus, strategy, degree, published, fitted in XDIT_FLUX_H100:
+        topo = Topology.preset("h100-ib", 1).replace(gpus_per_machine=gpus)
+        step = step_latency("flux", topo, height=1024, width=1024, strategy=strategy,
+                            ulysses_degree=degree, one_sided=False, text="sharded", cost=cost)
+        predicted = XDIT_STEPS * step.latency_s + XDIT_PIPELINE_OVERHEAD_S
+        rows.append(CalibrationRow(label, gpus, strategy, degree, published, predicted, fitted))
+    return rows
+
+
+__all__ = [
+    "STRATEGIES",
+    "XDIT_FLUX_H100",
+    "CalibrationRow",
+    "StepCost",
+    "StepResult",
+    "StrategyStep",
+    "simulate_step",
+    "step_latency",
+    "xdit_flux_calibration",
+]

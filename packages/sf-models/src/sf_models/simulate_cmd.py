@@ -1,0 +1,237 @@
+"""``streamfusion simulate``: per-step latency of a whole DiT step for every strategy.
+
+Costs one denoising step of a real model's architecture (:mod:`sf_attn.models_table`) on a
+topology preset with :func:`sf_attn.step.simulate_step` (no devices needed) and prints, per
+strategy and for ``auto``, the step latency, the speedup over USP, and the lower bound
+``max(compute/P, unavoidable comm)``. ``--json`` prints the same as JSON, ``--plot`` draws
+latency against the number of machines (1..8). ``--calibration`` prints the simulator's
+prediction of xDiT's published FLUX.1-dev numbers next to them (docs/simulator.md).
+
+Wired into the ``streamfusion`` command by :func:`add_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+# Native size of each model when --height/--width/--frames are not given.
+_DEFAULT_SIZE = {
+    "flux": (1024, 1024, 1),
+    "sd3": (1024, 1024, 1),
+    "cogvideox": (480, 720, 49),
+    "hunyuanvideo": (720, 1280, 129),
+    "wan": (720, 1280, 81),
+}
+_HARDWARE = ("p4de", "h100-ib", "h200-ib")
+PLOT_MACHINES = range(1, 9)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``simulate`` on the ``streamfusion`` sub-command parsers; returns its parser.
+
+    The handler is set with ``set_defaults(fn=run)``: ``args.fn(args)`` returns the exit code.
+    """
+    from sf_attn.models_table import MODELS
+
+    p = subparsers.add_parser(
+        "simulate",
+        help="per-step latency of a DiT step for every strategy on a topology preset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=sorted(MODELS), default="flux")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native)")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--frames", type=int, default=None, help="video frames (video models)")
+    frames.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="video length; frames = seconds * model fps + 1 (CogVideoX: 8 fps)",
+    )
+    p.add_argument("--hardware", choices=_HARDWARE, default="p4de", help="topology preset")
+    p.add_argument("--machines", type=int, default=1)
+    p.add_argument(
+        "--gpus-per-machine",
+        type=int,
+        default=None,
+        help="use fewer GPUs per machine than the preset's 8 (e.g. 4 for 4x H100)",
+    )
+    p.add_argument("--two-sided", action="store_true", help="cost two-sided send/recv transfers")
+    p.add_argument("--steps", type=int, default=None, help="also print the total for N steps")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="latency vs machines 1..8")
+    p.add_argument(
+        "--calibration",
+        action="store_true",
+        help="print predicted vs published xDiT FLUX.1-dev numbers on 4x H100 and exit",
+    )
+    p.set_defaults(fn=run)
+    return p
+
+
+def _size(args: argparse.Namespace) -> tuple[int, int, int]:
+    from sf_attn.models_table import get_model
+
+    cfg = get_model(args.model)
+    height, width, frames = _DEFAULT_SIZE[args.model]
+    height = args.height or height
+    width = args.width or width
+    if args.seconds is not None:
+        frames = cfg.frames_for(args.seconds)
+    elif args.frames is not None:
+        frames = args.frames
+    elif not cfg.is_video:
+        frames = 1
+    return height, width, frames
+
+
+def _topology(args: argparse.Namespace, machines: int | None = None) -> Any:
+    from sf_comm import Topology
+
+    topo = Topology.preset(args.hardware, machines=machines or args.machines)
+    if args.gpus_per_machine:
+        topo = topo.replace(gpus_per_machine=args.gpus_per_machine)
+    return topo
+
+
+def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> str:
+    """The ``streamfusion simulate`` table for a :class:`sf_attn.step.StepResult`."""
+    from sf_attn.models_table import get_model
+
+    cfg = get_model(result.model)
+    topo = result.topology
+    size = f"{result.height}x{result.width} px"
+    if cfg.is_video:
+        size += f", {result.frames} frames ({(result.frames - 1) / cfg.fps:g} s at {cfg.fps} fps)"
+    lines = [
+        f"{cfg.name} ({cfg.hf_repo}): {size} -> {result.tokens} tokens + {cfg.text_len} text "
+        f"({cfg.text_mode}); {cfg.layers} blocks, {cfg.heads} heads x {cfg.head_dim}",
+        f"{topo.name}: {topo.machines} machine(s) x {topo.gpus_per_machine} GPUs = "
+        f"{topo.world_size} ranks, {'one' if one_sided else 'two'}-sided transfers",
+    ]
+    head = (
+        f"{'strategy':<15} {'P_u x P_r':>9} {'ms/step':>10} {'vs usp':>7} "
+        f"{'attn ms':>9} {'other ms':>9}"
+    )
+    if steps:
+        head += f" {f'{steps} steps s':>12}"
+    lines += [head, "-" * len(head)]
+    for name, s in result.strategies.items():
+        if s is None:
+            lines.append(f"{name:<15} {'n/a':>9} {'n/a':>10}   (cannot split {cfg.heads} heads here)")
+            continue
+        label = f"{name} ({s.chosen})" if name == "auto" else name
+        speed = result.speedup_over_usp(name)
+        other = s.latency_s - s.attention_s
+        row = (
+            f"{label:<15} {s.degrees[0]:>4} x {s.degrees[1]:<3} {s.latency_s * 1e3:10.1f} "
+            f"{(f'{speed:.2f}x' if speed else 'n/a'):>7} {s.attention_s * 1e3:9.1f} {other * 1e3:9.1f}"
+        )
+        if steps:
+            row += f" {steps * s.latency_s:12.2f}"
+        if s.uneven_heads:
+            row += "  * uneven head groups"
+        lines.append(row)
+    lines.append(
+        f"{'lower bound':<15} {'':>9} {result.bound_s * 1e3:10.1f}          "
+        f"= max(compute/P {result.compute_bound_s * 1e3:.1f}, "
+        f"unavoidable comm {result.comm_bound_s * 1e3:.1f})"
+    )
+    return "\n".join(lines)
+
+
+def format_calibration(rows: Any) -> str:
+    from sf_attn.step import XDIT_PIPELINE_OVERHEAD_S, XDIT_STEPS
+
+    lines = [
+        f"FLUX.1-dev 1024x1024, {XDIT_STEPS} steps, 4x H100 (h100-ib preset, one machine), "
+        f"two-sided, text sharded as in xDiT; predicted = {XDIT_STEPS} x step + "
+        f"{XDIT_PIPELINE_OVERHEAD_S:g} s outside the transformer",
+        f"{'configuration':<20} {'GPUs':>4} {'published s':>12} {'predicted s':>12} "
+        f"{'error':>7}  used for",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.label:<20} {r.gpus:>4} {r.published_s:12.2f} {r.predicted_s:12.2f} "
+            f"{r.error * 100:+6.1f}%  {'fit' if r.fitted else 'check (held out)'}"
+        )
+    return "\n".join(lines)
+
+
+def plot(args: argparse.Namespace, path: str) -> None:
+    """Step latency vs machines (1..8) for every strategy, auto and the bound, to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sf_attn.step import simulate_step
+
+    height, width, frames = _size(args)
+    machines = list(PLOT_MACHINES)
+    series: dict[str, list[float | None]] = {}
+    bound: list[float] = []
+    for m in machines:
+        res = simulate_step(args.model, _topology(args, m), height=height, width=width,
+                            frames=frames, one_sided=not args.two_sided)
+        for name, s in res.strategies.items():
+            series.setdefault(name, []).append(None if s is None else s.latency_s * 1e3)
+        bound.append(res.bound_s * 1e3)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in series.items():
+        xs = [m for m, v in zip(machines, values) if v is not None]
+        ys = [v for v in values if v is not None]
+        style = {"linewidth": 2.5, "color": "black"} if name == "auto" else {}
+        ax.plot(xs, ys, marker="o", label=name, **style)
+    ax.plot(machines, bound, linestyle="--", color="gray", label="lower bound")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"machines ({args.hardware}, {_topology(args, 1).gpus_per_machine} GPUs each)")
+    ax.set_ylabel("ms per denoising step")
+    what = f"{args.model} {height}x{width}" + (f"x{frames}f" if frames > 1 else "")
+    ax.set_title(f"{what}: simulated step latency ({'two' if args.two_sided else 'one'}-sided)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``streamfusion simulate`` handler; returns the exit code."""
+    from sf_attn.step import simulate_step, xdit_flux_calibration
+
+    if args.calibration:
+        print(format_calibration(xdit_flux_calibration()))
+        return 0
+    if args.machines < 1:
+        raise SystemExit(f"streamfusion simulate: --machines must be >= 1, got {args.machines}")
+    height, width, frames = _size(args)
+    try:
+        result = simulate_step(args.model, _topology(args), height=height, width=width,
+                               frames=frames, one_sided=not args.two_sided)
+    except ValueError as err:
+        raise SystemExit(f"streamfusion simulate: {err}") from None
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(format_table(result, one_sided=not args.two_sided, steps=args.steps))
+    if args.plot:
+        plot(args, args.plot)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``simulate`` on its own (``python -m sf_models.simulate_cmd ...``)."""
+    parser = argparse.ArgumentParser(prog="streamfusion")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["simulate", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Tier 2: ``sf_models.parallelize`` on a tiny diffusers ``HunyuanVideoTransformer3DModel``.
+
+Every rank builds the same random-weight model and inputs from fixed seeds, runs the
+parallelized model on the full inputs and compares its (full) output with the original model
+run in one process (tolerance: see ``tests/models/_common.py``). The config has one dual- and
+one single-stream block, a token refiner layer and guidance embedding; the prompt mask leaves
+a different number of valid text tokens per batch entry. A second config is image-to-video
+with ``image_condition_type="token_replace"`` (first-frame tokens modulated separately).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+
+from ._common import (
+    STRATEGIES,
+    WORLDS,
+    assert_matches,
+    assert_work_split,
+    compare,
+    count_pairs,
+    shard_lengths,
+)
+
+BATCH, CHANNELS, TEXT, TEXT_DIM = 2, 4, 7, 16
+VALID_TEXT = (5, 3)  # valid prompt tokens per batch entry (the rest is padding)
+FRAMES, HEIGHT, WIDTH, PATCH = 3, 6, 10, 2  # 3 x 3 x 5 = 45 video tokens: uneven over 2 and 4
+TOKENS = FRAMES * (HEIGHT // PATCH) * (WIDTH // PATCH)
+HEADS, HEAD_DIM = 4, 8
+LAYERS = 2  # one dual-stream + one single-stream block, one joint attention each
+
+
+def make_model(condition: str | None = None) -> Any:
+    torch.manual_seed(0)  # same weights on every rank
+    model: Any = HunyuanVideoTransformer3DModel(
+        in_channels=CHANNELS,
+        out_channels=CHANNELS,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=PATCH,
+        patch_size_t=1,
+        text_embed_dim=TEXT_DIM,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),  # sums to attention_head_dim
+        image_condition_type=condition,
+    )
+    return model.eval()
+
+
+def make_inputs(condition: str | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(BATCH, TEXT, dtype=torch.long)
+    for b, valid in enumerate(VALID_TEXT):
+        mask[b, :valid] = 1
+    return dict(
+        hidden_states=torch.randn(BATCH, CHANNELS, FRAMES, HEIGHT, WIDTH, generator=g),
+        timestep=torch.randint(0, 1000, (BATCH,), generator=g),
+        encoder_hidden_states=torch.randn(BATCH, TEXT, TEXT_DIM, generator=g),
+        encoder_attention_mask=mask,
+        pooled_projections=torch.randn(BATCH, 8, generator=g),
+        guidance=torch.full((BATCH,), 6000.0),
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("world", "topo"), WORLDS)
+def test_parallel_hunyuanvideo_matches_single_process(
+    ranks, world: int, topo: str, strategy: str
+) -> None:
+    """Catches a wrong split inside HunyuanVideo: RoPE rows not matching the rank's video
+    chunk, the prompt's padding keys attended (mask lost or misaligned with the text), the
+    single-stream block's text part sharded instead of replicated, the token refiner's
+    attention replaced, the uneven last chunk (45 tokens) dropped or duplicated, ``proj_out``
+    not gathered before the unpatchify, and the hooks or processors changing what the model
+    computes when called outside the wrapper.
+    """
+    results = ranks(world).run(
+        compare, strategy, make_model, make_inputs, topology=topo, transport="shm"
+    )
+    assert_matches(results)
+
+
+@pytest.mark.parametrize(("world", "topo"), WORLDS)
+def test_parallel_token_replace_matches_single_process(ranks, world: int, topo: str) -> None:
+    """Catches the first-frame token count (15 of 45 tokens) applied to every rank's local
+    prefix instead of to the global one: on 4 ranks rank 0 holds 12 of them and rank 1 the
+    other 3, so both the clamp and the offset are exercised.
+    """
+    results = ranks(world).run(
+        compare, "usp", make_model, make_inputs, "token_replace", topology=topo, transport="shm"
+    )
+    assert_matches(results)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_attention_work_is_split(ranks, strategy: str) -> None:
+    """Catches a parallelize that gives correct numbers without splitting the work: e.g. every
+    rank attending the full video sequence, or video queries computed twice across ranks.
+
+    Per block: (video + text) queries x (video + text) keys (padding keys are masked, not
+    skipped, as in the original); video-query pairs must be computed once in total and ~1/4
+    per rank. The refiner's text-only attention does not go through sf_attn.
+    """
+    assert TEXT not in shard_lengths(TOKENS)
+    seq = TOKENS + TEXT
+    full_video = LAYERS * BATCH * HEADS * TOKENS * seq
+    full_text = LAYERS * BATCH * HEADS * TEXT * seq
+    counts = ranks(4).run(
+        count_pairs, strategy, TEXT, make_model, make_inputs, topology="2x2", transport="shm"
+    )
+    assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=TOKENS)
