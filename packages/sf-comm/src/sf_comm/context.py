@@ -86,6 +86,12 @@ class Context:
         self._partitions[key] = group
         return group
 
+    def split(self, parts: int) -> tuple[Any, Group]:
+        """Split the job into ``parts`` (e.g. CFG branches); see :func:`sf_comm.split.split`."""
+        from .split import split
+
+        return split(self, parts)
+
     def group(self, axis: str = "world") -> Group:
         """The group of this rank along ``axis``: "world", "inter" or "intra"."""
         try:

@@ -564,6 +564,18 @@ def stack(call: Call) -> Plan:
     return Plan(need, first.moved(first.dim + (1 if dim <= first.dim else 0)))
 
 
+def like_first(call: Call) -> Plan:
+    """``x.type_as(other)``, ``x.to(other)``: elementwise in ``x``; ``other`` only lends its
+    dtype/device, so it is used in whatever layout it has."""
+    lay = call.layouts[0] if call.layouts else None
+    return Plan([lay, *call.layouts[1:]], lay if isinstance(lay, Shard) else None)
+
+
+def creation(call: Call) -> Plan:
+    """``x.new_zeros(sizes)`` and friends: ``x`` only lends dtype/device; sizes are full."""
+    return Plan(list(call.layouts), _full_out(value_of(call.node)))
+
+
 def size(call: Call) -> Plan:
     """``x.size()``/``x.shape``: sizes of the full tensor (constants in a static graph)."""
     return Plan(list(call.layouts), None)
@@ -684,7 +696,7 @@ _ELEMENTWISE = """
 add sub mul div true_divide floor_divide remainder pow neg exp expm1 log log1p log2 sqrt rsqrt
 sin cos tan tanh sigmoid relu relu6 gelu silu mish softplus leaky_relu elu selu hardswish
 hardsigmoid abs sign clamp clamp_min clamp_max clip where maximum minimum float half bfloat16
-double to type type_as contiguous clone detach dropout lerp addcmul addcdiv erf reciprocal
+double type contiguous clone detach dropout lerp addcmul addcdiv erf reciprocal
 square masked_fill nan_to_num _to_copy alias rsub add_ sub_ mul_ div_ logical_not eq ne lt gt
 le ge zeros_like ones_like empty_like full_like fill_ sigmoid_ relu_ silu_ gelu_ tanh_ pow_
 dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout atan atan2 cosh sinh asin
@@ -742,6 +754,13 @@ RULES.update(
     stack=stack,
     size=size,
     dim=size,
+    type_as=like_first,
+    to=like_first,
+    new_zeros=creation,
+    new_ones=creation,
+    new_empty=creation,
+    new_full=creation,
+    new_tensor=creation,
     scaled_dot_product_attention=attention,
     _scaled_dot_product_flash_attention_for_cpu=attention,
 )

@@ -208,6 +208,8 @@ def find_seeds(gm: fx.GraphModule, cfg: Config) -> dict[fx.Node, Shard]:
         ):
             stack.append((node.args[0], node.args[1], dim, length))
             continue
+        if index is None:
+            _seed_writers(node, dim, length, gm, cfg, stack)
         name, rule = _rule(node, gm)
         if rule is None or name in _ATTENTION:
             continue
@@ -215,6 +217,34 @@ def find_seeds(gm: fx.GraphModule, cfg: Config) -> dict[fx.Node, Shard]:
         if not pushed and name in _VIEWS and index is None:
             seeds.setdefault(node, Shard(dim, length))  # the reshape that forms the tokens
     return seeds
+
+
+def _seed_writers(
+    node: fx.Node,
+    dim: int,
+    length: int,
+    gm: fx.GraphModule,
+    cfg: Config,
+    stack: list[tuple[fx.Node, int | None, int, int]],
+) -> None:
+    """In-place writes into ``node`` (``out[..., ::2] = y``) also feed its tokens: follow
+    the written values back too (Note [In-place ops])."""
+    for user in node.users:
+        if mutated_input(user) is not node:
+            continue
+        name, rule = _rule(user, gm)
+        if rule is None:
+            continue
+        inputs = tensor_inputs(user)
+        layouts: list[Layout] = [None] * len(inputs)
+        layouts[inputs.index(node)] = Shard(dim, length)
+        try:
+            plan = rule(Call(user, name, inputs, layouts, cfg))
+        except Exception:
+            continue
+        for inp, need in zip(inputs, plan.need):
+            if isinstance(need, Shard) and inp is not node:
+                stack.append((inp, None, need.dim, need.length))
 
 
 def _seed_inputs(
