@@ -142,8 +142,9 @@ def test_each_strategy_on_each_topology(ranks, strategy: str, topo: str) -> None
 def _with_degree(ctx: sf_comm.Context, strategy: str, degree: int) -> float:
     (q, k, v), txt = _inputs(5, 1, 30, 8, 8, 3, torch.float32)
     shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
-    out, _ = sf_attn.parallel_attention(*shards, ctx=ctx, strategy=strategy, joint=tuple(txt),
-                                        ulysses_degree=degree)
+    out, _ = sf_attn.parallel_attention(
+        *shards, ctx=ctx, strategy=strategy, joint=tuple(txt), ulysses_degree=degree
+    )
     fq, fk, fv = (torch.cat([t, i], dim=1) for t, i in zip(txt, (q, k, v)))
     ref = sf_attn.shard(reference_attention(fq, fk, fv)[0][:, 3:], ctx)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
@@ -151,7 +152,9 @@ def _with_degree(ctx: sf_comm.Context, strategy: str, degree: int) -> float:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize(("strategy", "degree"), [("usp", 4), ("usp", 1), ("tas", 2), ("tas", 1), ("torus", 4)])
+@pytest.mark.parametrize(
+    ("strategy", "degree"), [("usp", 4), ("usp", 1), ("tas", 2), ("tas", 1), ("torus", 4)]
+)
 def test_every_degree(ranks, transport: str, strategy: str, degree: int) -> None:
     """Catches layouts whose member order differs from the process group's rank order.
 

@@ -232,14 +232,24 @@ def init(
     for i, candidate in enumerate(tries):
         try:
             made = make_transport(
-                candidate, rank=rank, world_size=world, timeout=timeout, device=device,
+                candidate,
+                rank=rank,
+                world_size=world,
+                timeout=timeout,
+                device=device,
                 **transport_options,
             )
             break
         except Exception as exc:  # auto: fall back to the next transport
             if i == len(tries) - 1:
                 raise
-            log.warning("rank %d: transport %s unavailable (%s); trying %s", rank, candidate, exc, tries[i + 1])
+            log.warning(
+                "rank %d: transport %s unavailable (%s); trying %s",
+                rank,
+                candidate,
+                exc,
+                tries[i + 1],
+            )
     assert made is not None
     log.debug("rank %d: topology %s, transport %s", rank, topo, made.name)
     return Context(topology=topo, mesh=mesh, transport=made, device=device)

@@ -51,7 +51,9 @@ def part_layout(topology: Topology, parts: int) -> tuple[list[tuple[int, ...]], 
             tuple(m * gpus + p * per + i for m in range(machines) for i in range(per))
             for p in range(parts)
         ]
-        return groups, topology.replace(gpus_per_machine=per, gpus_per_nic=min(topology.gpus_per_nic, per))
+        return groups, topology.replace(
+            gpus_per_machine=per, gpus_per_nic=min(topology.gpus_per_nic, per)
+        )
     raise ValueError(
         f"cannot split topology {topology} into {parts} parts: {parts} must divide the machines "
         f"({machines}) or the GPUs per machine ({gpus})"
@@ -70,15 +72,24 @@ class _MappedTransport(Transport):
         self.stats = parent.stats
 
     def _group(self, group: Group) -> Group:
-        return Group(group.name, tuple(self.ranks[r] for r in group.ranks), self.ranks[group.rank], group.pg)
-
-    def exchange(self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str) -> Handle[list[torch.Tensor]]:
-        g = self.ranks
-        return self.parent.exchange(
-            self._group(group), [(g[p], t) for p, t in sends], [(g[p], s, d) for p, s, d in recvs], op=op
+        return Group(
+            group.name, tuple(self.ranks[r] for r in group.ranks), self.ranks[group.rank], group.pg
         )
 
-    def all_to_all(self, group: Group, inputs: Sequence[torch.Tensor], out_shapes: Sequence[torch.Size]) -> Handle[list[torch.Tensor]]:
+    def exchange(
+        self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str
+    ) -> Handle[list[torch.Tensor]]:
+        g = self.ranks
+        return self.parent.exchange(
+            self._group(group),
+            [(g[p], t) for p, t in sends],
+            [(g[p], s, d) for p, s, d in recvs],
+            op=op,
+        )
+
+    def all_to_all(
+        self, group: Group, inputs: Sequence[torch.Tensor], out_shapes: Sequence[torch.Size]
+    ) -> Handle[list[torch.Tensor]]:
         return self.parent.all_to_all(self._group(group), inputs, out_shapes)
 
     def barrier(self, group: Group) -> None:

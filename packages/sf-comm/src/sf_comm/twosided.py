@@ -96,9 +96,13 @@ class TwoSidedTransport(Transport):
         item = inputs[me].element_size()
         # The library orders a group by global rank; a Group's member order may differ
         # (layouts number members by their Ulysses index), so permute into library order.
-        pg_ranks = dist.get_process_group_ranks(group.pg) if group.pg is not None else list(group.ranks)
+        pg_ranks = (
+            dist.get_process_group_ranks(group.pg) if group.pg is not None else list(group.ranks)
+        )
         if sorted(pg_ranks) != sorted(group.ranks):
-            raise CommError(f"rank {self.rank}: group {group.name} {group.ranks} does not match its process group {pg_ranks}")
+            raise CommError(
+                f"rank {self.rank}: group {group.name} {group.ranks} does not match its process group {pg_ranks}"
+            )
         order = [group.ranks.index(r) for r in pg_ranks]  # library position -> member index
         send = torch.cat([_as_bytes(inputs[i]) for i in order])
         send_splits = [inputs[i].numel() * item for i in order]

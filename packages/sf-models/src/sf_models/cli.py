@@ -64,7 +64,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import job
 
     world, topo = _world_and_topology(args)
-    strategies = ("ulysses", "ring", "usp", "tas") if args.strategy == "all" else (args.strategy,)
+    strategies = (
+        ("ulysses", "ring", "usp", "tas", "torus", "auto")
+        if args.strategy == "all"
+        else (args.strategy,)
+    )
     dtype = _DTYPES[args.dtype]
     print(
         f"streamfusion run: Flux-architecture DiT ({args.config or 'small config, random weights'}), "
@@ -82,6 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         text=args.text,
         steps=args.steps,
         dtype=dtype,
+        out=args.out,
     )
     name, p_u = report["plan"]
     print(

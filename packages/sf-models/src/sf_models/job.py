@@ -9,6 +9,8 @@ same noise; the final latents are compared.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from typing import Any
@@ -17,6 +19,7 @@ import torch
 
 import sf_comm
 from sf_comm.launch import RankPool
+from sf_comm.trace import WallTracer, timeline_png, tracing, write_chrome
 
 SMALL_FLUX = dict(
     patch_size=1,
@@ -67,18 +70,25 @@ def make_inputs(
 
 @torch.no_grad()
 def denoise(
-    model: Any, inputs: dict[str, torch.Tensor], steps: int
+    model: Any, inputs: dict[str, torch.Tensor], steps: int, tracer: Any = None
 ) -> tuple[torch.Tensor, list[float]]:
-    """Flow-matching Euler steps from t=1 to t=0; returns final latents and per-step seconds."""
+    """Flow-matching Euler steps from t=1 to t=0; returns final latents and per-step seconds.
+
+    With ``tracer``, the last step runs under it (a trace of one whole step).
+    """
     latents = inputs["hidden_states"]
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        velocity = model(
-            **{**inputs, "hidden_states": latents},
-            timestep=sigmas[i].expand(latents.shape[0]).to(latents.dtype),
-        ).sample
+        traced = (
+            tracing(tracer) if tracer is not None and i == steps - 1 else contextlib.nullcontext()
+        )
+        with traced:
+            velocity = model(
+                **{**inputs, "hidden_states": latents},
+                timestep=sigmas[i].expand(latents.shape[0]).to(latents.dtype),
+            ).sample
         latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
         times.append(time.perf_counter() - t0)
     return latents, times
@@ -100,18 +110,27 @@ def _rank_job(
 
     model = build_model(config, dtype)
     inputs = make_inputs(model, height, width, text, dtype)
-    heads = model.config.num_attention_heads
-    chosen = choose_strategy(ctx.topology, heads=heads, seq_len=inputs["hidden_states"].shape[1])
+    cfg = model.config
+    chosen = choose_strategy(
+        ctx.topology,
+        heads=cfg.num_attention_heads,
+        seq_len=inputs["hidden_states"].shape[1],
+        head_dim=cfg.attention_head_dim,
+        dtype=dtype,
+        one_sided=ctx.transport.one_sided,
+    )
     sp = parallelize(model, ctx=ctx, strategy=strategy)
     ctx.barrier()
     before = ctx.transport.stats.snapshot()
-    latents, times = denoise(sp, inputs, steps)
+    tracer = WallTracer()
+    latents, times = denoise(sp, inputs, steps, tracer=tracer)
     sent = ctx.transport.stats - before
     return {
         "latents": latents if ctx.rank == 0 else None,
         "step_s": times,
         "plan": chosen,
         "bytes_sent": sum(sent.bytes_sent.values()) / steps,
+        "trace": tracer.to_chrome(ctx.rank),
     }
 
 
@@ -127,8 +146,13 @@ def run(
     text: int,
     steps: int,
     dtype: torch.dtype,
+    out: str | None = None,
 ) -> dict[str, Any]:
-    """Single-process reference, then every strategy on ``world`` ranks; returns a report."""
+    """Single-process reference, then every strategy on ``world`` ranks; returns a report.
+
+    With ``out``, the last step of each strategy is traced on every rank and written as
+    ``out/trace-<strategy>.json`` (Chrome/Perfetto) and ``out/timeline-<strategy>.png``.
+    """
     model = build_model(config, dtype)
     inputs = make_inputs(model, height, width, text, dtype)
     reference, ref_times = denoise(model, inputs, steps)
@@ -164,4 +188,13 @@ def run(
                 "rel_err": err,
                 "bytes_sent_rank0_per_step": results[0]["bytes_sent"],
             }
+            if out:
+                os.makedirs(out, exist_ok=True)
+                traces = [r["trace"] for r in results]
+                write_chrome(os.path.join(out, f"trace-{strategy}.json"), traces)
+                timeline_png(
+                    os.path.join(out, f"timeline-{strategy}.png"),
+                    traces,
+                    title=f"{strategy}: last denoising step on {topology} ({transport})",
+                )
     return report
