@@ -38,6 +38,7 @@ def require(dist: str, minimum: str, *, by: str) -> None:
     Raises:
         ImportError: when ``dist`` is missing or older than ``minimum``.
     """
+    found: str | None
     try:
         found = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
