@@ -22,6 +22,7 @@ from .merge import merge_attention, merge_attention_  # noqa: E402
 from .planner import Plan, plan  # noqa: E402
 from .sharding import chunk_sizes, gather, shard  # noqa: E402
 from .simulate import CostModel, SimResult, simulate  # noqa: E402
+from .step import StepResult, simulate_step  # noqa: E402
 from .strategies import Strategy, get_strategy, register_strategy, strategy_names  # noqa: E402
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "Layout",
     "Plan",
     "SimResult",
+    "StepResult",
     "Strategy",
     "__version__",
     "attention_with_lse",
@@ -49,5 +51,6 @@ __all__ = [
     "register_strategy",
     "shard",
     "simulate",
+    "simulate_step",
     "strategy_names",
 ]

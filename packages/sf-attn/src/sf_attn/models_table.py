@@ -52,7 +52,9 @@ class BlockKind:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockKind.{field} must be a positive int, got {value!r}")
         if not isinstance(self.text_weights, int) or self.text_weights < 0:
-            raise ValueError(f"BlockKind.text_weights must be an int >= 0, got {self.text_weights!r}")
+            raise ValueError(
+                f"BlockKind.text_weights must be an int >= 0, got {self.text_weights!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,7 +97,9 @@ class DiTConfig:
                 f"equal hidden = {self.hidden}"
             )
         if self.text_mode not in ("joint", "cross"):
-            raise ValueError(f"DiTConfig.text_mode must be 'joint' or 'cross', got {self.text_mode!r}")
+            raise ValueError(
+                f"DiTConfig.text_mode must be 'joint' or 'cross', got {self.text_mode!r}"
+            )
 
     @property
     def layers(self) -> int:
@@ -123,7 +127,9 @@ class DiTConfig:
         """
         if not self.is_video:
             if frames != 1:
-                raise ValueError(f"model {self.name!r} makes images: frames must be 1, got {frames}")
+                raise ValueError(
+                    f"model {self.name!r} makes images: frames must be 1, got {frames}"
+                )
             return 1
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")

@@ -12,7 +12,8 @@
 The self-attention term is the simulator's (:mod:`sf_attn.simulate`: the strategy's own code
 on meta tensors, links, overlap). The rest is Note [Step cost]. Every strategy shards the
 tokens the same way, so only the attention term differs between strategies; that is why
-``auto`` plans each distinct attention layer with :func:`sf_attn.planner.plan_for` alone.
+``auto`` plans the attention layer alone with :func:`sf_attn.planner.plan_for` (per layer:
+every self-attention block of these models has the same shape, so one plan covers them).
 
 Note [Step cost]: a GEMM of ``m`` tokens through ``w`` weights takes
 ``2 m w / (device_flops * gemm_eff * m / (m + gemm_half))`` (``gemm_eff``: the MFU of compiled
@@ -38,6 +39,7 @@ from sf_comm import Topology
 
 from .models_table import DiTConfig, get_model
 from .simulate import CostModel, simulate
+from .strategies import get_strategy
 
 STRATEGIES = ("usp", "ulysses", "ring", "tas", "torus")  # table order: the baseline first
 
@@ -86,7 +88,7 @@ class StrategyStep:
         latency_s: the step, seconds.
         attention_s: all self-attention layers (communication included, as simulated).
         compute_s: projections, MLPs, elementwise work and block overheads of this rank's
-            image/video tokens (what SP splits).
+            shard of the sequence (what SP splits).
         replicated_s: work on the text tokens that every rank repeats.
         cross_attention_s: local cross-attention to the text (0 for joint-text models).
         attention_layer_s: one self-attention layer.
@@ -192,8 +194,9 @@ class _Work:
     text_sharded: bool
 
 
-def _make_work(cfg: DiTConfig, topology: Topology, tokens: int, *, text: str, batch: int,
-               dtype: torch.dtype) -> _Work:
+def _make_work(
+    cfg: DiTConfig, topology: Topology, tokens: int, *, text: str, batch: int, dtype: torch.dtype
+) -> _Work:
     if text not in ("replicated", "sharded"):
         raise ValueError(f"text must be 'replicated' or 'sharded', got {text!r}")
     world = topology.world_size
@@ -215,12 +218,32 @@ def _make_work(cfg: DiTConfig, topology: Topology, tokens: int, *, text: str, ba
 
 
 @functools.lru_cache(maxsize=4096)
-def _attention_layer(strategy: str, topology: Topology, seq_len: int, heads: int, head_dim: int,
-                     dtype: torch.dtype, batch: int, text_len: int, one_sided: bool,
-                     degree: int | None, cost: CostModel) -> tuple[float, tuple[int, int]]:
-    r = simulate(strategy, topology, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=dtype,
-                 batch=batch, text_len=text_len, one_sided=one_sided, ulysses_degree=degree,
-                 cost=cost)
+def _attention_layer(
+    strategy: str,
+    topology: Topology,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    batch: int,
+    text_len: int,
+    one_sided: bool,
+    degree: int | None,
+    cost: CostModel,
+) -> tuple[float, tuple[int, int]]:
+    r = simulate(
+        strategy,
+        topology,
+        seq_len=seq_len,
+        heads=heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        batch=batch,
+        text_len=text_len,
+        one_sided=one_sided,
+        ulysses_degree=degree,
+        cost=cost,
+    )
     return r.latency_s, r.degrees
 
 
@@ -249,12 +272,23 @@ def _cross_s(w: _Work, cost: StepCost) -> float:
     return c.attn_overhead + flops / (w.topology.device_flops * eff)
 
 
-def _strategy_step(name: str, w: _Work, *, chosen: str, degree: int | None, one_sided: bool,
-                   cost: StepCost) -> StrategyStep:
+def _strategy_step(
+    name: str, w: _Work, *, chosen: str, degree: int | None, one_sided: bool, cost: StepCost
+) -> StrategyStep:
     cfg = w.cfg
-    layer_s, degrees = _attention_layer(chosen, w.topology, w.seq_len, cfg.heads, cfg.head_dim,
-                                        w.dtype, w.batch, w.attn_text, one_sided, degree,
-                                        cost.attention)
+    layer_s, degrees = _attention_layer(
+        chosen,
+        w.topology,
+        w.seq_len,
+        cfg.heads,
+        cfg.head_dim,
+        w.dtype,
+        w.batch,
+        w.attn_text,
+        one_sided,
+        degree,
+        cost.attention,
+    )
     # rank 0 holds the largest shard; with sharded text, ~text/P of it are text tokens
     text_share = -(-cfg.text_len // w.topology.world_size) if w.text_sharded else 0
     image_local = w.local_tokens - text_share
@@ -299,7 +333,13 @@ def _bounds(w: _Work, cost: StepCost) -> tuple[float, float]:
         flops = 2.0 * w.batch * (n_img * block.image_weights + text * block.text_weights)
         one = flops / (topo.device_flops * cost.gemm_eff)
         elem_tokens = n_img + (text if cfg.text_mode == "joint" else 0)
-        one += w.batch * elem_tokens * (cost.hidden_passes * cfg.hidden + cost.ffn_passes * cfg.ffn) * w.itemsize / mem_bw
+        one += (
+            w.batch
+            * elem_tokens
+            * (cost.hidden_passes * cfg.hidden + cost.ffn_passes * cfg.ffn)
+            * w.itemsize
+            / mem_bw
+        )
         if block.self_attention:
             one += 4.0 * w.batch * seq * seq * cfg.hidden / topo.device_flops
             # head scatter over all ranks: 3/4 of the bytes are q, k, v out, 1/4 the output back
@@ -378,18 +418,31 @@ def simulate_step(
     unavailable: dict[str, str] = {}
     for name in names:
         if name == "auto":
-            plan = plan_for(topology, seq_len=w.seq_len, heads=cfg.heads, head_dim=cfg.head_dim,
-                            dtype=dtype, batch=batch, text_len=w.attn_text, one_sided=one_sided)
-            results[name] = _strategy_step(name, w, chosen=plan.strategy,
-                                           degree=plan.ulysses_degree, one_sided=one_sided,
-                                           cost=cost)
+            plan = plan_for(
+                topology,
+                seq_len=w.seq_len,
+                heads=cfg.heads,
+                head_dim=cfg.head_dim,
+                dtype=dtype,
+                batch=batch,
+                text_len=w.attn_text,
+                one_sided=one_sided,
+            )
+            results[name] = _strategy_step(
+                name,
+                w,
+                chosen=plan.strategy,
+                degree=plan.ulysses_degree,
+                one_sided=one_sided,
+                cost=cost,
+            )
             continue
+        get_strategy(name)  # an unknown name is an error, not "n/a"
         try:
-            results[name] = _strategy_step(name, w, chosen=name, degree=None,
-                                           one_sided=one_sided, cost=cost)
-        except ValueError as err:
-            if "unknown strategy" in str(err):
-                raise
+            results[name] = _strategy_step(
+                name, w, chosen=name, degree=None, one_sided=one_sided, cost=cost
+            )
+        except ValueError as err:  # the layout cannot split the heads on this topology
             results[name] = None
             unavailable[name] = str(err)
     compute_bound, comm_bound = _bounds(w, cost)
@@ -430,13 +483,21 @@ def step_latency(
         ValueError: as :func:`sf_attn.simulate` (degree or heads the strategy cannot split).
     """
     cfg = get_model(model) if isinstance(model, str) else model
-    w = _make_work(cfg, topology, cfg.tokens(height, width, frames), text=text, batch=batch,
-                   dtype=dtype)
-    return _strategy_step(strategy, w, chosen=strategy, degree=ulysses_degree,
-                          one_sided=one_sided, cost=cost or StepCost())
+    w = _make_work(
+        cfg, topology, cfg.tokens(height, width, frames), text=text, batch=batch, dtype=dtype
+    )
+    return _strategy_step(
+        strategy,
+        w,
+        chosen=strategy,
+        degree=ulysses_degree,
+        one_sided=one_sided,
+        cost=cost or StepCost(),
+    )
 
 
 # -- calibration -------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CalibrationRow:
@@ -506,8 +567,17 @@ def xdit_flux_calibration(cost: StepCost | None = None) -> list[CalibrationRow]:
     rows = []
     for label, gpus, strategy, degree, published, fitted in XDIT_FLUX_H100:
         topo = Topology.preset("h100-ib", 1).replace(gpus_per_machine=gpus)
-        step = step_latency("flux", topo, height=1024, width=1024, strategy=strategy,
-                            ulysses_degree=degree, one_sided=False, text="sharded", cost=cost)
+        step = step_latency(
+            "flux",
+            topo,
+            height=1024,
+            width=1024,
+            strategy=strategy,
+            ulysses_degree=degree,
+            one_sided=False,
+            text="sharded",
+            cost=cost,
+        )
         predicted = XDIT_STEPS * step.latency_s + XDIT_PIPELINE_OVERHEAD_S
         rows.append(CalibrationRow(label, gpus, strategy, degree, published, predicted, fitted))
     return rows

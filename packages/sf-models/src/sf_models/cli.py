@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="out")
     tr.set_defaults(fn=_cmd_trace)
 
+    from .simulate_cmd import add_parser as add_simulate
+
+    add_simulate(sub)
+
     bench = sub.add_parser("bench", help="side-by-side benchmarks")
     bench.add_argument("what", choices=["comm", "attention"])
     common(bench, seq=4096, heads=24)

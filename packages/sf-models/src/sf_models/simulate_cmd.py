@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 # Native size of each model when --height/--width/--frames are not given.
@@ -106,7 +107,7 @@ def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> s
     topo = result.topology
     size = f"{result.height}x{result.width} px"
     if cfg.is_video:
-        size += f", {result.frames} frames ({(result.frames - 1) / cfg.fps:g} s at {cfg.fps} fps)"
+        size += f", {result.frames} frames ({(result.frames - 1) / cfg.fps:.3g} s at {cfg.fps} fps)"
     lines = [
         f"{cfg.name} ({cfg.hf_repo}): {size} -> {result.tokens} tokens + {cfg.text_len} text "
         f"({cfg.text_mode}); {cfg.layers} blocks, {cfg.heads} heads x {cfg.head_dim}",
@@ -122,7 +123,9 @@ def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> s
     lines += [head, "-" * len(head)]
     for name, s in result.strategies.items():
         if s is None:
-            lines.append(f"{name:<15} {'n/a':>9} {'n/a':>10}   (cannot split {cfg.heads} heads here)")
+            lines.append(
+                f"{name:<15} {'n/a':>9} {'n/a':>10}   (cannot split {cfg.heads} heads here)"
+            )
             continue
         label = f"{name} ({s.chosen})" if name == "auto" else name
         speed = result.speedup_over_usp(name)
@@ -168,6 +171,7 @@ def plot(args: argparse.Namespace, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from sf_attn.step import simulate_step
 
     height, width, frames = _size(args)
@@ -175,8 +179,14 @@ def plot(args: argparse.Namespace, path: str) -> None:
     series: dict[str, list[float | None]] = {}
     bound: list[float] = []
     for m in machines:
-        res = simulate_step(args.model, _topology(args, m), height=height, width=width,
-                            frames=frames, one_sided=not args.two_sided)
+        res = simulate_step(
+            args.model,
+            _topology(args, m),
+            height=height,
+            width=width,
+            frames=frames,
+            one_sided=not args.two_sided,
+        )
         for name, s in res.strategies.items():
             series.setdefault(name, []).append(None if s is None else s.latency_s * 1e3)
         bound.append(res.bound_s * 1e3)
@@ -184,7 +194,7 @@ def plot(args: argparse.Namespace, path: str) -> None:
     for name, values in series.items():
         xs = [m for m, v in zip(machines, values) if v is not None]
         ys = [v for v in values if v is not None]
-        style = {"linewidth": 2.5, "color": "black"} if name == "auto" else {}
+        style: dict[str, Any] = {"linewidth": 2.5, "color": "black"} if name == "auto" else {}
         ax.plot(xs, ys, marker="o", label=name, **style)
     ax.plot(machines, bound, linestyle="--", color="gray", label="lower bound")
     ax.set_yscale("log")
@@ -210,8 +220,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"streamfusion simulate: --machines must be >= 1, got {args.machines}")
     height, width, frames = _size(args)
     try:
-        result = simulate_step(args.model, _topology(args), height=height, width=width,
-                               frames=frames, one_sided=not args.two_sided)
+        result = simulate_step(
+            args.model,
+            _topology(args),
+            height=height,
+            width=width,
+            frames=frames,
+            one_sided=not args.two_sided,
+        )
     except ValueError as err:
         raise SystemExit(f"streamfusion simulate: {err}") from None
     if args.json:
@@ -229,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``simulate`` on its own (``python -m sf_models.simulate_cmd ...``)."""
     parser = argparse.ArgumentParser(prog="streamfusion")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["simulate", *(argv if argv is not None else __import__("sys").argv[1:])])
+    args = parser.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
     return int(args.fn(args))
 
 
