@@ -29,6 +29,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 import sf_attn
 
+from ._swap import swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["COGVIDEOX_PLAN", "CogVideoXSequenceParallelProcessor"]
@@ -124,27 +125,12 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
             parallelized, or ``state.strategy`` cannot split the model's heads on the
             context's topology (sf_attn's message).
     """
-    model: Any = module  # a CogVideoXTransformer3DModel (AttentionMixin, ConfigMixin)
-    heads = model.config.num_attention_heads
-    if state.strategy != "auto":
-        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
-    processors = model.attn_processors  # {"transformer_blocks.0.attn1.processor": proc, ...}
-    if any(isinstance(proc, CogVideoXSequenceParallelProcessor) for proc in processors.values()):
-        raise ValueError(
-            "parallelize(CogVideoX): this model is already parallelized; use the returned wrapper"
-        )
-    unsupported = {
-        name: type(proc).__name__
-        for name, proc in processors.items()
-        if type(proc) is not attention_processor.CogVideoXAttnProcessor2_0
-    }
-    if unsupported:
-        raise ValueError(
-            "parallelize(CogVideoX) can only replace CogVideoXAttnProcessor2_0; these blocks "
-            f"use others: {unsupported}"
-        )
-    model.set_attn_processor(
-        {name: CogVideoXSequenceParallelProcessor(state, proc) for name, proc in processors.items()}
+    swap_attention_processors(
+        module,
+        state,
+        model_name="CogVideoX",
+        replaces=attention_processor.CogVideoXAttnProcessor2_0,
+        processor=CogVideoXSequenceParallelProcessor,
     )
 
 

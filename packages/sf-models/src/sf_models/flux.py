@@ -32,6 +32,7 @@ from diffusers.models.transformers import transformer_flux
 
 import sf_attn
 
+from ._swap import swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["FLUX_PLAN", "FluxSequenceParallelProcessor"]
@@ -124,27 +125,12 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
             parallelized, or ``state.strategy`` cannot split the model's heads on the
             context's topology (sf_attn's message).
     """
-    model: Any = module  # a FluxTransformer2DModel (AttentionMixin, ConfigMixin)
-    heads = model.config.num_attention_heads
-    if state.strategy != "auto":
-        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
-    processors = model.attn_processors  # {"transformer_blocks.0.attn.processor": proc, ...}
-    if any(isinstance(proc, FluxSequenceParallelProcessor) for proc in processors.values()):
-        # A second wrapper would leave the first one's processors reading the wrong state.
-        raise ValueError(
-            "parallelize(Flux): this model is already parallelized; use the returned wrapper"
-        )
-    unsupported = {
-        name: type(proc).__name__
-        for name, proc in processors.items()
-        if type(proc) is not transformer_flux.FluxAttnProcessor
-    }
-    if unsupported:
-        raise ValueError(
-            f"parallelize(Flux) can only replace FluxAttnProcessor; these blocks use others: {unsupported}"
-        )
-    model.set_attn_processor(
-        {name: FluxSequenceParallelProcessor(state, proc) for name, proc in processors.items()}
+    swap_attention_processors(
+        module,
+        state,
+        model_name="Flux",
+        replaces=transformer_flux.FluxAttnProcessor,
+        processor=FluxSequenceParallelProcessor,
     )
 
 

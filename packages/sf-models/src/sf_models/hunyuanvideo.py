@@ -36,6 +36,7 @@ from diffusers.models.transformers import transformer_hunyuan_video as hunyuan
 
 import sf_attn
 
+from ._swap import swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["HUNYUANVIDEO_PLAN", "HunyuanVideoSequenceParallelProcessor"]
@@ -174,30 +175,15 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
             ``state.strategy`` cannot split the model's heads on the context's topology
             (sf_attn's message).
     """
-    model: Any = module  # a HunyuanVideoTransformer3DModel (AttentionMixin, ConfigMixin)
-    heads = model.config.num_attention_heads
-    if state.strategy != "auto":
-        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
-    processors = dict(model.attn_processors)  # {"transformer_blocks.0.attn.processor": ...}
-    if any(isinstance(proc, HunyuanVideoSequenceParallelProcessor) for proc in processors.values()):
-        raise ValueError(
-            "parallelize(HunyuanVideo): this model is already parallelized; use the returned wrapper"
-        )
-    # The token refiner (context_embedder.*) attends over the replicated prompt: left as is.
-    joint = [name for name in processors if name.startswith(_BLOCK_LISTS)]
-    unsupported = {
-        name: type(processors[name]).__name__
-        for name in joint
-        if type(processors[name]) is not hunyuan.HunyuanVideoAttnProcessor2_0
-    }
-    if unsupported:
-        raise ValueError(
-            "parallelize(HunyuanVideo) can only replace HunyuanVideoAttnProcessor2_0; these "
-            f"blocks use others: {unsupported}"
-        )
-    for name in joint:
-        processors[name] = HunyuanVideoSequenceParallelProcessor(state, processors[name])
-    model.set_attn_processor(processors)
+    model: Any = module
+    swap_attention_processors(
+        module,
+        state,
+        model_name="HunyuanVideo",
+        replaces=hunyuan.HunyuanVideoAttnProcessor2_0,
+        processor=HunyuanVideoSequenceParallelProcessor,
+        select=lambda name: name.startswith(_BLOCK_LISTS),
+    )
     if model.config.image_condition_type == "token_replace":
         for block_list in _BLOCK_LISTS:
             for block in getattr(model, block_list):

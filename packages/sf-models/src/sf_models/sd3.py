@@ -30,6 +30,7 @@ from diffusers.models import attention_processor
 
 import sf_attn
 
+from ._swap import swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["SD3_PLAN", "SD3SequenceParallelProcessor"]
@@ -122,26 +123,12 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
             is already parallelized, or ``state.strategy`` cannot split the model's heads on
             the context's topology (sf_attn's message).
     """
-    model: Any = module  # an SD3Transformer2DModel (AttentionMixin, ConfigMixin)
-    heads = model.config.num_attention_heads
-    if state.strategy != "auto":
-        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
-    processors = model.attn_processors  # {"transformer_blocks.0.attn.processor": proc, ...}
-    if any(isinstance(proc, SD3SequenceParallelProcessor) for proc in processors.values()):
-        raise ValueError(
-            "parallelize(SD3): this model is already parallelized; use the returned wrapper"
-        )
-    unsupported = {
-        name: type(proc).__name__
-        for name, proc in processors.items()
-        if type(proc) is not attention_processor.JointAttnProcessor2_0
-    }
-    if unsupported:
-        raise ValueError(
-            f"parallelize(SD3) can only replace JointAttnProcessor2_0; these blocks use others: {unsupported}"
-        )
-    model.set_attn_processor(
-        {name: SD3SequenceParallelProcessor(state, proc) for name, proc in processors.items()}
+    swap_attention_processors(
+        module,
+        state,
+        model_name="SD3",
+        replaces=attention_processor.JointAttnProcessor2_0,
+        processor=SD3SequenceParallelProcessor,
     )
 
 

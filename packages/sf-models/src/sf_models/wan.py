@@ -33,6 +33,7 @@ from diffusers.models.transformers import transformer_wan as wan
 
 import sf_attn
 
+from ._swap import swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["WAN_PLAN", "WanSequenceParallelProcessor"]
@@ -134,28 +135,15 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
             parallelized, or ``state.strategy`` cannot split the model's heads on the
             context's topology (sf_attn's message).
     """
-    model: Any = module  # a WanTransformer3DModel (AttentionMixin, ConfigMixin)
-    heads = model.config.num_attention_heads
-    if state.strategy != "auto":
-        sf_attn.get_strategy(state.strategy).layout(state.ctx.topology, heads)
-    processors = dict(model.attn_processors)  # {"blocks.0.attn1.processor": proc, ...}
-    if any(isinstance(proc, WanSequenceParallelProcessor) for proc in processors.values()):
-        raise ValueError(
-            "parallelize(Wan): this model is already parallelized; use the returned wrapper"
-        )
-    self_attention = [name for name in processors if name.endswith(".attn1.processor")]
-    unsupported = {
-        name: type(processors[name]).__name__
-        for name in self_attention
-        if type(processors[name]) is not wan.WanAttnProcessor
-    }
-    if unsupported:
-        raise ValueError(
-            f"parallelize(Wan) can only replace WanAttnProcessor; these blocks use others: {unsupported}"
-        )
-    for name in self_attention:
-        processors[name] = WanSequenceParallelProcessor(state, processors[name])
-    model.set_attn_processor(processors)
+    model: Any = module
+    swap_attention_processors(
+        module,
+        state,
+        model_name="Wan",
+        replaces=wan.WanAttnProcessor,
+        processor=WanSequenceParallelProcessor,
+        select=lambda name: name.endswith(".attn1.processor"),
+    )
     model.register_forward_pre_hook(_timestep_hook(model, state), with_kwargs=True)
 
 

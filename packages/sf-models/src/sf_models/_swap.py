@@ -1,0 +1,64 @@
+"""Swapping a model's attention processors for sequence-parallel ones (shared by the plans)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import sf_attn
+
+from .parallelize import ShardState
+
+
+def swap_attention_processors(
+    module: torch.nn.Module,
+    state: ShardState,
+    *,
+    model_name: str,
+    replaces: type,
+    processor: type,
+    select: Callable[[str], bool] = lambda name: True,
+) -> None:
+    """Replace every selected ``replaces`` processor by ``processor(state, old_processor)``.
+
+    Args:
+        module: the diffusers transformer (an AttentionMixin).
+        state: the per-call state the new processors read.
+        model_name: for messages, e.g. "Flux".
+        replaces: the processor class the new processor knows how to stand in for.
+        processor: the sequence-parallel processor class, built around the one it replaces.
+        select: which processors (by their ``attn_processors`` name) to replace; the others
+            stay (e.g. Wan's cross-attention, HunyuanVideo's token refiner).
+
+    Raises:
+        ValueError: the strategy cannot split the model's heads on the context's topology
+            (sf_attn's message), the model is already parallelized, or a selected block uses
+            another processor (IP-Adapter, fused QKV, custom).
+    """
+    model: Any = module
+    if state.strategy != "auto":
+        sf_attn.get_strategy(state.strategy).layout(
+            state.ctx.topology, model.config.num_attention_heads
+        )
+    processors = dict(model.attn_processors)  # {"transformer_blocks.0.attn.processor": proc, ...}
+    if any(isinstance(p, processor) for p in processors.values()):
+        # A second wrapper would leave the first one's processors reading the wrong state.
+        raise ValueError(
+            f"parallelize({model_name}): this model is already parallelized; use the returned wrapper"
+        )
+    chosen = [name for name in processors if select(name)]
+    unsupported = {
+        name: type(processors[name]).__name__
+        for name in chosen
+        if type(processors[name]) is not replaces
+    }
+    if unsupported:
+        raise ValueError(
+            f"parallelize({model_name}) can only replace {replaces.__name__}; these blocks use "
+            f"others: {unsupported}"
+        )
+    for name in chosen:
+        processors[name] = processor(state, processors[name])
+    model.set_attn_processor(processors)
