@@ -109,7 +109,7 @@ def test_free_links_cost_compute_over_p(strategy: str, one_sided: bool) -> None:
     seq = 65536
     ideal = _ideal_compute(topo, seq) / topo.world_size
     zero = CostModel(
-        attn_overhead=0.0, merge_overhead=0.0, mem_bw=1e30, block_half=0, handshake=0.0
+        attn_overhead=0.0, merge_overhead=0.0, mem_bw=1e30, block_half=0, handshake=0.0, q_tile=0
     )
     exact = _latency(strategy, topo, seq, one_sided=one_sided, cost=zero)
     assert exact == pytest.approx(ideal, rel=1e-9)

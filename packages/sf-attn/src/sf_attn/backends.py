@@ -113,7 +113,7 @@ class AttentionBackend:
 
 _REGISTRY: dict[str, AttentionBackend] = {}
 # Set by sf_attn.simulate while it runs: receives (seq_q, seq_k) of every block.
-_block_shape_hook: Callable[[int, int], None] | None = (
+_block_shape_hook: Callable[[int, int, int], None] | None = (
     None  # insertion order is the order "auto" tries
 )
 
@@ -225,7 +225,7 @@ def attention_with_lse(
         return out, lse
     flops = 4.0 * batch * seq_q * k.shape[1] * heads * q.shape[-1]
     if _block_shape_hook is not None:
-        _block_shape_hook(seq_q, k.shape[1])
+        _block_shape_hook(seq_q, k.shape[1], batch * heads)
     with trace.compute_span(
         "attn", flops=flops, nbytes=(q.numel() + k.numel() + v.numel()) * q.element_size()
     ):

@@ -9,8 +9,14 @@ simulated schedule is exactly the executed one (same stages, same order, same ov
 Cost model (Note [Cost model]):
 
 - compute: an attention block takes ``attn_overhead + flops / (device_flops * eff)`` with
-  ``eff = tile_eff(seq_q) * tile_eff(seq_k)`` modelling small-block loss, where
-  ``tile_eff(n) = n / (n + block_half)``; a merge takes ``merge_overhead + bytes / mem_bw``.
+  ``eff = wave_eff * kv_eff``: the kernel runs ``ceil(w)`` whole waves, ``w = ceil(seq_q /
+  q_tile) * batch * heads / device_sms`` (the last wave of query tiles runs partly empty, so
+  ``wave_eff = w / ceil(w)``) and ``kv_eff = seq_k / (seq_k + block_half)`` (per-tile loop
+  overhead); a merge takes
+  ``merge_overhead + bytes / mem_bw``. Measured on an H200 (results/GPU-2026-11-27.md): one
+  rank's share of a Flux 4096px layer as one sdpa-flash call ran at 354, 357, 264 TFLOP/s
+  for 8256, 4128, 2064 queries x 24 heads: 11.8, 6.0 and 3.1 waves of 128-row tiles on 132
+  SMs, i.e. wave_eff 0.98, 1.0, 0.77 — the drop the formula gives.
 - links: a transfer takes ``latency + bytes / bandwidth`` on each link it uses (``intra``:
   peers on the same machine, ``intra_bw``; ``inter``: other machines, ``inter_bw`` shared by
   ``gpus_per_nic`` GPUs that all send at once in these symmetric strategies). Transfers on
@@ -25,6 +31,7 @@ Cost model (Note [Cost model]):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +49,8 @@ class CostModel:
     attn_overhead: float = 8e-6  # kernel launch + tail, s
     merge_overhead: float = 4e-6
     mem_bw: float = 2.0e12  # device memory bytes/s achievable by an elementwise kernel
-    block_half: int = 96  # tokens at which a block dimension runs at half efficiency
+    block_half: int = 96  # keys at which the kv loop runs at half efficiency
+    q_tile: int = 128  # query rows per thread block of the attention kernel; 0: no waves
     handshake: float = 20e-6  # two-sided rendezvous per message, s (fitted: docs/simulator.md)
 
     def __post_init__(self) -> None:
@@ -64,7 +72,7 @@ class VirtualTracer(Tracer):
         self.cost = cost or CostModel()
         self.now = 0.0  # where the compute stream (the program) is
         self.link_free = {"intra": 0.0, "inter": 0.0}
-        self.pending_shape: tuple[int, int] | None = None
+        self.pending_shape: tuple[int, int, int] | None = None
 
     def _bandwidth(self, link: str) -> float:
         topo = self.topology
@@ -97,9 +105,14 @@ class VirtualTracer(Tracer):
         name, flops, nbytes = token
         c = self.cost
         if name == "attn" and self.pending_shape is not None:
-            sq, sk = self.pending_shape
-            eff = (sq / (sq + c.block_half)) * (sk / (sk + c.block_half))
-            took = c.attn_overhead + flops / (self.topology.device_flops * max(eff, 1e-6))
+            sq, sk, rows = self.pending_shape
+            kv_eff = sk / (sk + c.block_half) if sk else 1.0
+            work = flops
+            if c.q_tile and flops:
+                # whole waves of (q_tile rows x all keys) tiles: monotone in every dimension
+                waves = math.ceil(-(-sq // c.q_tile) * rows / self.topology.device_sms)
+                work = waves * self.topology.device_sms * c.q_tile * flops / (sq * rows)
+            took = c.attn_overhead + work / (self.topology.device_flops * kv_eff)
         elif name == "attn":
             took = c.attn_overhead + flops / self.topology.device_flops
         else:
@@ -253,8 +266,8 @@ class _block_shapes:
         self._saved = backends._block_shape_hook
         tracer = self.tracer
 
-        def hook(seq_q: int, seq_k: int) -> None:
-            tracer.pending_shape = (seq_q, seq_k)
+        def hook(seq_q: int, seq_k: int, rows: int) -> None:
+            tracer.pending_shape = (seq_q, seq_k, rows)
 
         backends._block_shape_hook = hook
 

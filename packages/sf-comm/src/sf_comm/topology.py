@@ -34,10 +34,12 @@ class Topology:
     gpus_per_nic: int = 1
     # Dense bf16 matmul rate a kernel achieves on one device, FLOP/s (for the simulator).
     device_flops: float = 1e11
+    # Streaming multiprocessors per device: attention kernels run in waves over them.
+    device_sms: int = 132
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        for field in ("machines", "gpus_per_machine", "gpus_per_nic"):
+        for field in ("machines", "gpus_per_machine", "gpus_per_nic", "device_sms"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Topology.{field} must be a positive int, got {value!r}")
@@ -167,6 +169,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         inter_latency=15e-6,
         gpus_per_nic=2,
         device_flops=250e12,
+        device_sms=108,
     ),
     "h100-ib": dict(
         gpus_per_machine=8,
