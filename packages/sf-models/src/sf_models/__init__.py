@@ -10,6 +10,7 @@ from sf_comm import require as _require
 _require("sf-comm", "0.1.0", by="sf-models")
 _require("sf-attn", "0.1.0", by="sf-models")
 
+from .cfg import CFGPlan, register_cfg_plan, supported_cfg_pipelines  # noqa: E402
 from .parallelize import (  # noqa: E402
     SequenceParallelModel,
     SequenceParallelPlan,
@@ -19,16 +20,21 @@ from .parallelize import (  # noqa: E402
     register_plan,
     supported_models,
 )
+from .pipeline import ParallelPipeline  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CFGPlan",
+    "ParallelPipeline",
     "SequenceParallelModel",
     "SequenceParallelPlan",
     "ShardState",
     "__version__",
     "get_plan",
     "parallelize",
+    "register_cfg_plan",
     "register_plan",
+    "supported_cfg_pipelines",
     "supported_models",
 ]

@@ -39,12 +39,17 @@ import inspect
 from collections.abc import Callable, Mapping
 from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
 import sf_attn
 import sf_comm
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from .pipeline import DecodeOn, ParallelPipeline
 
 __all__ = [
     "SequenceParallelModel",
@@ -264,10 +269,36 @@ class SequenceParallelModel(torch.nn.Module):
         return out
 
 
+@overload
 def parallelize(
     model: torch.nn.Module, *, ctx: sf_comm.Context, strategy: str = "auto"
-) -> SequenceParallelModel:
+) -> SequenceParallelModel: ...
+
+
+@overload
+def parallelize(
+    model: DiffusionPipeline,
+    *,
+    ctx: sf_comm.Context,
+    strategy: str = "auto",
+    cfg_parallel: bool = False,
+    decode_on: DecodeOn = "rank0",
+) -> ParallelPipeline: ...
+
+
+def parallelize(
+    model: Any,
+    *,
+    ctx: sf_comm.Context,
+    strategy: str = "auto",
+    cfg_parallel: bool = False,
+    decode_on: DecodeOn = "rank0",
+) -> SequenceParallelModel | ParallelPipeline:
     """Wrap a diffusers transformer so its token sequence is split across ``ctx``'s ranks.
+
+    Given a diffusers pipeline instead (``DiffusionPipeline``), parallelizes its transformer
+    in place and returns a :class:`~sf_models.pipeline.ParallelPipeline`; ``cfg_parallel`` and
+    ``decode_on`` apply to pipelines only (see :func:`sf_models.pipeline.parallelize_pipeline`).
 
     Every rank calls the returned module with the same full inputs and gets the same full
     outputs as ``model`` would return, up to floating-point rounding. ``model``'s attention
@@ -275,20 +306,35 @@ def parallelize(
     the original model (Note [Inactive processors]).
 
     Args:
-        model: a supported diffusers transformer (see :func:`supported_models`), identical
-            (same weights) on every rank.
+        model: a supported diffusers transformer (see :func:`supported_models`) or a
+            diffusers pipeline built on one, identical (same weights) on every rank.
         ctx: the communication context (:func:`sf_comm.init`).
         strategy: ``sf_attn.parallel_attention`` strategy: "ulysses", "ring", "usp", "tas"
             or "auto".
+        cfg_parallel: (pipelines) run the two classifier-free-guidance branches on the two
+            halves of the world (:mod:`sf_models.cfg`).
+        decode_on: (pipelines) "rank0" (other ranks return latents) or "all".
 
     Returns:
-        The wrapping :class:`SequenceParallelModel`.
+        The wrapping :class:`SequenceParallelModel` (a pipeline: a ``ParallelPipeline``).
 
     Raises:
         ValueError: the model class has no plan (the message lists the supported ones), the
             strategy is unknown, or it cannot split the model's heads on ``ctx``'s topology
-            (sf_attn's message, naming the heads and what fits).
+            (sf_attn's message, naming the heads and what fits); for a pipeline, see
+            ``parallelize_pipeline``; ``cfg_parallel`` given with a bare transformer.
     """
+    if _is_pipeline(model):
+        from .pipeline import parallelize_pipeline
+
+        return parallelize_pipeline(
+            model, ctx=ctx, strategy=strategy, cfg_parallel=cfg_parallel, decode_on=decode_on
+        )
+    if cfg_parallel:
+        raise ValueError(
+            "parallelize: cfg_parallel=True needs the pipeline (it splits the pipeline's "
+            f"guidance branches), got a {type(model).__name__}: call parallelize(pipe, ...)"
+        )
     plan = get_plan(model)
     if strategy != "auto":
         sf_attn.get_strategy(strategy)  # unknown names fail here, not mid-forward
@@ -297,6 +343,13 @@ def parallelize(
     plan.attach(model, state)
     _install_module_hooks(hooked, plan, state)
     return SequenceParallelModel(model, plan, state)
+
+
+def _is_pipeline(model: Any) -> bool:
+    """A diffusers ``DiffusionPipeline``, or a pipeline already wrapped by parallelize()."""
+    return any(
+        cls.__name__ in ("DiffusionPipeline", "ParallelPipeline") for cls in type(model).__mro__
+    )
 
 
 def _hooked_modules(plan: SequenceParallelPlan) -> list[str]:

@@ -1,0 +1,309 @@
+"""``parallelize(pipe)``: a stock diffusers pipeline whose transformer runs sequence-parallel.
+
+Plain code, and what every rank runs instead::
+
+    image = pipe(prompt, generator=torch.Generator().manual_seed(s), ...)   # one process
+
+    sp = sf_models.parallelize(pipe, ctx=ctx)                  # every rank, same weights
+    out = sp(prompt, generator=torch.Generator().manual_seed(s), ...)   # same arguments
+    # rank 0: ``image`` (up to floating-point rounding); other ranks: the final latents
+
+What :func:`parallelize_pipeline` changes, in place, on ``pipe``:
+
+- ``pipe.transformer`` (and ``pipe.transformer_2``, Wan 2.2) is replaced by its
+  sequence-parallel wrapper (:func:`sf_models.parallelize` on the transformer, or on this
+  rank's half of the world with a :class:`~sf_models.cfg.CFGParallelModel` around it for
+  ``cfg_parallel``). The wrapper takes the pipeline's full inputs and returns full outputs,
+  identical on every rank, so the pipeline's own loop, scheduler and guidance run unchanged.
+  The pipeline's config keeps naming the original transformer class; save the pipeline
+  before parallelizing it, not after.
+- The progress bar is disabled on every rank but 0.
+
+The returned :class:`ParallelPipeline` is a thin wrapper: calling it calls ``pipe`` and adds
+what needs a view of the whole call (Note [Same inputs on every rank], decoding on rank 0,
+pairing guidance calls for ``cfg_parallel``). Calling ``pipe`` directly still runs the
+transformer in parallel, but decodes on every rank and skips the input check; with paired
+``cfg_parallel`` (Flux, HunyuanVideo, Wan) it raises.
+
+Every rank must make the same calls with the same arguments: the transformer's
+communication is collective.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal
+
+import torch
+
+import sf_comm
+
+from .cfg import CFGParallelModel, CFGPlan, check_cfg_topology, get_cfg_plan
+from .parallelize import SequenceParallelModel, get_plan, parallelize
+
+__all__ = ["DECODE_ON", "DecodeOn", "ParallelPipeline", "parallelize_pipeline"]
+
+DecodeOn = Literal["rank0", "all"]
+DECODE_ON = ("rank0", "all")
+TRANSFORMERS = ("transformer", "transformer_2")  # pipeline components run under SP
+
+
+class _SameInputsCheck:
+    """Forward pre-hook on the transformer wrapper: Note [Same inputs on every rank]."""
+
+    def __init__(self, ctx: sf_comm.Context) -> None:
+        self.ctx = ctx
+        self.armed = False  # set by ParallelPipeline.__call__, cleared by the first call
+
+    def __call__(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if not self.armed:
+            return
+        self.armed = False
+        named = [(f"argument {i}", v) for i, v in enumerate(args)] + list(kwargs.items())
+        tensors = [(name, t) for name, value in named for t in _tensors(value)]
+        if not tensors:
+            return
+        mine = torch.stack([_fingerprint(t) for _, t in tensors])  # [inputs, 4] float64
+        every = sf_comm.all_gather(self.ctx, self.ctx.group("world"), mine).wait()
+        differ: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(every):
+            for (name, _), a, b in zip(tensors, every[0], theirs, strict=True):
+                if not _same_fingerprint(a, b):
+                    differ.setdefault(name, []).append(rank)
+        if differ:
+            found = "; ".join(
+                f"{name!r} differs from rank 0's on ranks {r}" for name, r in differ.items()
+            )
+            raise ValueError(
+                f"parallelize(pipe): the ranks gave the transformer different inputs on its first "
+                f"call ({found}). Every rank must draw the same noise: pass the same arguments and "
+                f"a generator seeded the same on every rank, e.g. "
+                f"generator=torch.Generator(device).manual_seed(seed)"
+            )
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """[sum, sum |x|, sum x^2, sum x * ramp] of ``t`` in float64; the ramp makes it order-aware."""
+    flat = t.detach().reshape(-1).to(torch.float64)
+    ramp = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
+    return torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum(), (flat * ramp).sum()])
+
+
+def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Identical tensors may sum in another order on a differently configured rank: allow 1e-9
+    # of the magnitude (float64 rounding is ~1e-16 per term), while noise from another seed
+    # moves the sums by ~1/sqrt(numel) of it (1e-4 for 1e8 elements).
+    tol = 1e-9 * torch.stack([a[1], a[1], a[2], a[1]])
+    close = ((a - b).abs() <= tol) | torch.isclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+    return bool(close.all())
+
+
+class ParallelPipeline:
+    """A diffusers pipeline whose transformer runs sequence-parallel across ``ctx``'s ranks.
+
+    Built by :func:`parallelize_pipeline`. Call it like the pipeline, with the same arguments
+    on every rank. Attribute reads and writes other than its own go to the pipeline
+    (``sp.vae``, ``sp.scheduler = ...``).
+
+    Attributes:
+        pipe: the wrapped pipeline (modified in place, see the module docstring).
+        ctx: the job's context.
+        decode_on: "rank0" or "all".
+        cfg_plan: the pipeline's CFG plan with ``cfg_parallel``, else None.
+    """
+
+    __slots__ = ("_cfg_models", "_check", "_signature", "cfg_plan", "ctx", "decode_on", "pipe")
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        ctx: sf_comm.Context,
+        decode_on: DecodeOn,
+        cfg_plan: CFGPlan | None,
+        check: _SameInputsCheck,
+        cfg_models: list[CFGParallelModel],
+    ) -> None:
+        object.__setattr__(self, "pipe", pipe)
+        object.__setattr__(self, "ctx", ctx)
+        object.__setattr__(self, "decode_on", decode_on)
+        object.__setattr__(self, "cfg_plan", cfg_plan)
+        object.__setattr__(self, "_check", check)
+        object.__setattr__(self, "_cfg_models", cfg_models)
+        object.__setattr__(self, "_signature", inspect.signature(pipe.__call__))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ParallelPipeline.__slots__:  # not set yet: do not recurse into self.pipe
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ParallelPipeline.__slots__:
+            raise AttributeError(f"ParallelPipeline.{name} is read-only")
+        setattr(self.pipe, name, value)
+
+    def __repr__(self) -> str:
+        return (
+            f"ParallelPipeline({type(self.pipe).__name__}, {self.ctx!r}, decode_on="
+            f"{self.decode_on!r}, cfg_parallel={self.cfg_plan is not None})"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the pipeline on every rank.
+
+        Returns:
+            Rank 0, or every rank with ``decode_on="all"``: what the pipeline returns for these
+            arguments. Other ranks with ``decode_on="rank0"``: what the pipeline returns with
+            ``output_type="latent"``, i.e. its usual output object (or tuple, with
+            ``return_dict=False``) holding the final latents in the pipeline's latent layout
+            instead of decoded images/frames (Flux: packed ``[B, tokens, 4 * C]``; SD3
+            ``[B, C, H, W]``; CogVideoX ``[B, F, C, H, W]``; HunyuanVideo and Wan
+            ``[B, C, F, H, W]``), without running the VAE. Those latents are bit-identical
+            to rank 0's.
+
+        Raises:
+            ValueError: with ``cfg_parallel``, the call runs no classifier-free guidance (the
+                message says which argument); the ranks' transformer inputs differ on the
+                first call (e.g. generators seeded differently).
+        """
+        bound = self._signature.bind(*args, **kwargs)
+        if self.cfg_plan is not None:
+            full = self._signature.bind(*args, **kwargs)
+            full.apply_defaults()
+            reason = self.cfg_plan.check(full.arguments)
+            if reason is not None:
+                raise ValueError(
+                    f"cfg_parallel=True, but this {type(self.pipe).__name__} call runs no "
+                    f"classifier-free guidance ({reason}). Enable guidance, or parallelize the "
+                    f"pipeline with cfg_parallel=False to use every rank for sequence parallelism"
+                )
+        if self.decode_on == "rank0" and self.ctx.rank != 0:
+            bound.arguments["output_type"] = "latent"
+        self._check.armed = True
+        for model in self._cfg_models:
+            model.begin_call()
+        try:
+            out = self.pipe(*bound.args, **bound.kwargs)
+        except BaseException:
+            for model in self._cfg_models:
+                model.end_call(check=False)
+            raise
+        finally:
+            self._check.armed = False
+        for model in self._cfg_models:
+            model.end_call()
+        return out
+
+
+def parallelize_pipeline(
+    pipe: Any,
+    *,
+    ctx: sf_comm.Context,
+    strategy: str = "auto",
+    cfg_parallel: bool = False,
+    decode_on: DecodeOn = "rank0",
+) -> ParallelPipeline:
+    """Run a stock diffusers pipeline's transformer sequence-parallel across ``ctx``'s ranks.
+
+    ``sf_models.parallelize(pipe, ...)`` calls this. Every rank must build the same pipeline
+    (same weights) and call this with the same arguments; process groups are created here.
+
+    Args:
+        pipe: a diffusers pipeline whose ``transformer`` (and ``transformer_2``, if set) has a
+            sequence-parallel plan: FluxPipeline, StableDiffusion3Pipeline, CogVideoXPipeline,
+            HunyuanVideoPipeline, WanPipeline and others built on those transformers.
+        ctx: the job's communication context.
+        strategy: the ``sf_attn.parallel_attention`` strategy ("auto", "ulysses", "ring",
+            "usp", "tas").
+        cfg_parallel: run the two classifier-free-guidance branches on the two halves of the
+            world, each half doing sequence parallelism (:mod:`sf_models.cfg`).
+        decode_on: "rank0": only rank 0 decodes latents into images/frames, other ranks
+            return latents (see :meth:`ParallelPipeline.__call__`); "all": every rank decodes.
+
+    Returns:
+        A :class:`ParallelPipeline` wrapping ``pipe``, which is modified in place (its
+        transformer replaced by the parallel one, progress bar off on ranks other than 0).
+
+    Raises:
+        ValueError: a bad ``decode_on``; no transformer, or one without a plan (the message
+            lists the supported models); the pipeline is already parallelized; with
+            ``cfg_parallel``: the pipeline has no CFG plan (lists the supported ones), or the
+            topology does not split into two equal halves, or the strategy cannot split the
+            model's heads on a half (the messages say what would work).
+    """
+    if decode_on not in DECODE_ON:
+        raise ValueError(f"decode_on must be one of {DECODE_ON}, got {decode_on!r}")
+    names = [n for n in TRANSFORMERS if getattr(pipe, n, None) is not None]
+    if not names:
+        raise ValueError(
+            f"parallelize: {type(pipe).__name__} has no transformer component; pipelines are "
+            f"parallelized through their DiT (components {list(TRANSFORMERS)})"
+        )
+    for name in names:
+        if isinstance(getattr(pipe, name), SequenceParallelModel | CFGParallelModel):
+            raise ValueError(
+                f"parallelize: {type(pipe).__name__}.{name} is already parallelized; use the "
+                f"ParallelPipeline the first parallelize(pipe, ...) returned"
+            )
+        get_plan(getattr(pipe, name))  # no plan: fail before any collective
+    if decode_on == "rank0" and "output_type" not in inspect.signature(pipe.__call__).parameters:
+        raise ValueError(
+            f"decode_on='rank0' needs the pipeline's output_type argument to skip decoding on "
+            f"other ranks; {type(pipe).__name__} has none: use decode_on='all'"
+        )
+    cfg_plan = get_cfg_plan(pipe) if cfg_parallel else None
+    if cfg_plan is not None:
+        check_cfg_topology(ctx.topology)
+
+    check = _SameInputsCheck(ctx)
+    cfg_models: list[CFGParallelModel] = []
+    if cfg_plan is not None:
+        sub, cross = ctx.split(2)  # collective: creates the part and cross process groups
+    for name in names:
+        transformer = getattr(pipe, name)
+        wrapper: torch.nn.Module
+        if cfg_plan is None:
+            wrapper = parallelize(transformer, ctx=ctx, strategy=strategy)
+        else:
+            try:
+                model = parallelize(transformer, ctx=sub, strategy=strategy)
+            except ValueError as exc:
+                raise ValueError(
+                    f"cfg_parallel=True: each half of topology {ctx.topology.shape[0]}x"
+                    f"{ctx.topology.shape[1]} runs sequence parallelism on "
+                    f"{sub.topology.shape[0]}x{sub.topology.shape[1]}: {exc}"
+                ) from exc
+            wrapper = CFGParallelModel(model, cfg_plan, ctx=ctx, cross=cross, part=sub.index)
+            cfg_models.append(wrapper)
+        wrapper.register_forward_pre_hook(check, with_kwargs=True)
+        # Plain attribute set: DiffusionPipeline.__setattr__ would re-register the component
+        # under the wrapper's class in the pipeline config.
+        object.__setattr__(pipe, name, wrapper)
+
+    if ctx.rank != 0:
+        config = dict(getattr(pipe, "_progress_bar_config", {}))
+        pipe.set_progress_bar_config(**{**config, "disable": True})
+    return ParallelPipeline(
+        pipe, ctx=ctx, decode_on=decode_on, cfg_plan=cfg_plan, check=check, cfg_models=cfg_models
+    )
+
+
+# Note [Same inputs on every rank]
+# Each rank runs the whole pipeline: text encoding, noise, scheduler. The parallel transformer
+# assumes every rank passes it the same full inputs (it shards them by rank), and returns the
+# same output to every rank, so the ranks stay in lockstep exactly when they start from the
+# same noise: a generator seeded the same on every rank (or the same global seed). The usual
+# bug is rank-dependent noise (a seed derived from the rank, or an unseeded global RNG after
+# rank-dependent setup): each rank would then denoise a different image and the result would
+# be a mix. On the first transformer call of each pipeline call, every rank all-gathers a
+# fingerprint of each tensor input (4 float64 numbers per input; one tiny exchange per
+# pipeline call) and all ranks raise the same ValueError if any differ. Stochastic scheduler
+# steps later in the call (CogVideoX's DPM) draw from the same generator, so they stay equal.
