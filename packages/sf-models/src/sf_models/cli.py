@@ -75,23 +75,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"{args.height}x{args.width} px, {args.steps} steps, {args.dtype}; {world} CPU ranks, "
         f"emulated topology {topo}, transport {args.transport}"
     )
-    report = job.run(
-        world=world,
-        topology=topo,
-        transport=args.transport,
-        strategies=strategies,
-        config=args.config,
-        height=args.height,
-        width=args.width,
-        text=args.text,
-        steps=args.steps,
-        dtype=dtype,
-        out=args.out,
+    cfg_scale = (
+        args.cfg_scale if args.cfg_scale is not None else (3.5 if args.cfg_parallel else 1.0)
     )
+    if cfg_scale > 1:
+        print(
+            f"true classifier-free guidance, scale {cfg_scale}"
+            + (
+                ": the two passes on the two halves of the ranks (CFG parallel)"
+                if args.cfg_parallel
+                else ""
+            )
+        )
+    try:
+        report = job.run(
+            world=world,
+            topology=topo,
+            transport=args.transport,
+            strategies=strategies,
+            config=args.config,
+            height=args.height,
+            width=args.width,
+            text=args.text,
+            steps=args.steps,
+            dtype=dtype,
+            cfg_scale=cfg_scale,
+            cfg_parallel=args.cfg_parallel,
+            out=args.out,
+        )
+    except ValueError as exc:
+        print(f"streamfusion run: {exc}", file=sys.stderr)
+        return 2
     name, p_u = report["plan"]
+    sp_world = world // 2 if args.cfg_parallel else world
     print(
         f"{report['tokens']} image tokens + {report['text']} text tokens; plan for strategy=auto: "
-        f"{name} (Ulysses degree {p_u}, Ring degree {world // p_u})"
+        f"{name} (Ulysses degree {p_u}, Ring degree {sp_world // p_u})"
     )
     print(f"single process: {report['single_step_s'] * 1e3:.1f} ms/step")
     head = f"{'strategy':<9} {'ms/step':>9} {'vs 1 proc':>10} {'rel err':>9} {'MB/step sent by rank 0':>23}"
@@ -167,7 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text", type=int, default=64, help="text tokens")
     run.add_argument("--steps", type=int, default=4)
     run.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-    run.add_argument("--strategy", default="all", help="ulysses, ring, usp, tas, auto, or all")
+    run.add_argument(
+        "--strategy", default="all", help="ulysses, ring, usp, tas, torus, auto, or all"
+    )
+    run.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="true classifier-free guidance scale (> 1 runs a negative-prompt pass)",
+    )
+    run.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="run the two guidance passes on the two halves of the ranks (default scale 3.5)",
+    )
     run.add_argument("--transport", default="shm", help="shm or gloo")
     run.add_argument("--out", default="out", help="directory for results")
     run.set_defaults(fn=_cmd_run)

@@ -65,18 +65,79 @@ def make_inputs(
         pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
         img_ids=img_ids,
         txt_ids=torch.zeros(text, 3),
+        # the negative prompt of classifier-free guidance (used when cfg_scale > 1)
+        negative_encoder_hidden_states=torch.randn(
+            1, text, cfg.joint_attention_dim, generator=g
+        ).to(dtype),
+        negative_pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(
+            dtype
+        ),
     )
+
+
+Velocity = Any  # (latents, timestep) -> velocity
+
+
+def cfg_velocity(model: Any, inputs: dict[str, torch.Tensor], cfg_scale: float) -> Velocity:
+    """Velocity of the model at (latents, t), with true classifier-free guidance if scale > 1.
+
+    Equivalent plain code::
+
+        cond = model(latents, prompt); uncond = model(latents, negative_prompt)
+        velocity = uncond + cfg_scale * (cond - uncond)
+    """
+    cond = {k: v for k, v in inputs.items() if not k.startswith("negative_")}
+    uncond = {
+        **cond,
+        "encoder_hidden_states": inputs["negative_encoder_hidden_states"],
+        "pooled_projections": inputs["negative_pooled_projections"],
+    }
+
+    def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = model(**{**cond, "hidden_states": latents}, timestep=t).sample
+        if cfg_scale <= 1:
+            return v
+        u = model(**{**uncond, "hidden_states": latents}, timestep=t).sample
+        return u + cfg_scale * (v - u)
+
+    return velocity
+
+
+def cfg_parallel_velocity(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    cfg_scale: float,
+    ctx: Any,
+    cross: sf_comm.Group,
+    branch: int,
+) -> Velocity:
+    """:func:`cfg_velocity` with the two branches on the two halves of the job.
+
+    Half 0 runs the conditional branch, half 1 the unconditional one, each with sequence
+    parallelism inside its half (``model`` is parallelized on the half's sub-context); one
+    all-gather over the cross group per step brings both to every rank.
+    """
+    names = ("encoder_hidden_states", "pooled_projections")
+    mine = {k: v for k, v in inputs.items() if not k.startswith("negative_")}
+    if branch == 1:
+        mine.update({n: inputs[f"negative_{n}"] for n in names})
+
+    def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model(**{**mine, "hidden_states": latents}, timestep=t).sample
+        v, u = sf_comm.all_gather(ctx, cross, out.contiguous()).wait()
+        return u + cfg_scale * (v - u)
+
+    return velocity
 
 
 @torch.no_grad()
 def denoise(
-    model: Any, inputs: dict[str, torch.Tensor], steps: int, tracer: Any = None
+    velocity: Velocity, latents: torch.Tensor, steps: int, tracer: Any = None
 ) -> tuple[torch.Tensor, list[float]]:
     """Flow-matching Euler steps from t=1 to t=0; returns final latents and per-step seconds.
 
     With ``tracer``, the last step runs under it (a trace of one whole step).
     """
-    latents = inputs["hidden_states"]
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     times = []
     for i in range(steps):
@@ -85,11 +146,8 @@ def denoise(
             tracing(tracer) if tracer is not None and i == steps - 1 else contextlib.nullcontext()
         )
         with traced:
-            velocity = model(
-                **{**inputs, "hidden_states": latents},
-                timestep=sigmas[i].expand(latents.shape[0]).to(latents.dtype),
-            ).sample
-        latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+            v = velocity(latents, sigmas[i].expand(latents.shape[0]).to(latents.dtype))
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * v
         times.append(time.perf_counter() - t0)
     return latents, times
 
@@ -103,6 +161,8 @@ def _rank_job(
     text: int,
     steps: int,
     dtype: torch.dtype,
+    cfg_scale: float,
+    cfg_parallel: bool,
 ) -> dict[str, Any]:
     from sf_attn.planner import choose_strategy
 
@@ -110,20 +170,28 @@ def _rank_job(
 
     model = build_model(config, dtype)
     inputs = make_inputs(model, height, width, text, dtype)
+    sp_ctx: Any = ctx
+    if cfg_parallel:
+        sp_ctx, cross = ctx.split(2)
+        branch = sp_ctx.index
     cfg = model.config
     chosen = choose_strategy(
-        ctx.topology,
+        sp_ctx.topology,
         heads=cfg.num_attention_heads,
         seq_len=inputs["hidden_states"].shape[1],
         head_dim=cfg.attention_head_dim,
         dtype=dtype,
         one_sided=ctx.transport.one_sided,
     )
-    sp = parallelize(model, ctx=ctx, strategy=strategy)
+    sp = parallelize(model, ctx=sp_ctx, strategy=strategy)
+    if cfg_parallel:
+        velocity = cfg_parallel_velocity(sp, inputs, cfg_scale, ctx, cross, branch)
+    else:
+        velocity = cfg_velocity(sp, inputs, cfg_scale)
     ctx.barrier()
     before = ctx.transport.stats.snapshot()
     tracer = WallTracer()
-    latents, times = denoise(sp, inputs, steps, tracer=tracer)
+    latents, times = denoise(velocity, inputs["hidden_states"], steps, tracer=tracer)
     sent = ctx.transport.stats - before
     return {
         "latents": latents if ctx.rank == 0 else None,
@@ -146,16 +214,33 @@ def run(
     text: int,
     steps: int,
     dtype: torch.dtype,
+    cfg_scale: float = 1.0,
+    cfg_parallel: bool = False,
     out: str | None = None,
 ) -> dict[str, Any]:
     """Single-process reference, then every strategy on ``world`` ranks; returns a report.
 
-    With ``out``, the last step of each strategy is traced on every rank and written as
-    ``out/trace-<strategy>.json`` (Chrome/Perfetto) and ``out/timeline-<strategy>.png``.
+    With ``cfg_scale > 1`` every step runs true classifier-free guidance (a conditional and an
+    unconditional pass); ``cfg_parallel`` puts the two passes on the two halves of the ranks,
+    each half doing sequence parallelism. With ``out``, the last step of each strategy is
+    traced on every rank and written as ``out/trace-<strategy>.json`` (Chrome/Perfetto) and
+    ``out/timeline-<strategy>.png``.
+
+    Raises:
+        ValueError: cfg_parallel without guidance, or a topology that cannot be halved.
     """
+    topo = sf_comm.Topology.parse(topology)
+    if cfg_parallel:
+        if cfg_scale <= 1:
+            raise ValueError("cfg_parallel needs classifier-free guidance: pass cfg_scale > 1")
+        from sf_comm.split import part_layout
+
+        part_layout(topo, 2)  # fails fast, naming what would work
     model = build_model(config, dtype)
     inputs = make_inputs(model, height, width, text, dtype)
-    reference, ref_times = denoise(model, inputs, steps)
+    reference, ref_times = denoise(
+        cfg_velocity(model, inputs, cfg_scale), inputs["hidden_states"], steps
+    )
     report: dict[str, Any] = {
         "tokens": inputs["hidden_states"].shape[1],
         "text": text,
@@ -173,6 +258,8 @@ def run(
                 text,
                 steps,
                 dtype,
+                cfg_scale,
+                cfg_parallel,
                 topology=topology,
                 transport=transport,
                 timeout=900,
