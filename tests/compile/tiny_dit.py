@@ -46,13 +46,17 @@ class Block(nn.Module):
         self.cross_kv = nn.Linear(text_width, 2 * width)
         self.cross_out = nn.Linear(width, width)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
         self.modulation = nn.Linear(width, 6 * width)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
         heads, head_dim = self.heads, width // self.heads
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(temb)).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(temb)).chunk(
+            6, dim=-1
+        )
 
         h = self.norm1(x) * (1 + scale1[:, None]) + shift1.unsqueeze(1)
         q, k, v = self.qkv(h).view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ __all__ = ["streamfusion_backend"]
 
 log = logging.getLogger("sf_compile")
 _DUMPS = itertools.count()
+_BARRIERS = itertools.count()
+COMPILE_TIMEOUT_ENV = "SF_COMPILE_TIMEOUT"  # seconds ranks wait for each other to compile
 
 
 def _context(opts: CompileOptions) -> sf_comm.Context | None:
@@ -111,6 +114,22 @@ def _dump(
     return path
 
 
+def _compiled_barrier(ctx: sf_comm.Context) -> None:
+    """Leave the backend together (Note [Compile barrier])."""
+    timeout = float(os.environ.get(COMPILE_TIMEOUT_ENV, 1800))
+    store = dist.distributed_c10d._get_default_store()
+    key = f"sf_compile/compiled/{next(_BARRIERS)}"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout
+    while (arrived := store.add(key, 0)) < ctx.world_size:
+        if time.monotonic() > deadline:
+            raise sf_comm.CommTimeout(
+                f"rank {ctx.rank}: sf_compile waited {timeout:.0f}s for the other ranks to "
+                f"finish compiling ({arrived} of {ctx.world_size} done; set {COMPILE_TIMEOUT_ENV})"
+            )
+        time.sleep(0.02)
+
+
 def streamfusion_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -146,10 +165,23 @@ def streamfusion_backend(
         ctx_key=ops.register_context(ctx),
         strategy=opts.strategy,
         attention_backend=opts.attention_backend,
-        overlap=opts.overlap,
+        overlap=opts.overlap if isinstance(opts.overlap, bool) else ctx.device.type == "cuda",
         on_unsupported=opts.on_unsupported,
     )
     _refresh_meta(new_gm, gm)
     log.info("%s", report.summary())
     _dump(opts, ctx.rank, gm, new_gm, report)
-    return inner(new_gm, example_inputs)
+    compiled = inner(new_gm, example_inputs)
+    _compiled_barrier(ctx)
+    return compiled
+
+
+# Note [Compile barrier]
+# The compiled graph runs right after the backend returns, and its first collective waits for
+# every rank with the transport's timeout (sf_comm's SF_TIMEOUT, 120 s by default). Ranks
+# compile different graphs (their token counts differ by one) and may hit Inductor's cache or
+# not, so one rank can finish compiling minutes before another. The backend therefore waits
+# for all ranks on the process group's store, with its own timeout (SF_COMPILE_TIMEOUT, 30 min
+# by default), before handing the compiled graph back. Every rank calls the backend for the
+# same graphs in the same order (Dynamo sees the same code and full inputs on every rank), so
+# the barrier keys line up.

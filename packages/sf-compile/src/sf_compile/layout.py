@@ -62,7 +62,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.world < 1 or not 0 <= self.rank < self.world:
-            raise ValueError(f"Split needs 0 <= rank < world, got rank={self.rank}, world={self.world}")
+            raise ValueError(
+                f"Split needs 0 <= rank < world, got rank={self.rank}, world={self.world}"
+            )
 
     def local_len(self, shard: Shard) -> int:
         """Tokens this rank holds along ``shard.dim`` (replicated prefix included)."""

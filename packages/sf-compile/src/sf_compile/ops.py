@@ -87,9 +87,7 @@ def _(x: torch.Tensor, dim: int, length: int, prefix: int, ctx_key: int) -> torc
     return x.new_empty(shape)  # contiguous, as torch.cat returns
 
 
-def _split_joint(
-    t: torch.Tensor, prefix: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_joint(t: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not prefix:
         return t, None
     return t[:, prefix:], t[:, :prefix]

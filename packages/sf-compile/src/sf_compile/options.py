@@ -30,7 +30,9 @@ class CompileOptions:
             together with ``ctx``.
         topology: topology for that context (e.g. "2x4"); not together with ``ctx``.
         overlap: emit the overlapped attention schedule (:mod:`sf_compile.overlap`): V's
-            exchange starts before Q and K are projected.
+            exchange starts before Q and K are projected. "auto" (default): on for CUDA
+            contexts, off on CPU, where a put is a memcpy by the sending core and the extra
+            exchange only costs (measured: ``python -m sf_compile.bench overlap``).
         inner_backend: the backend the rewritten graph goes to: "inductor" (default), any
             registered name ("eager", "aot_eager"), or a backend callable.
         inner_options: options for the inner backend (Inductor config keys for "inductor").
@@ -45,7 +47,7 @@ class CompileOptions:
     ctx: sf_comm.Context | None = None
     transport: str | None = None
     topology: str | None = None
-    overlap: bool = False
+    overlap: bool | str = "auto"
     inner_backend: str | Callable[..., Any] = "inductor"
     inner_options: dict[str, Any] | None = None
     attention_backend: str = "auto"
@@ -73,8 +75,10 @@ class CompileOptions:
             raise ValueError(
                 f"CompileOptions.ctx must be an sf_comm.Context, got {type(self.ctx).__name__}"
             )
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"CompileOptions.overlap must be a bool, got {self.overlap!r}")
+        if not (isinstance(self.overlap, bool) or self.overlap == "auto"):
+            raise ValueError(
+                f"CompileOptions.overlap must be True, False or 'auto', got {self.overlap!r}"
+            )
         if self.on_unsupported not in ("gather", "error"):
             raise ValueError(
                 f"CompileOptions.on_unsupported={self.on_unsupported!r}; allowed: 'gather', 'error'"

@@ -6,25 +6,16 @@ Equivalent plain code (what every rank's rewritten graph computes, up to roundin
 
 What it does, on each rank:
 
-1. *Seeds* (backwards, Note [Seeds]): from every attention's query/key/value, walk the graph
-   backwards through the ops :mod:`sf_compile.rules` can carry tokens through, to where the
-   tokens enter: graph inputs (hidden states, learned positional embeddings) or the reshape
-   that forms the token dim (a patch embedding's ``flatten``).
+1. *Seeds* (backwards, Note [Seeds] in :mod:`sf_compile.seeds`): from every attention's
+   query/key/value, walk the graph backwards through the ops :mod:`sf_compile.rules` can carry
+   tokens through, to where the tokens enter: graph inputs (hidden states, learned positional
+   embeddings) or the reshape that forms the token dim (a patch embedding's ``flatten``).
 2. *Rewrite* (forwards): every seed is cut to this rank's tokens right where it enters; every
    node's rule says which layout its inputs need and what comes out; the pass inserts a slice
    (whole -> split, free) or a ``streamfusion::gather`` (split -> whole, communication) where a
    value's layout differs from what the op needs, rewrites token sizes in ``view``/``reshape``
    arguments, and replaces attention by ``streamfusion::attention``. Graph outputs are gathered,
    so the compiled model returns full tensors on every rank, as in eager.
-
-Note [Seeds]
-~~~~~~~~~~~~
-Where a value is split only changes how much work is duplicated, never the result: the forward
-rewrite converts layouts wherever an op needs another one. Seeding at the inputs makes the
-projections, norms and MLPs run on 1/world of the tokens. A seed keeps its whole version too,
-so a consumer that needs the whole value (``mean`` over the input tokens) uses it instead of
-gathering. Keys/values of cross-attention (a different length than the queries) are not
-followed: they are per-sample context (text), needed whole by every rank.
 
 Note [In-place ops]
 ~~~~~~~~~~~~~~~~~~~
@@ -45,26 +36,22 @@ from typing import Any
 import torch
 from torch import fx
 
-from .layout import Layout, Shard, Split
+from .layout import Shard, Split
+from .overlap import hoist_value_sends
 from .rules import (
     Call,
     Config,
-    Plan,
     UnsupportedOpError,
-    elementwise,
     gather_all,
-    linear,
+    is_tensorish,
     mutated_input,
-    op_name,
-    replicated,
-    rule_for,
+    rule_of,
+    tensor_inputs,
     value_of,
 )
+from .seeds import find_seeds
 
-__all__ = ["ShardReport", "find_seeds", "shard_graph"]
-
-_ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"}
-_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
+__all__ = ["ShardReport", "check_static", "shard_graph"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -99,195 +86,6 @@ class ShardReport:
             lines.append(f"  {title}: {len(items)}")
             lines.extend(f"    {item}" for item in items)
         return "\n".join(lines)
-
-
-# -- tensor inputs of a node ------------------------------------------------------------
-
-
-def _is_tensorish(node: fx.Node) -> bool:
-    val = value_of(node)
-    if isinstance(val, torch.Tensor):
-        return True
-    return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """Tensor-valued node leaves of ``node``'s args and kwargs, in traversal order."""
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), found.append)
-    return [n for n in found if _is_tensorish(n)]
-
-
-def _module_rule(node: fx.Node, gm: fx.GraphModule) -> tuple[str, Any]:
-    """Rules for the few ``call_module`` kinds hand-traced graphs keep (Dynamo inlines)."""
-    mod = gm.get_submodule(str(node.target))
-    if isinstance(mod, torch.nn.Linear):
-        return "linear", linear
-    if isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
-        trailing = len(tuple(mod.normalized_shape))
-
-        def norm(call: Call) -> Plan:
-            lay = call.layouts[0]
-            if not isinstance(lay, Shard):
-                return replicated(call)
-            if lay.dim >= len(call.shape(0)) - trailing:
-                return gather_all(call, f"{type(mod).__name__} over the token dim")
-            return Plan([lay], lay)
-
-        return type(mod).__name__, norm
-    if isinstance(
-        mod,
-        (
-            torch.nn.GELU,
-            torch.nn.SiLU,
-            torch.nn.ReLU,
-            torch.nn.Tanh,
-            torch.nn.Sigmoid,
-            torch.nn.Mish,
-            torch.nn.Dropout,
-            torch.nn.Identity,
-        ),
-    ):
-        return type(mod).__name__, elementwise
-    return type(mod).__name__, None
-
-
-def _rule(node: fx.Node, gm: fx.GraphModule) -> tuple[str, Any]:
-    if node.op == "call_module":
-        return _module_rule(node, gm)
-    name = op_name(node)
-    label = name if name is not None else getattr(node.target, "__name__", str(node.target))
-    return label, rule_for(name)
-
-
-def _attention_qkv(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    names = ("query", "key", "value")
-    got = [node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in enumerate(names)]
-    if all(isinstance(n, fx.Node) for n in got):
-        return got[0], got[1], got[2]  # type: ignore[return-value]
-    return None
-
-
-# -- 1. seeds ----------------------------------------------------------------------------
-
-
-def find_seeds(gm: fx.GraphModule, cfg: Config) -> dict[fx.Node, Shard]:
-    """Where tokens enter the graph (Note [Seeds]): node -> the layout to cut it to."""
-    seeds: dict[fx.Node, Shard] = {}
-    stack: list[tuple[fx.Node, int | None, int, int]] = []  # (node, output index, dim, length)
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or op_name(node) not in _ATTENTION:
-            continue
-        qkv = _attention_qkv(node)
-        if qkv is None:
-            continue
-        q, k, v = qkv
-        q_shape = value_of(q).shape
-        seq_dim = len(q_shape) - 2
-        stack.append((q, None, seq_dim, int(q_shape[seq_dim])))
-        if int(value_of(k).shape[seq_dim]) == int(q_shape[seq_dim]):  # self-attention
-            for kv in (k, v):
-                stack.append((kv, None, seq_dim, int(value_of(kv).shape[seq_dim])))
-    seen: set[tuple[fx.Node, int | None, int, int]] = set()
-    while stack:
-        item = stack.pop()
-        if item in seen:
-            continue
-        seen.add(item)
-        node, index, dim, length = item
-        if node.op in ("placeholder", "get_attr"):
-            if index is None and isinstance(value_of(node), torch.Tensor):
-                seeds.setdefault(node, Shard(dim, length))
-            continue
-        if (
-            node.op == "call_function"
-            and node.target is operator.getitem
-            and isinstance(node.args[0], fx.Node)
-            and isinstance(value_of(node.args[0]), (tuple, list))
-            and isinstance(node.args[1], int)
-        ):
-            stack.append((node.args[0], node.args[1], dim, length))
-            continue
-        if index is None:
-            _seed_writers(node, dim, length, gm, cfg, stack)
-        name, rule = _rule(node, gm)
-        if rule is None or name in _ATTENTION:
-            continue
-        pushed = _seed_inputs(node, name, rule, index, dim, length, cfg, stack)
-        if not pushed and name in _VIEWS and index is None:
-            seeds.setdefault(node, Shard(dim, length))  # the reshape that forms the tokens
-    return seeds
-
-
-def _seed_writers(
-    node: fx.Node,
-    dim: int,
-    length: int,
-    gm: fx.GraphModule,
-    cfg: Config,
-    stack: list[tuple[fx.Node, int | None, int, int]],
-) -> None:
-    """In-place writes into ``node`` (``out[..., ::2] = y``) also feed its tokens: follow
-    the written values back too (Note [In-place ops])."""
-    for user in node.users:
-        if mutated_input(user) is not node:
-            continue
-        name, rule = _rule(user, gm)
-        if rule is None:
-            continue
-        inputs = tensor_inputs(user)
-        layouts: list[Layout] = [None] * len(inputs)
-        layouts[inputs.index(node)] = Shard(dim, length)
-        try:
-            plan = rule(Call(user, name, inputs, layouts, cfg))
-        except Exception:
-            continue
-        for inp, need in zip(inputs, plan.need):
-            if isinstance(need, Shard) and inp is not node:
-                stack.append((inp, None, need.dim, need.length))
-
-
-def _seed_inputs(
-    node: fx.Node,
-    name: str,
-    rule: Any,
-    index: int | None,
-    dim: int,
-    length: int,
-    cfg: Config,
-    stack: list[tuple[fx.Node, int | None, int, int]],
-) -> bool:
-    """Find an input layout the rule maps to (dim, length) on the output; push its inputs."""
-    inputs = tensor_inputs(node)
-    for i, inp in enumerate(inputs):
-        val = value_of(inp)
-        if not isinstance(val, torch.Tensor):
-            continue
-        for j, size in enumerate(val.shape):
-            if int(size) <= 1:
-                continue
-            layouts: list[Layout] = [None] * len(inputs)
-            layouts[i] = Shard(j, int(size))
-            try:
-                plan = rule(Call(node, name, inputs, layouts, cfg))
-            except Exception:  # a rule that cannot even judge this candidate: not it
-                continue
-            out = plan.out
-            if index is not None:
-                out = out[index] if isinstance(out, tuple) and index < len(out) else None
-            if (
-                isinstance(out, Shard)
-                and (out.dim, out.length) == (dim, length)
-                and plan.need[i] == layouts[i]
-            ):
-                for inp2, need in zip(inputs, plan.need):
-                    if isinstance(need, Shard):
-                        stack.append((inp2, None, need.dim, need.length))
-                return True
-    return False
-
-
-# -- 2. rewrite --------------------------------------------------------------------------
 
 
 class _Value:
@@ -357,8 +155,11 @@ class _Rewriter:
                 self._output(node)
             else:
                 self._call(node)
-        self.graph.eliminate_dead_code()
         new_gm = fx.GraphModule(self.gm, self.graph, self.gm.__class__.__name__)
+        new_gm.graph.eliminate_dead_code()  # unused slices of seeds
+        if self.cfg.overlap:
+            hoist_value_sends(new_gm.graph)
+        new_gm.recompile()
         return new_gm, self.report
 
     def _source(self, node: fx.Node) -> None:
@@ -393,7 +194,7 @@ class _Rewriter:
             return
         inputs = tensor_inputs(node)
         layouts = [self.env[n].layout for n in inputs]
-        name, rule = _rule(node, self.gm)
+        name, rule = rule_of(node, self.gm)
         call = Call(node, name, inputs, layouts, self.cfg)
         if rule is None:
             plan = gather_all(call, f"no rule for {name}", unsupported=True)
@@ -411,10 +212,12 @@ class _Rewriter:
         converted: list[Any] = []
 
         def arg(n: fx.Node) -> Any:
-            if not _is_tensorish(n):
+            if not is_tensorish(n):
                 return self.env[n].node
             i = next(position)
-            converted.append(self.convert(self.env[n], plan.need[i], node, plan.gather_reason or name))
+            converted.append(
+                self.convert(self.env[n], plan.need[i], node, plan.gather_reason or name)
+            )
             return converted[-1]
 
         args = fx.node.map_arg(node.args, arg)
