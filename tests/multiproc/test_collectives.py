@@ -21,7 +21,7 @@ from sf_comm.launch import RankError, RankPool
 TRANSPORTS = ["shm", "gloo"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOPOLOGIES = {1: ["1x1"], 2: ["1x2", "2x1"], 4: ["2x2", "1x4", "4x1"], 8: ["2x4"]}
-HYP = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+HYP = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def _make(seed: int, src: int, dst: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:

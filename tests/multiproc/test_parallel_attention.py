@@ -25,7 +25,7 @@ STRATEGIES = ["ulysses", "ring", "usp", "tas", "torus", "auto"]
 TRANSPORTS = ["shm", "gloo"]
 TOPOLOGIES = {1: ["1x1"], 2: ["1x2", "2x1"], 4: ["2x2", "1x4", "4x1"], 8: ["2x4", "4x2"]}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-HYP = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+HYP = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def _inputs(seed: int, batch: int, seq: int, heads: int, dim: int, text: int, dtype: torch.dtype):

@@ -101,6 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             dtype=dtype,
             cfg_scale=cfg_scale,
             cfg_parallel=args.cfg_parallel,
+            compile_inner=args.compile,
             out=args.out,
         )
     except ValueError as exc:
@@ -194,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="true classifier-free guidance scale (> 1 runs a negative-prompt pass)",
+    )
+    run.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="INNER",
+        help='run torch.compile(backend="streamfusion") with this inner backend (default '
+        "inductor; minutes on CPU) instead of sf_models.parallelize",
     )
     run.add_argument(
         "--cfg-parallel",

@@ -163,6 +163,7 @@ def _rank_job(
     dtype: torch.dtype,
     cfg_scale: float,
     cfg_parallel: bool,
+    compile_inner: str | None = None,
 ) -> dict[str, Any]:
     from sf_attn.planner import choose_strategy
 
@@ -183,7 +184,11 @@ def _rank_job(
         dtype=dtype,
         one_sided=ctx.transport.one_sided,
     )
-    sp = parallelize(model, ctx=sp_ctx, strategy=strategy)
+    if compile_inner:  # the one-line path: torch.compile with the streamfusion backend
+        options = {"ctx": sp_ctx, "strategy": strategy, "inner_backend": compile_inner}
+        sp = torch.compile(model, backend="streamfusion", dynamic=False, options=options)
+    else:
+        sp = parallelize(model, ctx=sp_ctx, strategy=strategy)
     if cfg_parallel:
         velocity = cfg_parallel_velocity(sp, inputs, cfg_scale, ctx, cross, branch)
     else:
@@ -216,6 +221,7 @@ def run(
     dtype: torch.dtype,
     cfg_scale: float = 1.0,
     cfg_parallel: bool = False,
+    compile_inner: str | None = None,
     out: str | None = None,
 ) -> dict[str, Any]:
     """Single-process reference, then every strategy on ``world`` ranks; returns a report.
@@ -224,7 +230,9 @@ def run(
     unconditional pass); ``cfg_parallel`` puts the two passes on the two halves of the ranks,
     each half doing sequence parallelism. With ``out``, the last step of each strategy is
     traced on every rank and written as ``out/trace-<strategy>.json`` (Chrome/Perfetto) and
-    ``out/timeline-<strategy>.png``.
+    ``out/timeline-<strategy>.png``. With ``compile_inner`` (e.g. "inductor"), the ranks run
+    ``torch.compile(model, backend="streamfusion")`` instead of ``sf_models.parallelize``
+    (the first step then includes compilation; the reported step time is the median).
 
     Raises:
         ValueError: cfg_parallel without guidance, or a topology that cannot be halved.
@@ -260,9 +268,10 @@ def run(
                 dtype,
                 cfg_scale,
                 cfg_parallel,
+                compile_inner,
                 topology=topology,
                 transport=transport,
-                timeout=900,
+                timeout=1800,
             )
             latents = results[0]["latents"]
             err = (
