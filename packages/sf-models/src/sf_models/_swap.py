@@ -12,6 +12,20 @@ import sf_attn
 from .parallelize import ShardState
 
 
+class SequenceParallelProcessor:
+    """Base of the plans' attention processors.
+
+    Args:
+        state: the shared per-call state (context, strategy, input lengths).
+        inner: the processor this one replaces; used while no parallel forward runs
+            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    """
+
+    def __init__(self, state: ShardState, inner: Any) -> None:
+        self.state = state
+        self.inner = inner
+
+
 def swap_attention_processors(
     module: torch.nn.Module,
     state: ShardState,

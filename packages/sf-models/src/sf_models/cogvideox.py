@@ -21,15 +21,13 @@ changes are the RoPE rows (Note [CogVideoX RoPE rows]) and the attention call::
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers.models import attention_processor
 from diffusers.models.embeddings import apply_rotary_emb
 
 import sf_attn
 
-from ._swap import swap_attention_processors
+from ._swap import SequenceParallelProcessor, swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["COGVIDEOX_PLAN", "CogVideoXSequenceParallelProcessor"]
@@ -37,18 +35,11 @@ __all__ = ["COGVIDEOX_PLAN", "CogVideoXSequenceParallelProcessor"]
 _VIDEO = "transformer_blocks.0.hidden_states"  # ShardState.lengths key of the video token count
 
 
-class CogVideoXSequenceParallelProcessor:
+class CogVideoXSequenceParallelProcessor(SequenceParallelProcessor):
     """``CogVideoXAttnProcessor2_0`` with the attention over the rank-split video sequence.
 
-    Args:
-        state: the shared per-call state (context, strategy, input lengths).
-        inner: the processor this one replaces; used while no parallel forward runs
-            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
-
-    def __init__(self, state: ShardState, inner: Any) -> None:
-        self.state = state
-        self.inner = inner
 
     # Attention.forward filters keyword arguments by this signature: keep the names.
     def __call__(

@@ -24,32 +24,23 @@ for single-stream) and passes the replicated text part as ``joint=``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux
 
 import sf_attn
 
-from ._swap import swap_attention_processors
+from ._swap import SequenceParallelProcessor, swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["FLUX_PLAN", "FluxSequenceParallelProcessor"]
 
 
-class FluxSequenceParallelProcessor:
+class FluxSequenceParallelProcessor(SequenceParallelProcessor):
     """``FluxAttnProcessor`` with the attention over the rank-split image sequence.
 
-    Args:
-        state: the shared per-call state (context, strategy, input lengths).
-        inner: the processor this one replaces; used while no parallel forward runs
-            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
-
-    def __init__(self, state: ShardState, inner: Any) -> None:
-        self.state = state
-        self.inner = inner
 
     # FluxAttention.forward filters keyword arguments by this signature: keep the names.
     def __call__(

@@ -36,7 +36,7 @@ from diffusers.models.transformers import transformer_hunyuan_video as hunyuan
 
 import sf_attn
 
-from ._swap import swap_attention_processors
+from ._swap import SequenceParallelProcessor, swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["HUNYUANVIDEO_PLAN", "HunyuanVideoSequenceParallelProcessor"]
@@ -45,18 +45,11 @@ _VIDEO = "x_embedder"  # ShardState.lengths key of the video token count
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
-class HunyuanVideoSequenceParallelProcessor:
+class HunyuanVideoSequenceParallelProcessor(SequenceParallelProcessor):
     """``HunyuanVideoAttnProcessor2_0`` with the attention over the rank-split video sequence.
 
-    Args:
-        state: the shared per-call state (context, strategy, input lengths).
-        inner: the processor this one replaces; used while no parallel forward runs
-            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
-
-    def __init__(self, state: ShardState, inner: Any) -> None:
-        self.state = state
-        self.inner = inner
 
     # Attention.forward filters keyword arguments by this signature: keep the names.
     def __call__(

@@ -30,7 +30,7 @@ from diffusers.models import attention_processor
 
 import sf_attn
 
-from ._swap import swap_attention_processors
+from ._swap import SequenceParallelProcessor, swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["SD3_PLAN", "SD3SequenceParallelProcessor"]
@@ -42,18 +42,11 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))  # [B, seq, H * D] -> [B, seq, H, D]
 
 
-class SD3SequenceParallelProcessor:
+class SD3SequenceParallelProcessor(SequenceParallelProcessor):
     """``JointAttnProcessor2_0`` with the attention over the rank-split image sequence.
 
-    Args:
-        state: the shared per-call state (context, strategy, input lengths).
-        inner: the processor this one replaces; used while no parallel forward runs
-            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
-
-    def __init__(self, state: ShardState, inner: Any) -> None:
-        self.state = state
-        self.inner = inner
 
     # Attention.forward filters keyword arguments by this signature: keep JointAttnProcessor2_0's.
     def __call__(

@@ -33,7 +33,7 @@ from diffusers.models.transformers import transformer_wan as wan
 
 import sf_attn
 
-from ._swap import swap_attention_processors
+from ._swap import SequenceParallelProcessor, swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["WAN_PLAN", "WanSequenceParallelProcessor"]
@@ -50,18 +50,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return rotated.flatten(-2).type_as(x)
 
 
-class WanSequenceParallelProcessor:
+class WanSequenceParallelProcessor(SequenceParallelProcessor):
     """``WanAttnProcessor`` for self-attention (``attn1``) over the rank-split video sequence.
 
-    Args:
-        state: the shared per-call state (context, strategy, input lengths).
-        inner: the processor this one replaces; used while no parallel forward runs
-            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+    (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
-
-    def __init__(self, state: ShardState, inner: Any) -> None:
-        self.state = state
-        self.inner = inner
 
     def __call__(
         self,
