@@ -135,6 +135,23 @@ def test_messages_larger_than_a_slot(ranks, transport: str) -> None:
     )
 
 
+def _uses_rendezvous(ctx: sf_comm.Context) -> int:
+    return ctx.transport._cma_min
+
+
+@pytest.mark.parametrize("cma_min", [0, 1024])
+def test_shm_rendezvous_and_eager_paths(ranks, cma_min: int) -> None:
+    """Catches a broken cross-memory-attach path (wrong address, buffer freed before the read,
+    FIFO order lost between rendezvous and eager messages) and a broken eager fallback."""
+    pool = ranks(4)
+    options = {"cma_min": cma_min}
+    assert (
+        pool.run(_uses_rendezvous, topology="2x2", transport="shm", ctx_options=options)[0]
+        == cma_min
+    )
+    pool.run(_large_and_pipelined, 100_000, topology="2x2", transport="shm", ctx_options=options)
+
+
 def _count(ctx: sf_comm.Context) -> tuple[dict[str, int], dict[str, int]]:
     group = ctx.group("intra")
     before = ctx.transport.stats.snapshot()

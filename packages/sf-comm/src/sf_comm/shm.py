@@ -12,7 +12,7 @@ Heap layout (int64 control words, then data)::
     ctrl[ACKS + dst]          pieces of mine ``dst`` has consumed (written by ``dst``)
     ctrl[BAR + src]           barriers ``src`` has entered with me
     ctrl[SIG + i]             user signals (``signal``/``wait_signal``)
-    ctrl[HDR + 2*(src*K+k)]   (message bytes, op code) of the piece in slot k from src
+    ctrl[HDR + 4*(src*K+k)]   (message bytes, op code, mode, address) of slot k's piece
     data: inbox[src][k]       K slots of ``slot_bytes`` per source rank  # [world, K, slot_bytes]
     data: user region         symmetric allocations (``alloc``/``put``/``get``)
 
@@ -23,6 +23,13 @@ consumed the piece that used the slot before), then publishes it with ``FLAGS[sr
 dst copies it out and stores ``ACKS[dst] = q`` in src's heap. Each counter has one writer,
 so plain 8-byte stores suffice; on x86-64 (TSO) the data stores are visible before the flag
 store that follows them in program order.
+
+Note [shm rendezvous]: a message of at least ``SF_SHM_CMA_MIN_KB`` (256 KiB) that fits one
+piece is not copied into the slot: the sender publishes its address (``mode = RNDV``) and the
+receiver copies it straight into its output with ``process_vm_readv`` (cross-memory attach:
+a one-sided get, one copy instead of two). The sender keeps the buffer alive until the
+receiver's ack. Used only if every rank could read every peer's memory at creation
+(seccomp or ptrace policy may forbid it); otherwise all messages go eager.
 
 Concurrency contract: one thread per rank uses the transport; pending exchanges progress in
 issue order inside ``wait()`` (and opportunistically when issued), so pieces of different
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import dataclasses
 import mmap
 import os
@@ -54,9 +62,52 @@ import torch.distributed as dist
 from .transport import CommError, CommTimeout, Group, Handle, Recv, Send, Transport
 
 _MAGIC = 0x5F53_4D48_4541_5001
-_PID, _WORLD, _ABORTED = 1, 2, 3
+_PID, _WORLD, _ABORTED, _BASE = 1, 2, 3, 4
+_HDR_WORDS = 4  # per slot: message bytes, op code, mode, source address
+_EAGER, _RNDV = 0, 1
 _USER_SIGNALS = 64
 _PAGE = 4096
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+    def __init__(self, base: int, length: int) -> None:
+        super().__init__(base, length)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _agree_on_cma(
+    maps: list[mmap.mmap], rank: int, pg: dist.ProcessGroup | None, threshold: int | None
+) -> int:
+    """Rendezvous threshold in bytes if every rank can read every peer's memory, else 0.
+
+    Each rank reads its peers' heap headers through ``process_vm_readv`` (cross-memory
+    attach) and checks them against the shared mapping; seccomp profiles or ptrace policies
+    that forbid it make every rank fall back to the eager path (all ranks must agree).
+    """
+    if threshold is None:
+        threshold = int(float(os.environ.get("SF_SHM_CMA_MIN_KB", 256)) * 1024)
+    ok = threshold > 0 and hasattr(_LIBC, "process_vm_readv")
+    if ok:
+        probe = torch.zeros(8, dtype=torch.int64)
+        for r, m in enumerate(maps):
+            if r == rank:
+                continue
+            header = np.ndarray((8,), np.int64, buffer=m)
+            local = _IoVec(probe.data_ptr(), 64)
+            remote = _IoVec(int(header[_BASE]), 64)
+            got = _LIBC.process_vm_readv(
+                int(header[_PID]), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0
+            )
+            if got != 64 or int(probe[0]) != _MAGIC or int(probe[_PID]) != int(header[_PID]):
+                ok = False
+                break
+    verdict = torch.tensor([1 if ok else 0])
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=pg)
+    return threshold if int(verdict) else 0
 
 
 def _op_code(op: str) -> int:
@@ -88,6 +139,7 @@ class _Job:
     data: torch.Tensor  # [nbytes] uint8, flat view of the tensor sent / received into
     pieces: int
     done: int = 0
+    ack: int = 0  # rendezvous: the piece number whose ack frees ``data`` (0: eager)
 
 
 @dataclasses.dataclass(slots=True)
@@ -137,6 +189,7 @@ class ShmTransport(Transport):
         slot_bytes: int,
         slots: int,
         user_bytes: int,
+        cma_min: int = 0,
     ) -> None:
         super().__init__(rank=rank, world_size=world_size, timeout=timeout)
         w, k = world_size, slots
@@ -144,7 +197,7 @@ class ShmTransport(Transport):
         self.FLAGS, self.ACKS, self.BAR = 8, 8 + w, 8 + 2 * w
         self.SIG = 8 + 3 * w
         self.HDR = self.SIG + _USER_SIGNALS
-        ctrl_words = self.HDR + 2 * w * k
+        ctrl_words = self.HDR + _HDR_WORDS * w * k
         self.data_off = -(-ctrl_words * 8 // _PAGE) * _PAGE
         self.user_off = self.data_off + w * k * slot_bytes
         self._maps = maps
@@ -158,6 +211,7 @@ class ShmTransport(Transport):
         self._pids = [int(c[_PID]) for c in self._ctrl]
         self._pending: list[_Op] = []
         self._alloc_top = 0
+        self._cma_min = cma_min  # Note [shm rendezvous]; 0 disables it
         self._broken: str | None = None
         self._closed = False
 
@@ -165,7 +219,7 @@ class ShmTransport(Transport):
 
     @staticmethod
     def heap_bytes(world_size: int, slot_bytes: int, slots: int, user_bytes: int) -> int:
-        ctrl_words = 8 + 3 * world_size + _USER_SIGNALS + 2 * world_size * slots
+        ctrl_words = 8 + 3 * world_size + _USER_SIGNALS + _HDR_WORDS * world_size * slots
         data_off = -(-ctrl_words * 8 // _PAGE) * _PAGE
         return data_off + world_size * slots * slot_bytes + user_bytes
 
@@ -181,6 +235,7 @@ class ShmTransport(Transport):
         slots: int = 2,
         user_bytes: int | None = None,
         shm_dir: str | None = None,
+        cma_min: int | None = None,
     ) -> ShmTransport:
         """Create and map every rank's heap; collective over ``pg`` (default: world).
 
@@ -193,6 +248,8 @@ class ShmTransport(Transport):
             user_bytes: size of the symmetric user region (default ``SF_SHM_USER_MB`` or
                 64 MiB; pages are only backed once written).
             shm_dir: where segments live (default ``SF_SHM_DIR`` or /dev/shm).
+            cma_min: smallest message (bytes) read by rendezvous, Note [shm rendezvous]
+                (default ``SF_SHM_CMA_MIN_KB`` or 256 KiB; 0 disables it).
         """
         slot_bytes = slot_bytes or int(float(os.environ.get("SF_SHM_SLOT_MB", 8)) * 2**20)
         if user_bytes is None:
@@ -223,6 +280,7 @@ class ShmTransport(Transport):
                 os.close(fd)
             ctrl = np.ndarray((8,), np.int64, buffer=maps[rank])
             ctrl[_PID], ctrl[_WORLD], ctrl[0] = os.getpid(), world_size, _MAGIC
+            ctrl[_BASE] = ctypes.addressof(ctypes.c_char.from_buffer(maps[rank]))  # type: ignore[arg-type]
             dist.barrier(group=pg)
             for r, name in enumerate(names):
                 if r == rank:
@@ -236,6 +294,7 @@ class ShmTransport(Transport):
                 if peer[0] != _MAGIC or peer[_WORLD] != world_size:
                     raise CommError(f"rank {rank}: shm heap of rank {r} ({name}) is not ours")
             dist.barrier(group=pg)
+            cma_min = _agree_on_cma(maps, rank, pg, cma_min)  # type: ignore[arg-type]
         except BaseException:
             for name in names:  # a failed init must not leave any rank's segment behind
                 with contextlib.suppress(OSError):
@@ -252,6 +311,7 @@ class ShmTransport(Transport):
             slot_bytes=slot_bytes,
             slots=slots,
             user_bytes=user_bytes,
+            cma_min=cma_min,
         )
 
     # -- failure detection ------------------------------------------------------------
@@ -304,9 +364,8 @@ class ShmTransport(Transport):
 
     def _slot(self, src: int, q: int) -> tuple[int, int]:
         k = (q - 1) % self.slots
-        return self.data_off + (src * self.slots + k) * self.slot_bytes, self.HDR + 2 * (
-            src * self.slots + k
-        )
+        slot = src * self.slots + k
+        return self.data_off + slot * self.slot_bytes, self.HDR + _HDR_WORDS * slot
 
     def _try_send(self, job: _Job, op: _Op) -> bool:
         me, dst = self.rank, job.peer
@@ -315,16 +374,23 @@ class ShmTransport(Transport):
             if self._ctrl[me][self.ACKS + dst] < q - self.slots:
                 return False
             off, hdr = self._slot(me, q)
-            a = job.done * self.slot_bytes
-            b = min(a + self.slot_bytes, job.data.numel())
-            if b > a:
-                self._heap[dst][off : off + b - a].copy_(job.data[a:b])
             peer = self._ctrl[dst]
+            if job.pieces == 1 and self._cma_min and job.data.numel() >= self._cma_min:
+                # Note [shm rendezvous]: publish where the bytes are; the receiver reads them.
+                peer[hdr + 2], peer[hdr + 3] = _RNDV, job.data.data_ptr()
+                job.ack = q
+            else:
+                a = job.done * self.slot_bytes
+                b = min(a + self.slot_bytes, job.data.numel())
+                if b > a:
+                    self._heap[dst][off : off + b - a].copy_(job.data[a:b])
+                peer[hdr + 2] = _EAGER
             peer[hdr], peer[hdr + 1] = job.data.numel(), op.code
             peer[self.FLAGS + me] = q
             self._sent[dst] = q
             job.done += 1
-        return True
+        # a rendezvous send is complete once the receiver has read (and acked) the bytes
+        return not job.ack or self._ctrl[me][self.ACKS + dst] >= job.ack
 
     def _try_recv(self, job: _Job, op: _Op) -> bool:
         me, src = self.rank, job.peer
@@ -341,14 +407,37 @@ class ShmTransport(Transport):
                     + ("" if code == op.code else " in a different operation")
                     + " (shapes, dtypes or the order of collectives differ across ranks)"
                 )
-            a = job.done * self.slot_bytes
-            b = min(a + self.slot_bytes, nbytes)
-            if b > a:
-                job.data[a:b].copy_(self._heap[me][off : off + b - a])
+            if self._ctrl[me][hdr + 2] == _RNDV:
+                self._read_peer(src, int(self._ctrl[me][hdr + 3]), job.data, op.name)
+            else:
+                a = job.done * self.slot_bytes
+                b = min(a + self.slot_bytes, nbytes)
+                if b > a:
+                    job.data[a:b].copy_(self._heap[me][off : off + b - a])
             self._ctrl[src][self.ACKS + me] = q
             self._recvd[src] = q
             job.done += 1
         return True
+
+    def _read_peer(self, src: int, address: int, out: torch.Tensor, what: str) -> None:
+        """Copy ``out.numel()`` bytes at ``address`` in rank ``src``'s memory into ``out``."""
+        total, done = out.numel(), 0
+        while done < total:
+            local = _IoVec(out.data_ptr() + done, total - done)
+            remote = _IoVec(address + done, total - done)
+            got = _LIBC.process_vm_readv(
+                self._pids[src], ctypes.byref(local), 1, ctypes.byref(remote), 1, 0
+            )
+            if got <= 0:
+                err = ctypes.get_errno()
+                if not _pid_alive(self._pids[src]):
+                    raise self._fail(
+                        f"rank {src} (pid {self._pids[src]}) died during {what}", dead=src
+                    )
+                raise self._fail(
+                    f"{what}: reading {total} bytes from rank {src} failed: {os.strerror(err)}"
+                )
+            done += got
 
     def _progress(self) -> None:
         busy_dst: set[int] = set()
@@ -356,9 +445,12 @@ class ShmTransport(Transport):
         for op in self._pending:
             finished = True
             for job in op.sends:
-                if job.done < job.pieces and (job.peer in busy_dst or not self._try_send(job, op)):
+                pending = job.done < job.pieces or job.ack
+                if pending and (job.peer in busy_dst or not self._try_send(job, op)):
                     busy_dst.add(job.peer)
                     finished = False
+                elif job.ack:
+                    job.ack = 0  # read by the receiver: the buffer may go
             for job in op.recvs:
                 if job.done < job.pieces and (job.peer in busy_src or not self._try_recv(job, op)):
                     busy_src.add(job.peer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections.abc import Sequence
 
 import torch
@@ -40,14 +41,19 @@ class TwoSidedTransport(Transport):
         self._where: list[tuple[str, int] | None] = [None] * world_size
         dist.all_gather_object(self._where, (socket.gethostname(), os.getpid()))
 
-    def _dead_peers(self, peers: Sequence[int]) -> list[int]:
+    def _dead_peers(self, peers: Sequence[int], patience: float = 2.0) -> list[int]:
+        """Peers on this host that are dead; waits up to ``patience`` s for a dying one (a
+        connection resets while the killed process is still being torn down)."""
         host = socket.gethostname()
-        dead = []
-        for p in sorted(set(peers)):
-            where = self._where[p]
-            if where is not None and where[0] == host and not _pid_alive(where[1]):
-                dead.append(p)
-        return dead
+        local = [
+            p for p in sorted(set(peers)) if (w := self._where[p]) is not None and w[0] == host
+        ]
+        deadline = time.monotonic() + patience
+        while True:
+            dead = [p for p in local if not _pid_alive(self._where[p][1])]  # type: ignore[index]
+            if dead or time.monotonic() > deadline:
+                return dead
+            time.sleep(0.05)
 
     def _wait(self, works: Sequence[dist.Work], op: str, peers: Sequence[int]) -> None:
         try:
