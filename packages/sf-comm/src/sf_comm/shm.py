@@ -24,8 +24,8 @@ dst copies it out and stores ``ACKS[dst] = q`` in src's heap. Each counter has o
 so plain 8-byte stores suffice; on x86-64 (TSO) the data stores are visible before the flag
 store that follows them in program order.
 
-Note [shm rendezvous]: a message of at least ``SF_SHM_CMA_MIN_KB`` (256 KiB) that fits one
-piece is not copied into the slot: the sender publishes its address (``mode = RNDV``) and the
+Note [shm rendezvous]: a message of at least ``SF_SHM_CMA_MIN_KB`` (256 KiB) is not cut into
+pieces nor copied into a slot: the sender publishes its address (``mode = RNDV``) and the
 receiver copies it straight into its output with ``process_vm_readv`` (cross-memory attach:
 a one-sided get, one copy instead of two). The sender keeps the buffer alive until the
 receiver's ack. Used only if every rank could read every peer's memory at creation
@@ -459,6 +459,8 @@ class ShmTransport(Transport):
         self._pending = [op for op in self._pending if not op.finished]
 
     def _pieces(self, nbytes: int) -> int:
+        if self._cma_min and nbytes >= self._cma_min:
+            return 1  # one rendezvous, any size (sender and receiver apply the same rule)
         return max(1, -(-nbytes // self.slot_bytes))
 
     def exchange(
