@@ -168,6 +168,8 @@ def parallel_attention(
             head_dim=q.shape[-1],
             dtype=q.dtype,
             one_sided=ctx.transport.one_sided,
+            batch=q.shape[0],
+            text_len=max(text_len, 0),
         )
     chosen = get_strategy(strategy)
     layout = chosen.layout(ctx.topology, heads, ulysses_degree)

@@ -238,10 +238,19 @@ def choose_strategy(
     head_dim: int = 64,
     dtype: torch.dtype = torch.bfloat16,
     one_sided: bool = True,
+    batch: int = 1,
+    text_len: int = 0,
 ) -> tuple[str, int]:
     """(strategy, Ulysses degree) the planner picks for this layer on ``topology``."""
     chosen = plan_for(
-        topology, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=dtype, one_sided=one_sided
+        topology,
+        seq_len=seq_len,
+        heads=heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        one_sided=one_sided,
+        batch=batch,
+        text_len=text_len,
     )
     return chosen.strategy, chosen.ulysses_degree
 
