@@ -49,11 +49,11 @@ Concurrency and buffer-reuse contract (relied on by every caller):
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import importlib
 import os
-import socket
 import sys
 import time
 import warnings
@@ -64,7 +64,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .shm import _pid_alive
+from ._liveness import dead_ranks, rank_processes
 from .transport import CommError, CommTimeout, Group, Handle, Recv, Send, Transport
 
 _HDR = 16  # bytes of one slot header: (message bytes, op code) as int64
@@ -107,13 +107,6 @@ class GpuOptions:
             raise ValueError(f"GpuOptions.slots={self.slots}: must be >= 1")
 
 
-def _procs(pg: Any) -> list[tuple[str, int]]:
-    """(hostname, pid) of every rank, to tell a dead peer on this host from a slow one."""
-    out: list[Any] = [None] * dist.get_world_size(pg)
-    dist.all_gather_object(out, (socket.gethostname(), os.getpid()), group=pg)
-    return [tuple(x) for x in out]
-
-
 class _StreamedTransport(Transport):
     """The protocol of the module docstring; backends supply puts, signals and waits."""
 
@@ -135,7 +128,6 @@ class _StreamedTransport(Transport):
         self.host_wait, self.check = opts.host_wait, opts.check
         self._data_off, self._stride = self.layout(world_size, opts.slot_bytes, opts.slots)
         self._procs = procs
-        self._host = socket.gethostname()
         self._sent = [0] * world_size  # pieces sent to each peer
         self._recvd = [0] * world_size  # pieces consumed from each peer
         self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
@@ -161,6 +153,7 @@ class _StreamedTransport(Transport):
 
     # -- backend hooks; all enqueue on ``stream`` (also the current stream when called) ----
 
+    @abc.abstractmethod
     def _put(
         self,
         dst: int,
@@ -171,30 +164,30 @@ class _StreamedTransport(Transport):
         stream: torch.cuda.Stream,
     ) -> None:
         """Write ``piece`` (and ``hdr``) into slot k of ``dst``, then signal piece q."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _wait_put(self, src: int, k: int, q: int, stream: torch.cuda.Stream) -> None:
         """Make ``stream`` wait until piece q from ``src`` is in slot k here."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _ack(self, src: int, k: int, q: int, stream: torch.cuda.Stream) -> None:
         """Tell ``src`` that piece q (slot k) was copied out."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _wait_ack(self, dst: int, k: int, q: int, stream: torch.cuda.Stream) -> None:
         """Make ``stream`` wait until ``dst`` acknowledged piece q (slot k)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _local(self, offset: int, nbytes: int) -> torch.Tensor:
         """This rank's heap bytes [offset, offset + nbytes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _barrier_signals(self, peers: Sequence[int], stream: torch.cuda.Stream) -> None:
-        raise NotImplementedError
+        """Signal every peer and make ``stream`` wait for all of theirs (a device barrier)."""
 
+    @abc.abstractmethod
     def _release(self, clean: bool) -> None:
         """Drop the heap (``clean``) or park it in ``_LEAKED``."""
-        raise NotImplementedError
 
     # -- failure handling -------------------------------------------------------------
 
@@ -207,13 +200,6 @@ class _StreamedTransport(Transport):
     def _fail(self, message: str, exc: type[CommError] = CommError) -> CommError:
         self._broken = self._broken or message
         return exc(f"rank {self.rank}: {self.name} {message}")
-
-    def _dead(self, peers: Sequence[int]) -> list[int]:
-        return [
-            p
-            for p in peers
-            if self._procs[p][0] == self._host and not _pid_alive(self._procs[p][1])
-        ]
 
     def _watch(self, events: Sequence[torch.cuda.Event], what: str, peers: Sequence[int]) -> None:
         """Block until ``events`` completed; raise on timeout, dead peer or device error."""
@@ -233,7 +219,7 @@ class _StreamedTransport(Transport):
                 os.sched_yield()
             if now - last > 0.05:
                 last = now
-                dead = self._dead(peers)
+                dead = dead_ranks(self._procs, peers)
                 if dead:
                     raise self._fail(
                         f"{what}: rank(s) {dead} died (pids {[self._procs[p][1] for p in dead]})"
@@ -500,7 +486,7 @@ class TorchSymmTransport(_StreamedTransport):
                 f"rank {rank}: torch-symm view of the own heap is at {views[rank].data_ptr():#x}, "
                 f"the heap at {heap.data_ptr():#x} (symmetric-memory API differs from expected)"
             )
-        procs = _procs(pg)
+        procs = rank_processes(pg)
         dist.barrier(group=pg)
         return cls(
             hdl=hdl,
@@ -693,7 +679,7 @@ class NvshmemTransport(_StreamedTransport):
             ) from exc
         sig.zero_()
         torch.cuda.synchronize(device)
-        procs = _procs(pg)
+        procs = rank_processes(pg)
         dist.barrier(group=pg)  # every rank's counters are zero before anyone signals
         return cls(
             nvc=nvc,

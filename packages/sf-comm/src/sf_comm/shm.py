@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._liveness import pid_alive
 from .transport import CommError, CommTimeout, Group, Handle, Recv, Send, Transport
 
 _MAGIC = 0x5F53_4D48_4541_5001
@@ -116,21 +117,6 @@ def _op_code(op: str) -> int:
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child that nobody reaped yet is a zombie: dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except OSError:
-        return True
 
 
 @dataclasses.dataclass(slots=True)
@@ -342,7 +328,7 @@ class ShmTransport(Transport):
                 )
             if code:
                 raise self._fail(f"rank {p} aborted (it raised an error) during {what}")
-            if not _pid_alive(self._pids[p]):
+            if not pid_alive(self._pids[p]):
                 raise self._fail(f"rank {p} (pid {self._pids[p]}) died during {what}", dead=p)
         if time.monotonic() - start > self.timeout:
             raise self._fail(
@@ -430,7 +416,7 @@ class ShmTransport(Transport):
             )
             if got <= 0:
                 err = ctypes.get_errno()
-                if not _pid_alive(self._pids[src]):
+                if not pid_alive(self._pids[src]):
                     raise self._fail(
                         f"rank {src} (pid {self._pids[src]}) died during {what}", dead=src
                     )

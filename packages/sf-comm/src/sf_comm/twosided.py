@@ -12,15 +12,12 @@ Errors are re-raised as :class:`CommError` naming this rank, the operation and t
 from __future__ import annotations
 
 import datetime
-import os
-import socket
-import time
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
-from .shm import _pid_alive
+from ._liveness import dead_ranks, rank_processes
 from .transport import CommError, Group, Handle, Recv, Send, Transport
 
 
@@ -38,30 +35,16 @@ class TwoSidedTransport(Transport):
         self.name = backend
         self._timeout = datetime.timedelta(seconds=timeout)
         # (host, pid) of every rank, so a failure can say which peer on this host died.
-        self._where: list[tuple[str, int] | None] = [None] * world_size
-        dist.all_gather_object(self._where, (socket.gethostname(), os.getpid()))
-
-    def _dead_peers(self, peers: Sequence[int], patience: float = 2.0) -> list[int]:
-        """Peers on this host that are dead; waits up to ``patience`` s for a dying one (a
-        connection resets while the killed process is still being torn down)."""
-        host = socket.gethostname()
-        local = [
-            p for p in sorted(set(peers)) if (w := self._where[p]) is not None and w[0] == host
-        ]
-        deadline = time.monotonic() + patience
-        while True:
-            dead = [p for p in local if not _pid_alive(self._where[p][1])]  # type: ignore[index]
-            if dead or time.monotonic() > deadline:
-                return dead
-            time.sleep(0.05)
+        self._where = rank_processes()
 
     def _wait(self, works: Sequence[dist.Work], op: str, peers: Sequence[int]) -> None:
         try:
             for work in works:
                 work.wait(self._timeout)
         except Exception as exc:  # gloo raises RuntimeError/DistBackendError variants
-            dead = self._dead_peers(peers)
-            cause = "".join(f"rank {p} (pid {self._where[p][1]}) died; " for p in dead)  # type: ignore[index]
+            # a connection resets while the killed peer is still being torn down: wait a little
+            dead = dead_ranks(self._where, peers, patience=2.0)
+            cause = "".join(f"rank {p} (pid {self._where[p][1]}) died; " for p in dead)
             raise CommError(
                 f"rank {self.rank}: {cause}{self.name} {op} with ranks {sorted(set(peers))} "
                 f"failed: {exc}"
