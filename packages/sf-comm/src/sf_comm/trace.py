@@ -17,6 +17,7 @@ With no tracer installed the hooks cost one global lookup.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import json
@@ -38,7 +39,7 @@ class Event:
     step: int = 0  # sequence number of the span among its kind (for tests)
 
 
-class Tracer:
+class Tracer(abc.ABC):
     """Base tracer: receives span reports; subclasses decide what time is."""
 
     def __init__(self) -> None:
@@ -47,19 +48,21 @@ class Tracer:
 
     # -- hooks (called by collectives and compute code) --------------------------------
 
+    @abc.abstractmethod
     def comm_start(self, op: str, links: dict[str, int], messages: int) -> Any:
         """A collective was issued; ``links`` maps "intra"/"inter" to bytes this rank sends."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def comm_end(self, token: Any) -> None:
         """The collective's handle was waited on."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def compute_start(self, name: str, flops: float, nbytes: int) -> Any:
-        raise NotImplementedError
+        """A compute span begins; returns a token for :meth:`compute_end`."""
 
+    @abc.abstractmethod
     def compute_end(self, token: Any) -> None:
-        raise NotImplementedError
+        """The compute span of ``token`` ended."""
 
     # -- results ---------------------------------------------------------------------
 
