@@ -143,35 +143,37 @@ def _rank_strategies(
         os._exit(0)
 
 
+def _run_ranks(target: Any, world: int, args: tuple[Any, ...], seconds: float) -> dict[int, Any]:
+    """Spawn ``world`` processes ``target(rank, *args, store, queue)``; their results by rank
+    (those that reported within ``seconds``); stragglers are killed."""
+    ctx = mp.get_context("spawn")
+    store = os.path.join(tempfile.mkdtemp(), "s")
+    q_ret = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, *args, store, q_ret)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    deadline = time.time() + seconds
+    while len(got) < world and time.time() < deadline:
+        try:
+            r, res = q_ret.get(timeout=max(0.1, deadline - time.time()))
+            got[r] = res
+        except Exception:
+            break
+    for p in procs:
+        p.join(2)
+        if p.is_alive():
+            p.kill()
+    return got
+
+
 def part_strategies_n() -> dict[str, Any]:
     out: dict[str, Any] = {}
     transports = os.environ.get("SF_BENCH_TRANSPORTS", "torch-symm,nvshmem").split(",")
-    ctx = mp.get_context("spawn")
+    seconds = float(os.environ.get("SF_BENCH_WORLD_S", 60))
     for transport in transports:
         for world, topo in ((2, "1x2"), (4, "2x2")):
-            tmp = tempfile.mkdtemp()
-            q_ret = ctx.Queue()
-            procs = [
-                ctx.Process(
-                    target=_rank_strategies,
-                    args=(r, world, transport, topo, os.path.join(tmp, "s"), q_ret),
-                )
-                for r in range(world)
-            ]
-            for p in procs:
-                p.start()
-            got = {}
-            deadline = time.time() + float(os.environ.get("SF_BENCH_WORLD_S", 60))
-            while len(got) < world and time.time() < deadline:
-                try:
-                    r, res = q_ret.get(timeout=max(0.1, deadline - time.time()))
-                    got[r] = res
-                except Exception:
-                    break
-            for p in procs:
-                p.join(2)
-                if p.is_alive():
-                    p.kill()
+            got = _run_ranks(_rank_strategies, world, (world, transport, topo), seconds)
             out[f"{transport}/{topo}"] = (
                 got.get(0, "no result") if len(got) == world else {"partial": got}
             )
@@ -305,26 +307,7 @@ def _rank_p2p(rank: int, store: str, q_ret: Any) -> None:
 
 
 def part_p2p() -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp()
-    q_ret = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank_p2p, args=(r, os.path.join(tmp, "s"), q_ret)) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    got = {}
-    deadline = time.time() + float(os.environ.get("SF_BENCH_P2P_S", 90))
-    while len(got) < 2 and time.time() < deadline:
-        try:
-            r, res = q_ret.get(timeout=max(0.1, deadline - time.time()))
-            got[r] = res
-        except Exception:
-            break
-    for p in procs:
-        p.join(2)
-        if p.is_alive():
-            p.kill()
+    got = _run_ranks(_rank_p2p, 2, (), float(os.environ.get("SF_BENCH_P2P_S", 90)))
     return got.get(0, {"error": "no result", "partial": got})
 
 

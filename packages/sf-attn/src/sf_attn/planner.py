@@ -223,11 +223,7 @@ def measure_rates(
         signed = values * slow
         dist.all_reduce(signed, op=dist.ReduceOp.MAX)
         values = signed * slow
-    return topology_with(ctx.topology, **{n: float(v) for n, v in zip(names, values.tolist())})
-
-
-def topology_with(topology: Topology, **rates: float) -> Topology:
-    return topology.replace(**rates)
+    return ctx.topology.replace(**{n: float(v) for n, v in zip(names, values.tolist())})
 
 
 def choose_strategy(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
 from typing import Any
 
 from sf_comm import Topology
@@ -152,8 +151,6 @@ def get_strategy(name: str) -> Strategy:
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}") from None
 
-
-Resolver = Callable[..., str]
 
 for _s in (Ulysses(), Ring(), USP(), TAS(), Torus()):
     register_strategy(_s)

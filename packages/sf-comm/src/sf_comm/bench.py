@@ -28,9 +28,8 @@ def _time_op(ctx: Any, op: str, nbytes: int, iters: int) -> list[float]:
     x = torch.randn(numel)
     if op == "all_to_all":
         chunks = list(x.tensor_split(group.size))
+        # every rank splits the same size the same way: member j sends me its chunk [me]
         shapes = [chunks[group.index].shape] * group.size
-        shapes = [c.shape for c in torch.empty(numel).tensor_split(group.size)]
-        shapes = [shapes[group.index]] * group.size
 
         def step() -> None:
             collectives.all_to_all(ctx, group, chunks, shapes).wait()
