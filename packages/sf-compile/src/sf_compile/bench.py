@@ -1,4 +1,4 @@
-"""Benchmarks of the backend, on a tiny diffusers Flux (needs ``diffusers``).
+"""Benchmarks of the backend on a random-weight diffusers Flux: tiny, or FLUX.1-sized blocks.
 
 - :func:`benchmark_world1`: one process, ``backend="streamfusion"`` vs ``backend="inductor"``
   on the same model and inputs. With one rank the backend hands Dynamo's graph to Inductor
@@ -9,7 +9,9 @@
 Timed calls alternate between the two compiled models (A B B A A B ...), so drift in the
 machine's speed, and whatever the first call of a pair pays, hits both alike. Command line::
 
-    python -m sf_compile.bench world1 [--repeats 50] [--width 5x7]
+    python -m sf_compile.bench world1 [--repeats 50] [--height 256 --width 256]
+    python -m sf_compile.bench world1 --dims flux1 --layers 1x2 --height 1024 --width 1024 \\
+        --dtype bf16 --device cuda --json out/compile-1024.json   # FLUX.1-sized blocks, GPU
     python -m sf_compile.bench overlap [--world 4] [--topology 2x2] [--inner eager]
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -25,44 +28,88 @@ from typing import Any
 
 import torch
 
-__all__ = ["BenchResult", "benchmark_overlap", "benchmark_world1", "tiny_flux"]
+__all__ = ["FLUX_DIMS", "BenchResult", "benchmark_overlap", "benchmark_world1", "flux_stack"]
 
 
-def tiny_flux(
-    grid: tuple[int, int] = (16, 16), layers: tuple[int, int] = (2, 2)
-) -> tuple[Any, dict[str, torch.Tensor]]:
-    """A small random-weight ``FluxTransformer2DModel`` (4 heads x 16) and its inputs
-    (``grid`` image tokens, 6 text tokens, batch 1), the same on every rank."""
-    try:
-        from diffusers import FluxTransformer2DModel
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("sf_compile.bench needs diffusers (pip install diffusers)") from exc
-    torch.manual_seed(0)
-    model: Any = FluxTransformer2DModel(  # diffusers is untyped: keep it Any
-        patch_size=1,
+# Block dimensions of a FluxTransformer2DModel, random weights. ``text`` is the prompt length.
+FLUX_DIMS: dict[str, dict[str, Any]] = {
+    # 4 heads x 16: compiles in seconds on a CPU
+    "tiny": dict(
         in_channels=16,
-        num_layers=layers[0],
-        num_single_layers=layers[1],
         attention_head_dim=16,
         num_attention_heads=4,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=(4, 6, 6),
-    )
-    model.eval()
+        text=6,
+    ),
+    # FLUX.1's blocks: 24 heads x 128 = 3072 wide, T5 (4096) and CLIP (768) conditioning,
+    # 512 prompt tokens. No guidance embedding (as FLUX.1-schnell): it does not touch the blocks.
+    "flux1": dict(
+        in_channels=64,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
+        text=512,
+    ),
+}
+
+
+def flux_stack(
+    dims: str = "tiny",
+    *,
+    grid: tuple[int, int] = (16, 16),
+    layers: tuple[int, int] = (2, 2),
+    text: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A random-weight ``FluxTransformer2DModel`` and its inputs, the same on every rank.
+
+    Args:
+        dims: a key of :data:`FLUX_DIMS` ("tiny", or "flux1" for FLUX.1's block sizes).
+        grid: image tokens as rows x columns (one token per 16x16 pixels: 1024 px -> 64x64).
+        layers: dual-stream and single-stream blocks.
+        text: prompt tokens (default: the preset's).
+        dtype, device: of the weights and the floating-point inputs.
+
+    Returns:
+        ``(model, inputs)`` with batch 1; call ``model(**inputs)``.
+
+    Raises:
+        ValueError: unknown ``dims``.
+        ImportError: diffusers is not installed.
+    """
+    if dims not in FLUX_DIMS:
+        raise ValueError(f"dims={dims!r} is not a Flux preset; choose from {sorted(FLUX_DIMS)}")
+    try:
+        from diffusers import FluxTransformer2DModel
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("sf_compile.bench needs diffusers (pip install diffusers)") from exc
+    config = dict(FLUX_DIMS[dims])
+    preset_text = config.pop("text")
+    text = preset_text if text is None else text
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise the weights where they will run
+        model: Any = FluxTransformer2DModel(  # diffusers is untyped: keep it Any
+            patch_size=1, num_layers=layers[0], num_single_layers=layers[1], **config
+        )
+    model.to(dtype).eval()
     g = torch.Generator().manual_seed(1)
-    tokens, text = grid[0] * grid[1], 6
+    tokens = grid[0] * grid[1]
     img_ids = torch.zeros(tokens, 3)
     img_ids[:, 1] = torch.arange(tokens) // grid[1]
     img_ids[:, 2] = torch.arange(tokens) % grid[1]
-    inputs = dict(
-        hidden_states=torch.randn(1, tokens, 16, generator=g),
-        encoder_hidden_states=torch.randn(1, text, 32, generator=g),
-        pooled_projections=torch.randn(1, 32, generator=g),
+    floats = dict(
+        hidden_states=torch.randn(1, tokens, config["in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(1, text, config["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g),
         timestep=torch.rand(1, generator=g),
-        img_ids=img_ids,
-        txt_ids=torch.zeros(text, 3),
     )
+    inputs = {k: v.to(device, dtype) for k, v in floats.items()}
+    inputs.update(img_ids=img_ids.to(device), txt_ids=torch.zeros(text, 3, device=device))
     return model, inputs
 
 
@@ -138,7 +185,7 @@ def benchmark_world1(
     """``backend="streamfusion"`` vs ``backend="inductor"`` in this (single) process.
 
     Args:
-        model, inputs: what to run (default: :func:`tiny_flux`).
+        model, inputs: what to run (default: :func:`flux_stack`'s tiny model).
         repeats: timed calls of each variant (alternating).
         warmup: untimed calls of each after compiling.
 
@@ -154,7 +201,7 @@ def benchmark_world1(
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError("benchmark_world1 runs in a world of one; got a larger process group")
     if model is None:
-        model, inputs = tiny_flux()
+        model, inputs = flux_stack()
     assert inputs is not None
     torch._dynamo.reset()
     with torch.no_grad():
@@ -195,7 +242,7 @@ def overlap_on_rank(
     ctx: Any, grid: tuple[int, int], inner: str, strategy: str, repeats: int, warmup: int
 ) -> dict[str, float]:
     """One rank's part of :func:`benchmark_overlap` (run on every rank by a RankPool)."""
-    model, inputs = tiny_flux(grid)
+    model, inputs = flux_stack(grid=grid)
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = {
@@ -275,9 +322,19 @@ def benchmark_overlap(
     )
 
 
-def _grid(text: str) -> tuple[int, int]:
-    rows, cols = text.lower().split("x")
-    return int(rows), int(cols)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    first, second = text.lower().split("x")
+    return int(first), int(second)
+
+
+def _grid(height: int, width: int) -> tuple[int, int]:
+    """Image tokens for a ``height`` x ``width`` image: one per 16x16 pixels (VAE 8x, patch 2)."""
+    if height % 16 or width % 16:
+        raise SystemExit(f"--height/--width must be multiples of 16 pixels, got {height}x{width}")
+    return height // 16, width // 16
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,24 +344,50 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="which", required=True)
     one = sub.add_parser("world1", help="streamfusion vs inductor, one process")
     one.add_argument("--repeats", type=int, default=30)
-    one.add_argument("--grid", type=_grid, default=(16, 16), help="image tokens, e.g. 16x16")
+    one.add_argument("--dims", choices=sorted(FLUX_DIMS), default="tiny", help="block sizes")
+    one.add_argument("--layers", type=_pair, default=(2, 2), help="dual x single blocks")
+    one.add_argument("--text", type=int, default=None, help="prompt tokens (default: preset's)")
+    one.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    one.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    one.add_argument("--json", default=None, help="also write the result to this file")
     ov = sub.add_parser("overlap", help="overlap on vs off on CPU ranks")
     ov.add_argument("--world", type=int, default=4)
     ov.add_argument("--topology", default="2x2")
-    ov.add_argument("--grid", type=_grid, default=(16, 16))
     ov.add_argument("--inner", default="eager", help="inner backend (eager or inductor)")
     ov.add_argument("--strategy", default="auto")
     ov.add_argument("--repeats", type=int, default=20)
+    for p in (one, ov):
+        p.add_argument("--height", type=int, default=256, help="pixels (16 per token)")
+        p.add_argument("--width", type=int, default=256, help="pixels (16 per token)")
     args = parser.parse_args(argv)
+    grid = _grid(args.height, args.width)
     if args.which == "world1":
-        model, inputs = tiny_flux(args.grid)
-        print(benchmark_world1(model, inputs, repeats=args.repeats).summary())
+        model, inputs = flux_stack(
+            args.dims,
+            grid=grid,
+            layers=args.layers,
+            text=args.text,
+            dtype=DTYPES[args.dtype],
+            device=args.device,
+        )
+        result = benchmark_world1(model, inputs, repeats=args.repeats)
+        print(
+            f"{args.dims} Flux, {args.layers[0]} + {args.layers[1]} blocks, "
+            f"{args.height}x{args.width} px ({grid[0] * grid[1]} image tokens), "
+            f"{args.dtype} on {args.device}, torch {torch.__version__}"
+        )
+        print(result.summary())
+        if args.json:
+            record = dict(dataclasses.asdict(result), ratio=result.ratio, **vars(args))
+            record["text"] = inputs["txt_ids"].shape[0]
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=1, default=str)
     else:
         print(
             benchmark_overlap(
                 args.world,
                 topology=args.topology,
-                grid=args.grid,
+                grid=grid,
                 inner=args.inner,
                 strategy=args.strategy,
                 repeats=args.repeats,
