@@ -31,7 +31,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
     --target /tmp/site packages/sf-comm packages/sf-attn packages/sf-models packages/sf-compile \
     || exit 1
 export PYTHONPATH=/tmp/site
-nvshmem_lib=$(python3 -c 'import os, nvidia.nvshmem as m; print(os.path.join(list(m.__path__)[0], "lib"))')
+# libnvshmem_host must be on the loader path (nvidia-nvshmem-cu13 is on the image)
+nvshmem_lib=$(python3 -c 'import os, nvidia.nvshmem as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH=${nvshmem_lib}:${LD_LIBRARY_PATH:-}
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
