@@ -63,6 +63,7 @@ def flux_stack(
     grid: tuple[int, int] = (16, 16),
     layers: tuple[int, int] = (2, 2),
     text: int | None = None,
+    batch: int = 1,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -73,10 +74,11 @@ def flux_stack(
         grid: image tokens as rows x columns (one token per 16x16 pixels: 1024 px -> 64x64).
         layers: dual-stream and single-stream blocks.
         text: prompt tokens (default: the preset's).
+        batch: samples per call.
         dtype, device: of the weights and the floating-point inputs.
 
     Returns:
-        ``(model, inputs)`` with batch 1; call ``model(**inputs)``.
+        ``(model, inputs)``; call ``model(**inputs)``.
 
     Raises:
         ValueError: unknown ``dims``.
@@ -103,10 +105,10 @@ def flux_stack(
     img_ids[:, 1] = torch.arange(tokens) // grid[1]
     img_ids[:, 2] = torch.arange(tokens) % grid[1]
     floats = dict(
-        hidden_states=torch.randn(1, tokens, config["in_channels"], generator=g),
-        encoder_hidden_states=torch.randn(1, text, config["joint_attention_dim"], generator=g),
-        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g),
-        timestep=torch.rand(1, generator=g),
+        hidden_states=torch.randn(batch, tokens, config["in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(batch, text, config["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g),
+        timestep=torch.rand(batch, generator=g),
     )
     inputs = {k: v.to(device, dtype) for k, v in floats.items()}
     inputs.update(img_ids=img_ids.to(device), txt_ids=torch.zeros(text, 3, device=device))
