@@ -53,43 +53,54 @@ def _cuda_time(fn: Any, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _joint_inputs(batch: int, seq: int, text: int, heads: int) -> tuple[Any, Any, Any]:
+    """(q, k, v), the joint text (q, k, v), both bf16 on CUDA with head_dim 64 from seed 0,
+    and float64 attention over text + image (the reference)."""
+    import sf_attn
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = tuple(
+        torch.randn(batch, seq, heads, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+        for _ in range(3)
+    )
+    txt = tuple(
+        torch.randn(batch, text, heads, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+        for _ in range(3)
+    )
+    ref, _ = sf_attn.reference_attention(*(torch.cat([a, b], 1) for a, b in zip(txt, qkv)))
+    return qkv, txt, ref
+
+
+def _accuracy(out: Any, txt_out: Any, ref_out: Any, ref_txt: Any) -> dict[str, Any]:
+    err = max(
+        (out.double() - ref_out).abs().max().item(),
+        (txt_out.double() - ref_txt).abs().max().item(),
+    )
+    return {"max_abs_err": err, "ok": err < 2e-2}
+
+
 def part_strategies_1() -> dict[str, Any]:
     import sf_attn
     import sf_comm
 
     ctx = sf_comm.init(topology="1x1", transport="gloo", device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(2, 1000, 8, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-        for _ in range(3)
-    )
-    txt = tuple(
-        torch.randn(2, 77, 8, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-        for _ in range(3)
-    )
-    ref, _ = sf_attn.reference_attention(*(torch.cat([a, b], 1) for a, b in zip(txt, (q, k, v))))
+    (q, k, v), txt, ref = _joint_inputs(2, 1000, 77, 8)
     out = {}
     for s in STRATEGIES:
         o, t = sf_attn.parallel_attention(q, k, v, ctx=ctx, strategy=s, joint=txt)
-        err = max(
-            (o.double() - ref[:, 77:]).abs().max().item(),
-            (t.double() - ref[:, :77]).abs().max().item(),
-        )
-        out[s] = {"max_abs_err": err, "ok": err < 2e-2}
+        out[s] = _accuracy(o, t, ref[:, 77:], ref[:, :77])
     out["backend"] = sf_attn.available_backends(q, k, v)
     return out
 
 
-def _rank_strategies(
-    rank: int, world: int, transport: str, topo: str, store: str, q_ret: Any
+def _rank_main(
+    rank: int, world: int, body: Any, args: tuple[Any, ...], store: str, q_ret: Any
 ) -> None:
+    """A spawned rank on cuda:0: joins a gloo group of ``world`` over ``store``, puts
+    ``(rank, body(rank, *args))`` (or the error) on ``q_ret`` and exits."""
     os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
-    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
     try:
         import torch.distributed as dist
-
-        import sf_attn
-        import sf_comm
 
         torch.cuda.set_device(0)
         dist.init_process_group(
@@ -99,39 +110,7 @@ def _rank_strategies(
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-        print(f"rank {rank}: init {transport} {topo}", file=sys.stderr, flush=True)
-        ctx = sf_comm.init(topology=topo, transport=transport, device="cuda", timeout=20)
-        print(f"rank {rank}: ctx ready", file=sys.stderr, flush=True)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (
-            torch.randn(1, 203, 4, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-            for _ in range(3)
-        )
-        txt = tuple(
-            torch.randn(1, 9, 4, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-            for _ in range(3)
-        )
-        ref, _ = sf_attn.reference_attention(
-            *(torch.cat([a, b], 1) for a, b in zip(txt, (q, k, v)))
-        )
-        res = {}
-        for s in STRATEGIES:
-            try:
-                print(f"rank {rank}: {s}", file=sys.stderr, flush=True)
-                shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
-                o, t = sf_attn.parallel_attention(
-                    *shards, ctx=ctx, strategy=s, joint=txt, seq_len=203
-                )
-                torch.cuda.synchronize()
-                err = max(
-                    (o.double() - sf_attn.shard(ref[:, 9:], ctx)).abs().max().item(),
-                    (t.double() - ref[:, :9]).abs().max().item(),
-                )
-                res[s] = {"max_abs_err": err, "ok": err < 2e-2}
-            except Exception as exc:
-                res[s] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
-                break
-        q_ret.put((rank, res))
+        q_ret.put((rank, body(rank, *args)))
     except Exception as exc:
         q_ret.put(
             (rank, {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-1500:]})
@@ -143,13 +122,39 @@ def _rank_strategies(
         os._exit(0)
 
 
-def _run_ranks(target: Any, world: int, args: tuple[Any, ...], seconds: float) -> dict[int, Any]:
-    """Spawn ``world`` processes ``target(rank, *args, store, queue)``; their results by rank
-    (those that reported within ``seconds``); stragglers are killed."""
+def _rank_strategies(rank: int, transport: str, topo: str) -> dict[str, Any]:
+    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    import sf_attn
+    import sf_comm
+
+    print(f"rank {rank}: init {transport} {topo}", file=sys.stderr, flush=True)
+    ctx = sf_comm.init(topology=topo, transport=transport, device="cuda", timeout=20)
+    print(f"rank {rank}: ctx ready", file=sys.stderr, flush=True)
+    (q, k, v), txt, ref = _joint_inputs(1, 203, 9, 4)
+    res = {}
+    for s in STRATEGIES:
+        try:
+            print(f"rank {rank}: {s}", file=sys.stderr, flush=True)
+            shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
+            o, t = sf_attn.parallel_attention(*shards, ctx=ctx, strategy=s, joint=txt, seq_len=203)
+            torch.cuda.synchronize()
+            res[s] = _accuracy(o, t, sf_attn.shard(ref[:, 9:], ctx), ref[:, :9])
+        except Exception as exc:
+            res[s] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+            break
+    return res
+
+
+def _run_ranks(body: Any, world: int, args: tuple[Any, ...], seconds: float) -> dict[int, Any]:
+    """Spawn ``world`` ranks running ``body(rank, *args)`` (see :func:`_rank_main`); their
+    results by rank (those that reported within ``seconds``); stragglers are killed."""
     ctx = mp.get_context("spawn")
     store = os.path.join(tempfile.mkdtemp(), "s")
     q_ret = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, *args, store, q_ret)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, body, args, store, q_ret))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     got: dict[int, Any] = {}
@@ -173,7 +178,7 @@ def part_strategies_n() -> dict[str, Any]:
     seconds = float(os.environ.get("SF_BENCH_WORLD_S", 60))
     for transport in transports:
         for world, topo in ((2, "1x2"), (4, "2x2")):
-            got = _run_ranks(_rank_strategies, world, (world, transport, topo), seconds)
+            got = _run_ranks(_rank_strategies, world, (transport, topo), seconds)
             out[f"{transport}/{topo}"] = (
                 got.get(0, "no result") if len(got) == world else {"partial": got}
             )
@@ -239,71 +244,53 @@ def part_blocking() -> dict[str, Any]:
     return out
 
 
-def _rank_p2p(rank: int, store: str, q_ret: Any) -> None:
-    os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
-    try:
-        import torch.distributed as dist
+def _rank_p2p(rank: int) -> dict[str, Any]:
+    import torch.distributed as dist
 
-        from sf_comm import gpu
-        from sf_comm.collectives import shift
-        from sf_comm.transport import Group
-        from sf_comm.twosided import TwoSidedTransport
+    from sf_comm import gpu
+    from sf_comm.collectives import shift
+    from sf_comm.transport import Group
+    from sf_comm.twosided import TwoSidedTransport
 
-        torch.cuda.set_device(0)
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(store, 2),
-            rank=rank,
-            world_size=2,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        group = Group("world", (0, 1), rank, dist.group.WORLD)
+    group = Group("world", (0, 1), rank, dist.group.WORLD)
 
-        class Ctx:
-            pass
+    class Ctx:
+        pass
 
-        res = {}
-        one = Ctx()
-        one.transport = gpu.create(
-            "torch-symm", rank=rank, world_size=2, timeout=30, device="cuda:0", slot_bytes=64 << 20
-        )
-        two = Ctx()
-        two.transport = TwoSidedTransport(rank=rank, world_size=2, timeout=30, backend="gloo")
-        for size in (4 << 10, 1 << 20, 16 << 20, 64 << 20):
-            x = torch.randn(size // 4, device="cuda")
+    res = {}
+    one = Ctx()
+    one.transport = gpu.create(
+        "torch-symm", rank=rank, world_size=2, timeout=30, device="cuda:0", slot_bytes=64 << 20
+    )
+    two = Ctx()
+    two.transport = TwoSidedTransport(rank=rank, world_size=2, timeout=30, backend="gloo")
+    for size in (4 << 10, 1 << 20, 16 << 20, 64 << 20):
+        x = torch.randn(size // 4, device="cuda")
 
-            def symm() -> None:
-                shift(one, group, x).wait()
-                torch.cuda.synchronize()
+        def symm() -> None:
+            shift(one, group, x).wait()
+            torch.cuda.synchronize()
 
-            def staged() -> None:
-                y = shift(two, group, x.cpu()).wait()
-                y.to("cuda")
-                torch.cuda.synchronize()
+        def staged() -> None:
+            y = shift(two, group, x.cpu()).wait()
+            y.to("cuda")
+            torch.cuda.synchronize()
 
-            row = {}
-            for name, fn in (("torch-symm", symm), ("gloo-staged", staged)):
-                for _ in range(3):
-                    fn()
-                ts = []
-                for _ in range(15 if size <= (16 << 20) else 5):
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                row[name] = statistics.median(ts)
-            row["ratio"] = row["gloo-staged"] / row["torch-symm"]
-            row["symm_GBps"] = size / row["torch-symm"] / 1e9
-            res[str(size)] = row
-        q_ret.put((rank, res))
-    except Exception as exc:
-        q_ret.put(
-            (rank, {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"[-1500:]})
-        )
-    finally:
-        q_ret.close()
-        q_ret.join_thread()
-        os._exit(0)
+        row = {}
+        for name, fn in (("torch-symm", symm), ("gloo-staged", staged)):
+            for _ in range(3):
+                fn()
+            ts = []
+            for _ in range(15 if size <= (16 << 20) else 5):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            row[name] = statistics.median(ts)
+        row["ratio"] = row["gloo-staged"] / row["torch-symm"]
+        row["symm_GBps"] = size / row["torch-symm"] / 1e9
+        res[str(size)] = row
+    return res
 
 
 def part_p2p() -> dict[str, Any]:

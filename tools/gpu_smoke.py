@@ -99,38 +99,33 @@ def _expect(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
         )
 
 
-def check_all_to_all_uneven(ctx: Any, group: Any) -> None:
-    """Uneven all_to_all, empty chunks included, each chunk within one slot."""
+def _check_all_to_all(
+    ctx: Any,
+    group: Any,
+    tag: str,
+    shape: Callable[[int, int], tuple[int, ...]],
+    dtype: torch.dtype,
+) -> None:
+    """all_to_all in which member s sends member d a ``shape(s, d)`` tensor; every chunk checked."""
     from sf_comm import collectives
 
     me, n = group.index, group.size
-
-    def rows(s: int, d: int) -> int:
-        return (3 * s + 5 * d + 1) % 7
-
-    inputs = [_make("a2a", me, j, (rows(me, j), 33), torch.float32) for j in range(n)]
-    out = collectives.all_to_all(ctx, group, inputs, [(rows(j, me), 33) for j in range(n)]).wait()
+    inputs = [_make(tag, me, j, shape(me, j), dtype) for j in range(n)]
+    out = collectives.all_to_all(ctx, group, inputs, [shape(j, me) for j in range(n)]).wait()
     for j in range(n):
-        _expect(
-            out[j], _make("a2a", j, me, (rows(j, me), 33), torch.float32), f"chunk from member {j}"
-        )
+        _expect(out[j], _make(tag, j, me, shape(j, me), dtype), f"chunk from member {j}")
+
+
+def check_all_to_all_uneven(ctx: Any, group: Any) -> None:
+    """Uneven all_to_all, empty chunks included, each chunk within one slot."""
+    _check_all_to_all(ctx, group, "a2a", lambda s, d: ((3 * s + 5 * d + 1) % 7, 33), torch.float32)
 
 
 def check_all_to_all_pieces(ctx: Any, group: Any) -> None:
     """Uneven all_to_all of chunks cut into many slot-sized pieces (credits, slot reuse)."""
-    from sf_comm import collectives
-
-    me, n = group.index, group.size
-
-    def shape(s: int, d: int) -> tuple[int, int]:
-        return (40 + 17 * s + 9 * d, 129)
-
-    inputs = [_make("a2a-big", me, j, shape(me, j), torch.bfloat16) for j in range(n)]
-    out = collectives.all_to_all(ctx, group, inputs, [shape(j, me) for j in range(n)]).wait()
-    for j in range(n):
-        _expect(
-            out[j], _make("a2a-big", j, me, shape(j, me), torch.bfloat16), f"chunk from member {j}"
-        )
+    _check_all_to_all(
+        ctx, group, "a2a-big", lambda s, d: (40 + 17 * s + 9 * d, 129), torch.bfloat16
+    )
 
 
 def check_shift(ctx: Any, group: Any) -> None:

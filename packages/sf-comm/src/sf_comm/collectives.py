@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from . import trace
-from .transport import Group, Handle
+from .transport import Group, Handle, Recv, Send
 
 if TYPE_CHECKING:
     from .context import Context
@@ -29,14 +29,15 @@ def _traced(
     ctx: Context,
     handle: Handle[T],
     op: str,
-    sends: Sequence[tuple[int, int]],
-    recvs: Sequence[tuple[int, int]],
+    sends: Sequence[Send],
+    recvs: Sequence[Recv],
 ) -> Handle[T]:
     """Report the collective to the active tracer (if any) from issue to wait.
 
-    ``sends``/``recvs`` are (peer, bytes). Links are full duplex, so each link's load is the
-    larger of what this rank sends and receives over it (a ring rank whose predecessor is on
-    another machine waits on the inter-machine link even if it sends inside its machine).
+    ``sends``/``recvs`` are what the transport moves for it (bytes are counted only while a
+    tracer is active). Links are full duplex, so each link's load is the larger of what this
+    rank sends and receives over it (a ring rank whose predecessor is on another machine
+    waits on the inter-machine link even if it sends inside its machine).
     """
     tracer = trace.active()
     if tracer is None:
@@ -44,7 +45,9 @@ def _traced(
     topo = ctx.topology
     out: dict[str, int] = {}
     into: dict[str, int] = {}
-    for pairs, load in ((sends, out), (recvs, into)):
+    sent = [(peer, t.numel() * t.element_size()) for peer, t in sends]
+    received = [(peer, shape.numel() * dtype.itemsize) for peer, shape, dtype in recvs]
+    for pairs, load in ((sent, out), (received, into)):
         for peer, nbytes in pairs:
             link = "intra" if topo.same_machine(peer, ctx.rank) else "inter"
             load[link] = load.get(link, 0) + nbytes
@@ -57,10 +60,6 @@ def _traced(
         return result
 
     return Handle(finish, handle.is_completed)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _check_same(tensors: Sequence[torch.Tensor], op: str) -> None:
@@ -99,10 +98,9 @@ def all_to_all(
     if group.size == 1:
         return Handle.completed([inputs[0].clone()])
     handle = ctx.transport.all_to_all(group, list(inputs), shapes)
-    item = inputs[0].element_size()
-    me = group.index
-    sends = [(r, _nbytes(inputs[i])) for i, r in enumerate(group.ranks) if i != me]
-    recvs = [(r, shapes[i].numel() * item) for i, r in enumerate(group.ranks) if i != me]
+    me, dtype = group.index, inputs[0].dtype
+    sends = [(r, inputs[i]) for i, r in enumerate(group.ranks) if i != me]
+    recvs = [(r, shapes[i], dtype) for i, r in enumerate(group.ranks) if i != me]
     return _traced(ctx, handle, "all_to_all", sends, recvs)
 
 
@@ -127,10 +125,10 @@ def shift(
         return Handle.completed(tensor.clone())
     dst, src = group.peer(offset), group.peer(-offset)
     op = f"shift{offset:+d}"
-    handle = ctx.transport.exchange(group, [(dst, tensor)], [(src, shape, tensor.dtype)], op=op)
+    sends, recvs = [(dst, tensor)], [(src, shape, tensor.dtype)]
+    handle = ctx.transport.exchange(group, sends, recvs, op=op)
     first: Handle[torch.Tensor] = Handle(lambda: handle.wait()[0], handle.is_completed)
-    recv_bytes = shape.numel() * tensor.element_size()
-    return _traced(ctx, first, op, [(dst, _nbytes(tensor))], [(src, recv_bytes)])
+    return _traced(ctx, first, op, sends, recvs)
 
 
 def ring_shift(
@@ -167,6 +165,4 @@ def all_gather(
         got = handle.wait()
         return [*got[:me], local, *got[me:]]
 
-    sent = [(r, _nbytes(tensor)) for r, _ in sends]
-    received = [(r, shape.numel() * tensor.element_size()) for r, shape, _ in recvs]
-    return _traced(ctx, Handle(finish, handle.is_completed), "all_gather", sent, received)
+    return _traced(ctx, Handle(finish, handle.is_completed), "all_gather", sends, recvs)

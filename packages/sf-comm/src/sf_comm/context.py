@@ -69,13 +69,8 @@ class Context:
         mine = next(members for members in key if self.rank in members)
         # Decide from the whole partition (same on every rank), never from this rank's part:
         # creating process groups is collective.
-        machines, gpus = self.topology.shape
-        axis_partitions = {
-            "world": {tuple(range(self.world_size))},
-            "intra": {tuple(m * gpus + g for g in range(gpus)) for m in range(machines)},
-            "inter": {tuple(m * gpus + g for m in range(machines)) for g in range(gpus)},
-        }
-        known = [axis for axis, part in axis_partitions.items() if part == set(key)]
+        axes = self.topology.axis_partitions()
+        known = [axis for axis, part in axes.items() if set(part) == set(key)]
         if known:
             group = dataclasses.replace(self._groups[known[0]], name=name)
         elif max(len(m) for m in key) == 1:
@@ -166,13 +161,11 @@ def _cuda_transport_available(name: str) -> bool:
     return False
 
 
-def _resolve_auto(device: torch.device) -> str:
+def _auto_candidates(device: torch.device) -> list[str]:
+    """What ``transport="auto"`` tries on ``device``, in order (the first that builds wins)."""
     if device.type == "cuda":
-        for name in ("nvshmem", "torch-symm"):
-            if _cuda_transport_available(name):
-                return name
-        return "nccl"
-    return "shm"
+        return [n for n in ("nvshmem", "torch-symm") if _cuda_transport_available(n)] + ["nccl"]
+    return ["shm"]
 
 
 def init(
@@ -214,20 +207,17 @@ def init(
     else:
         topo = topology
         topo.check_world(world, source=f"Topology {topo}")
+    uses_nccl = "nccl" in str(dist.get_backend())
     if device is None:
-        uses_nccl = "nccl" in str(dist.get_backend())
         device = (
             torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
         )
     device = torch.device(device)
-    name = _resolve_auto(device) if transport == "auto" else transport
+    tries = _auto_candidates(device) if transport == "auto" else [transport]
     # The mesh's device type picks the process groups' backend: CUDA meshes need NCCL, which
     # refuses several ranks on one GPU; a gloo job keeps a CPU mesh even for CUDA tensors.
-    mesh_type = device.type if "nccl" in str(dist.get_backend()) else "cpu"
+    mesh_type = device.type if uses_nccl else "cpu"
     mesh = init_device_mesh(mesh_type, topo.shape, mesh_dim_names=AXES)
-    tries = [name]
-    if transport == "auto" and device.type == "cuda":
-        tries = [n for n in ("nvshmem", "torch-symm") if _cuda_transport_available(n)] + ["nccl"]
     made = None
     for i, candidate in enumerate(tries):
         try:

@@ -80,6 +80,13 @@ class _IoVec(ctypes.Structure):
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
+def _vm_read(pid: int, dst: int, src: int, nbytes: int) -> int:
+    """``process_vm_readv``: copy ``nbytes`` at address ``src`` of process ``pid`` to address
+    ``dst`` here; the bytes read, or -1 with the reason in ``ctypes.get_errno()``."""
+    local, remote = _IoVec(dst, nbytes), _IoVec(src, nbytes)
+    return int(_LIBC.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+
+
 def _agree_on_cma(
     maps: list[mmap.mmap], rank: int, pg: dist.ProcessGroup | None, threshold: int | None
 ) -> int:
@@ -98,11 +105,7 @@ def _agree_on_cma(
             if r == rank:
                 continue
             header = np.ndarray((8,), np.int64, buffer=m)
-            local = _IoVec(probe.data_ptr(), 64)
-            remote = _IoVec(int(header[_BASE]), 64)
-            got = _LIBC.process_vm_readv(
-                int(header[_PID]), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0
-            )
+            got = _vm_read(int(header[_PID]), probe.data_ptr(), int(header[_BASE]), 64)
             if got != 64 or int(probe[0]) != _MAGIC or int(probe[_PID]) != int(header[_PID]):
                 ok = False
                 break
@@ -361,7 +364,7 @@ class ShmTransport(Transport):
                 return False
             off, hdr = self._slot(me, q)
             peer = self._ctrl[dst]
-            if job.pieces == 1 and self._cma_min and job.data.numel() >= self._cma_min:
+            if self._rendezvous(job.data.numel()):
                 # Note [shm rendezvous]: publish where the bytes are; the receiver reads them.
                 peer[hdr + 2], peer[hdr + 3] = _RNDV, job.data.data_ptr()
                 job.ack = q
@@ -409,11 +412,7 @@ class ShmTransport(Transport):
         """Copy ``out.numel()`` bytes at ``address`` in rank ``src``'s memory into ``out``."""
         total, done = out.numel(), 0
         while done < total:
-            local = _IoVec(out.data_ptr() + done, total - done)
-            remote = _IoVec(address + done, total - done)
-            got = _LIBC.process_vm_readv(
-                self._pids[src], ctypes.byref(local), 1, ctypes.byref(remote), 1, 0
-            )
+            got = _vm_read(self._pids[src], out.data_ptr() + done, address + done, total - done)
             if got <= 0:
                 err = ctypes.get_errno()
                 if not pid_alive(self._pids[src]):
@@ -444,8 +443,12 @@ class ShmTransport(Transport):
             op.finished = finished
         self._pending = [op for op in self._pending if not op.finished]
 
+    def _rendezvous(self, nbytes: int) -> bool:
+        """Whether a message of ``nbytes`` goes by rendezvous (Note [shm rendezvous])."""
+        return bool(self._cma_min) and nbytes >= self._cma_min
+
     def _pieces(self, nbytes: int) -> int:
-        if self._cma_min and nbytes >= self._cma_min:
+        if self._rendezvous(nbytes):
             return 1  # one rendezvous, any size (sender and receiver apply the same rule)
         return max(1, -(-nbytes // self.slot_bytes))
 

@@ -115,12 +115,7 @@ class SubContext:
         self.device = self.parent.device
         self.transport = _MappedTransport(self.parent.transport, self.ranks, self.rank)
         self._cache: dict[Any, Group] = {}
-        machines, gpus = self.topology.shape
-        self._axes = {
-            "world": [tuple(range(self.world_size))],
-            "intra": [tuple(m * gpus + i for i in range(gpus)) for m in range(machines)],
-            "inter": [tuple(m * gpus + i for m in range(machines)) for i in range(gpus)],
-        }
+        self._axes = self.topology.axis_partitions()
 
     def subgroup(self, partition: Sequence[Sequence[int]], name: str) -> Group:
         key = (tuple(tuple(m) for m in partition), name)

@@ -75,6 +75,16 @@ class Topology:
     def same_machine(self, a: int, b: int) -> bool:
         return self.machine_of(a) == self.machine_of(b)
 
+    def axis_partitions(self) -> dict[str, list[tuple[int, ...]]]:
+        """The rank groups of each axis: "world", "intra" (one machine's ranks) and "inter"
+        (the ranks with the same local index on every machine)."""
+        machines, gpus = self.shape
+        return {
+            "world": [tuple(range(self.world_size))],
+            "intra": [tuple(m * gpus + g for g in range(gpus)) for m in range(machines)],
+            "inter": [tuple(m * gpus + g for m in range(machines)) for g in range(gpus)],
+        }
+
     def replace(self, **changes: Any) -> Topology:
         return dataclasses.replace(self, **changes)
 
