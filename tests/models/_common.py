@@ -16,7 +16,7 @@ output by 1e-3 or more.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,27 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
+def same_on_every_rank(ctx: sf_comm.Context, t: torch.Tensor) -> bool:
+    """Collective (every rank must call it): ``t`` is bit-identical on all ranks."""
+    every = sf_comm.all_gather(ctx, ctx.group("world"), t.contiguous()).wait()
+    return all(torch.equal(every[0], x) for x in every)
+
+
+def error_messages(
+    cases: Sequence[Callable[[], object]],
+    catch: type[Exception] | tuple[type[Exception], ...] = ValueError,
+) -> list[str]:
+    """Run each case; the message of the ``catch`` error it raised, or ``"no error"``."""
+    msgs = []
+    for case in cases:
+        try:
+            case()
+            msgs.append("no error")
+        except catch as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
 @torch.no_grad()
 def compare(
     ctx: sf_comm.Context,
@@ -44,19 +65,25 @@ def compare(
     make_model: Builder,
     make_inputs: Builder,
     *args: Any,
+    positional: bool = False,
 ) -> dict[str, object]:
-    """Run the parallelized model and the original on the same full inputs on this rank."""
+    """Run the parallelized model and the original on the same full inputs on this rank.
+
+    The tuple path (``return_dict=False``) gets the inputs as keywords, or with ``positional``
+    in ``make_inputs``' order as positional arguments (that order must be the forward's)."""
     inputs = make_inputs(*args)
     model = make_model(*args)
     ref = model(**inputs).sample
     sp = parallelize(model, ctx=ctx, strategy=strategy)
     out = sp(**inputs).sample
-    (out_tuple,) = sp(**inputs, return_dict=False)
-    every = sf_comm.all_gather(ctx, ctx.group("world"), out.contiguous()).wait()
+    if positional:
+        (out_tuple,) = sp(*inputs.values(), return_dict=False)
+    else:
+        (out_tuple,) = sp(**inputs, return_dict=False)
     return dict(
         rel_err=rel_err(out, ref),
         shape_ok=out.shape == ref.shape,
-        same_on_every_rank=all(torch.equal(every[0], t) for t in every),
+        same_on_every_rank=same_on_every_rank(ctx, out),
         tuple_path_equal=torch.equal(out_tuple, out),
         # The processors and hooks stay installed; outside the wrapper they must be inert.
         direct_call_unchanged=torch.equal(model(**inputs).sample, ref),

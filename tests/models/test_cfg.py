@@ -31,17 +31,17 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
     HunyuanVideoPipeline,
-    HunyuanVideoTransformer3DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     WanPipeline,
-    WanTransformer3DModel,
 )
 
 import sf_comm
 from sf_models.cfg import supported_cfg_pipelines
 from sf_models.parallelize import parallelize
 
+from ._common import error_messages, rel_err, same_on_every_rank
+from .test_hunyuanvideo import make_model as make_hunyuanvideo_transformer
 from .test_pipeline import (
     HEIGHT,
     STEPS,
@@ -51,9 +51,8 @@ from .test_pipeline import (
     flux_args,
     make_flux_pipe,
     make_vae,
-    rel_err,
-    same_on_every_rank,
 )
+from .test_wan import make_model as make_wan_transformer
 
 REL_TOL = 1e-4  # see the module docstring
 GUIDANCE = 3.0
@@ -126,24 +125,11 @@ def video_args(**embeds: Any) -> dict[str, Any]:
 
 
 def make_wan() -> tuple[Any, dict[str, Any]]:
-    """A WanPipeline (2.1 layout) with a random tiny transformer; latents out, no VAE."""
-    torch.manual_seed(0)
-    transformer: Any = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
+    """A WanPipeline (2.1 layout) with test_wan's random tiny transformer; latents out, no VAE."""
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,
-        transformer=transformer.eval(),
+        transformer=make_wan_transformer(),
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
@@ -192,27 +178,11 @@ def make_cogvideox() -> tuple[Any, dict[str, Any]]:
 
 def make_hunyuanvideo() -> tuple[Any, dict[str, Any]]:
     """A HunyuanVideoPipeline with true CFG (negative embeds, true_cfg_scale) and a padded
-    prompt mask; latents out, no VAE."""
-    torch.manual_seed(0)
-    transformer: Any = HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=4,
-        attention_head_dim=8,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        mlp_ratio=2.0,
-        patch_size=2,
-        patch_size_t=1,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 2, 4),
-    )
+    prompt mask (test_hunyuanvideo's random tiny transformer); latents out, no VAE."""
     pipe = HunyuanVideoPipeline(
         text_encoder=None,
         tokenizer=None,
-        transformer=transformer.eval(),
+        transformer=make_hunyuanvideo_transformer(),
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         text_encoder_2=None,
@@ -338,7 +308,6 @@ def test_sd3_skip_layer_guidance(ranks) -> None:
 
 
 def _call_errors(ctx: sf_comm.Context) -> list[str]:
-    msgs = []
     sd3, sd3_args = make_sd3()
     flux, flux_args_ = make_flux()
     sd3_sp = parallelize(sd3, ctx=ctx, strategy="ring", cfg_parallel=True)
@@ -348,13 +317,7 @@ def _call_errors(ctx: sf_comm.Context) -> list[str]:
         lambda: flux_sp(**{**flux_args_, "negative_prompt_embeds": None}),
         lambda: flux(**flux_args_),  # the pipeline itself, not the ParallelPipeline
     ]
-    for case in cases:
-        try:
-            case()
-            msgs.append("no error")
-        except (ValueError, RuntimeError) as exc:
-            msgs.append(str(exc))
-    return msgs
+    return error_messages(cases, catch=(ValueError, RuntimeError))
 
 
 def test_calls_without_guidance_are_errors(ranks) -> None:

@@ -2,15 +2,8 @@
 
 Every rank builds the same random-weight model and inputs from a shared seed, runs the
 parallelized model on the full inputs and compares its (full) output with the original model
-run in one process on the same inputs.
-
-Tolerance: the model is float32 throughout. The only arithmetic that differs from the
-reference is attention (SDPA over all keys vs sf_attn's blockwise online-softmax merges, both
-float32), which agree to ~1e-6 relative per layer; through two attention layers plus residuals
-the output stays within a few 1e-7 of the reference, relative to its largest entry (measured
-2e-7). 1e-4 leaves margin for summation-order noise while any real bug (a wrong RoPE row, a
-dropped text or image block, a misrouted head) moves it by ~1e-2 (rank 0's RoPE rows on every
-rank: 9e-3).
+run in one process on the same inputs (tolerance: see ``tests/models/_common.py``; measured
+here 2e-7, while rank 0's RoPE rows on every rank give 9e-3).
 """
 
 from __future__ import annotations
@@ -21,22 +14,28 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-import sf_attn
-import sf_attn.hybrid
 import sf_comm
 from sf_models.flux import FLUX_PLAN
 from sf_models.parallelize import SequenceParallelPlan, parallelize, supported_models
 
-STRATEGIES = ["ulysses", "ring", "usp", "tas"]
-WORLDS = [(2, "1x2"), (4, "2x2")]
+from ._common import (
+    STRATEGIES,
+    WORLDS,
+    assert_matches,
+    assert_work_split,
+    compare,
+    count_pairs,
+    error_messages,
+    shard_lengths,
+)
+
 BATCH, GRID, TEXT = 2, (5, 7), 6  # 35 image tokens: uneven over 2 and 4 ranks
 IMG = GRID[0] * GRID[1]
 HEADS = 4
 LAYERS = 2  # one dual-stream + one single-stream block, one attention each
-REL_TOL = 1e-4  # see the module docstring
 
 
-def _model(heads: int = HEADS) -> Any:  # a FluxTransformer2DModel (diffusers is untyped)
+def make_model(heads: int = HEADS) -> Any:  # a FluxTransformer2DModel (diffusers is untyped)
     torch.manual_seed(0)  # same weights on every rank
     model: Any = FluxTransformer2DModel(
         patch_size=1,
@@ -52,7 +51,7 @@ def _model(heads: int = HEADS) -> Any:  # a FluxTransformer2DModel (diffusers is
     return model.eval()
 
 
-def _inputs() -> dict[str, torch.Tensor]:
+def make_inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     cols = GRID[1]
     img_ids = torch.zeros(IMG, 3)
@@ -68,25 +67,6 @@ def _inputs() -> dict[str, torch.Tensor]:
     )
 
 
-@torch.no_grad()
-def _check(ctx: sf_comm.Context, strategy: str) -> dict[str, object]:
-    inputs = _inputs()
-    model = _model()
-    ref = model(**inputs).sample
-    sp = parallelize(model, ctx=ctx, strategy=strategy)
-    out = sp(**inputs).sample
-    # Positional arguments and return_dict=False take the tuple path through the wrapper.
-    (out_tuple,) = sp(*inputs.values(), return_dict=False)
-    every = sf_comm.all_gather(ctx, ctx.group("world"), out.contiguous()).wait()
-    return dict(
-        rel_err=((out - ref).abs().max() / ref.abs().max()).item(),
-        shape_ok=out.shape == ref.shape,
-        same_on_every_rank=all(torch.equal(every[0], t) for t in every),
-        tuple_path_equal=torch.equal(out_tuple, out),
-        direct_call_unchanged=torch.equal(model(**inputs).sample, ref),
-    )
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(("world", "topo"), WORLDS)
 def test_parallel_flux_matches_single_process(ranks, world: int, topo: str, strategy: str) -> None:
@@ -96,34 +76,17 @@ def test_parallel_flux_matches_single_process(ranks, world: int, topo: str, stra
     in the wrong order. Also catches the installed processors changing what the original model
     computes when called outside the wrapper, and the positional / tuple-output path breaking.
     """
-    results = ranks(world).run(_check, strategy, topology=topo, transport="shm")
-    for rank, res in enumerate(results):
-        assert res["shape_ok"], (rank, res)
-        assert res["rel_err"] < REL_TOL, (rank, res)
-        assert res["same_on_every_rank"], (rank, res)
-        assert res["tuple_path_equal"], (rank, res)
-        assert res["direct_call_unchanged"], (rank, res)
-
-
-@torch.no_grad()
-def _count(ctx: sf_comm.Context, strategy: str) -> tuple[int, int]:
-    """(image-query, text-query) x key pairs this rank's local attention computes, per head."""
-    counts = {"image": 0, "text": 0}
-    original = sf_attn.hybrid.attention_with_lse
-
-    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
-        # TEXT (6) differs from every image shard length here (35, 18, 17, 9, 8).
-        kind = "text" if q.shape[1] == TEXT else "image"
-        counts[kind] += q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
-        return original(q, k, v, **kwargs)
-
-    sp = parallelize(_model(), ctx=ctx, strategy=strategy)
-    sf_attn.hybrid.attention_with_lse = counting
-    try:
-        sp(**_inputs())
-    finally:
-        sf_attn.hybrid.attention_with_lse = original
-    return counts["image"], counts["text"]
+    # Positional arguments and return_dict=False take the tuple path through the wrapper.
+    results = ranks(world).run(
+        compare,
+        strategy,
+        make_model,
+        make_inputs,
+        positional=True,
+        topology=topo,
+        transport="shm",
+    )
+    assert_matches(results)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -137,39 +100,26 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     (within one token's share, as 35 tokens do not split evenly); the replicated text queries
     add at most the full text-query work on any rank.
     """
-    world = 4
+    assert TEXT not in shard_lengths(IMG)  # text queries are told apart by their length
     seq = TEXT + IMG
     full_image = LAYERS * BATCH * IMG * seq * HEADS
     full_text = LAYERS * BATCH * TEXT * seq * HEADS
-    counts = ranks(world).run(_count, strategy, topology="2x2", transport="shm")
-    image = [c[0] for c in counts]
-    assert sum(image) == full_image, (image, full_image)
-    for rank, (img, txt) in enumerate(counts):
-        assert abs(img / full_image - 1 / world) <= 1 / IMG, (rank, img / full_image)
-        assert txt <= full_text, (rank, txt, full_text)
-        assert img + txt < (full_image + full_text) / 2, (
-            rank,
-            img + txt,
-        )  # well under half of it all
+    counts = ranks(4).run(
+        count_pairs, strategy, TEXT, make_model, make_inputs, topology="2x2", transport="shm"
+    )
+    assert_work_split(counts, full_video=full_image, full_text=full_text, tokens=IMG)
 
 
 def _errors(ctx: sf_comm.Context) -> list[str]:
-    msgs = []
     cases = [
-        lambda: parallelize(_model(heads=2), ctx=ctx, strategy="ulysses"),  # 2 heads, 4 ranks
-        lambda: parallelize(_model(), ctx=ctx, strategy="spiral"),
-        lambda: parallelize(parallelize(_model(), ctx=ctx, strategy="ring").module, ctx=ctx),
-        lambda: parallelize(_model(), ctx=ctx, strategy="ring")(
-            **_inputs(), controlnet_block_samples=[torch.zeros(BATCH, IMG, 16)]
+        lambda: parallelize(make_model(heads=2), ctx=ctx, strategy="ulysses"),  # 2 heads, 4 ranks
+        lambda: parallelize(make_model(), ctx=ctx, strategy="spiral"),
+        lambda: parallelize(parallelize(make_model(), ctx=ctx, strategy="ring").module, ctx=ctx),
+        lambda: parallelize(make_model(), ctx=ctx, strategy="ring")(
+            **make_inputs(), controlnet_block_samples=[torch.zeros(BATCH, IMG, 16)]
         ),
     ]
-    for case in cases:
-        try:
-            case()
-            msgs.append("no error")
-        except ValueError as exc:
-            msgs.append(str(exc))
-    return msgs
+    return error_messages(cases)
 
 
 def test_errors_name_the_problem(ranks) -> None:

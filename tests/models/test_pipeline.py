@@ -21,16 +21,14 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-)
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 import sf_comm
 from sf_models.parallelize import parallelize
 from sf_models.pipeline import DecodeOn, ParallelPipeline
+
+from ._common import STRATEGIES, error_messages, rel_err, same_on_every_rank
+from .test_flux import make_model as make_flux_transformer
 
 # 20 x 28 pixels -> 10 x 14 latent (VAE scale 2) -> 5 x 7 = 35 packed tokens: uneven over 4 ranks
 HEIGHT, WIDTH, TEXT, STEPS = 20, 28, 6, 3
@@ -56,19 +54,9 @@ def make_vae(latent_channels: int, scaling: float, shift: float) -> Any:
 
 
 def make_flux_pipe() -> Any:
-    """A FluxPipeline with random tiny components, identical on every rank."""
-    torch.manual_seed(0)
-    transformer: Any = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels packed 2x2
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    )
+    """A FluxPipeline with random tiny components (test_flux's transformer: 16 input channels
+    are 4 latent channels packed 2x2), identical on every rank."""
+    transformer = make_flux_transformer()
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=make_vae(4, scaling=0.3611, shift=0.1159),
@@ -76,7 +64,7 @@ def make_flux_pipe() -> Any:
         tokenizer=None,
         text_encoder_2=None,
         tokenizer_2=None,
-        transformer=transformer.eval(),
+        transformer=transformer,
     )
 
 
@@ -95,10 +83,6 @@ def flux_args(seed: int = 5, **overrides: Any) -> dict[str, Any]:
     return {**args, **overrides}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
-
-
 class LatentCapture:
     """``callback_on_step_end`` that keeps the latents after the last step."""
 
@@ -115,11 +99,6 @@ def count_decodes(pipe: Any) -> list[int]:
     count = [0]
     pipe.vae.decoder.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
     return count
-
-
-def same_on_every_rank(ctx: sf_comm.Context, t: torch.Tensor) -> bool:
-    every = sf_comm.all_gather(ctx, ctx.group("world"), t.contiguous()).wait()
-    return all(torch.equal(every[0], x) for x in every)
 
 
 @torch.no_grad()
@@ -152,7 +131,7 @@ def _generate(ctx: sf_comm.Context, strategy: str, decode_on: DecodeOn) -> dict[
     return res
 
 
-@pytest.mark.parametrize("strategy", ["ring", "usp", "ulysses", "tas"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_flux_pipeline_same_image_on_4_ranks(ranks, strategy: str) -> None:
     """Catches the parallel pipeline drawing an image different from the single-process one:
     a transformer not swapped in the pipeline, rank-dependent noise or inputs, ranks drifting
@@ -207,7 +186,6 @@ def test_rank_dependent_noise_is_an_error(ranks) -> None:
 
 
 def _misuse(ctx: sf_comm.Context) -> list[str]:
-    msgs = []
     pipe = make_flux_pipe()
     cases = [
         lambda: parallelize(pipe, ctx=ctx, decode_on="gpu0"),  # type: ignore[call-overload]
@@ -215,13 +193,7 @@ def _misuse(ctx: sf_comm.Context) -> list[str]:
         lambda: parallelize(parallelize(make_flux_pipe(), ctx=ctx), ctx=ctx),
         lambda: parallelize(torch.nn.Linear(2, 2), ctx=ctx),
     ]
-    for case in cases:
-        try:
-            case()
-            msgs.append("no error")
-        except ValueError as exc:
-            msgs.append(str(exc))
-    return msgs
+    return error_messages(cases)
 
 
 def test_misuse_names_the_problem(ranks) -> None:

@@ -25,6 +25,7 @@ from ._common import (
     assert_work_split,
     compare,
     count_pairs,
+    error_messages,
     shard_lengths,
 )
 
@@ -53,7 +54,7 @@ def make_model(heads: int = HEADS) -> Any:  # an SD3Transformer2DModel (diffuser
     return model.eval()
 
 
-def make_inputs(heads: int = HEADS) -> dict[str, torch.Tensor]:
+def make_inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return dict(
         hidden_states=torch.randn(BATCH, 4, *LATENT, generator=g),
@@ -98,7 +99,6 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
 
 
 def _errors(ctx: Any) -> list[str]:
-    msgs = []
     cases = [
         lambda: parallelize(make_model(heads=2), ctx=ctx, strategy="ulysses"),  # 2 heads, 4 ranks
         lambda: parallelize(parallelize(make_model(), ctx=ctx, strategy="ring").module, ctx=ctx),
@@ -106,13 +106,7 @@ def _errors(ctx: Any) -> list[str]:
             **make_inputs(), block_controlnet_hidden_states=[torch.zeros(BATCH, IMG, 32)]
         ),
     ]
-    for case in cases:
-        try:
-            case()
-            msgs.append("no error")
-        except ValueError as exc:
-            msgs.append(str(exc))
-    return msgs
+    return error_messages(cases)
 
 
 def test_errors_name_the_problem(ranks) -> None:
