@@ -26,6 +26,32 @@ class SequenceParallelProcessor:
         self.inner = inner
 
 
+def project_qkv(
+    attn: Any, x: torch.Tensor, *, added: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key, value [B, seq, H, D] of ``x`` [B, seq, C]: diffusers ``Attention``'s
+    ``to_q/k/v`` projections, then its ``norm_q``/``norm_k`` where set.
+
+    Args:
+        attn: the diffusers ``Attention`` module.
+        x: the tokens to project.
+        added: project with the text stream's weights instead (``add_q/k/v_proj``,
+            ``norm_added_q``/``norm_added_k``), as joint-attention blocks do.
+    """
+    if added:
+        projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
+    else:
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        norm_q, norm_k = attn.norm_q, attn.norm_k
+    query, key, value = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in projections)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def swap_attention_processors(
     module: torch.nn.Module,
     state: ShardState,

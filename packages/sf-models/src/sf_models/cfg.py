@@ -55,7 +55,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 import sf_comm
 from sf_comm.split import part_layout
 
-from .parallelize import SequenceParallelModel
+from .parallelize import SequenceParallelModel, replace_outputs
 
 __all__ = [
     "CFGParallelModel",
@@ -225,13 +225,6 @@ def _sample(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def _with_sample(out: Any, sample: torch.Tensor) -> Any:
-    if isinstance(out, tuple) and not hasattr(out, "keys"):
-        return type(out)((sample, *out[1:]))
-    out[next(iter(out.keys()))] = sample  # diffusers ModelOutput: ordered dict
-    return out
-
-
 class CFGParallelModel(torch.nn.Module):
     """A transformer whose guidance branches run on the two halves of the world.
 
@@ -308,7 +301,7 @@ class CFGParallelModel(torch.nn.Module):
         if batch % 2:
             # Not a [uncond; cond] batch: both parts run it whole; part 0's result everywhere.
             out = self._run(bound)
-            return _with_sample(out, self._exchange(out)[0])
+            return replace_outputs(out, {0: self._exchange(out)[0]})
         half = batch // 2
         rows = slice(self.part * half, (self.part + 1) * half)
         for name in self.plan.batched_inputs:
@@ -322,7 +315,7 @@ class CFGParallelModel(torch.nn.Module):
                 )
             inputs[name] = value[rows]
         out = self._run(bound)
-        return _with_sample(out, torch.cat(self._exchange(out), dim=0))
+        return replace_outputs(out, {0: torch.cat(self._exchange(out), dim=0)})
 
     def _paired(self, bound: inspect.BoundArguments) -> Any:
         # Note [Deferred first branch]
@@ -364,7 +357,7 @@ class CFGParallelModel(torch.nn.Module):
                 f"{placeholder.dtype}; the plan's output_shape is wrong for this model"
             )
         placeholder.copy_(first_out)
-        return _with_sample(out, second_out)
+        return replace_outputs(out, {0: second_out})
 
 
 # Note [Deferred first branch]

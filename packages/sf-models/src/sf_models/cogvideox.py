@@ -27,7 +27,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 import sf_attn
 
-from ._swap import SequenceParallelProcessor, swap_attention_processors
+from ._swap import SequenceParallelProcessor, project_qkv, swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["COGVIDEOX_PLAN", "CogVideoXSequenceParallelProcessor"]
@@ -63,22 +63,16 @@ class CogVideoXSequenceParallelProcessor(SequenceParallelProcessor):
         seq_len = state.lengths[_VIDEO]
 
         stream = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, T + N_local, C]
-        query = attn.to_q(stream).unflatten(-1, (attn.heads, -1))  # [B, T + N_local, H, D]
-        key = attn.to_k(stream).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(stream).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, stream)  # [B, T + N_local, H, D]
 
         text_q, query = query[:, :text_len], query[:, text_len:]
         text_k, key = key[:, :text_len], key[:, text_len:]
         text_v, value = value[:, :text_len], value[:, text_len:]
         if image_rotary_emb is not None:
             rows = _local_rows(image_rotary_emb, state, seq_len)
-            query = apply_rotary_emb(query, rows, sequence_dim=1)  # type: ignore[arg-type]
+            query = apply_rotary_emb(query, rows, sequence_dim=1)  # type: ignore[arg-type, assignment]
             if not attn.is_cross_attention:
-                key = apply_rotary_emb(key, rows, sequence_dim=1)  # type: ignore[arg-type]
+                key = apply_rotary_emb(key, rows, sequence_dim=1)  # type: ignore[arg-type, assignment]
 
         video_out, text_out = sf_attn.parallel_attention(
             query,

@@ -27,7 +27,6 @@ to this rank's share of them (Note [HunyuanVideo first-frame tokens]).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -35,9 +34,10 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_hunyuan_video as hunyuan
 
 import sf_attn
+from sf_attn.sharding import chunk_offsets
 
-from ._swap import SequenceParallelProcessor, swap_attention_processors
-from .parallelize import SequenceParallelPlan, ShardState, register_plan
+from ._swap import SequenceParallelProcessor, project_qkv, swap_attention_processors
+from .parallelize import SequenceParallelPlan, ShardState, register_plan, rewrite_arguments_hook
 
 __all__ = ["HUNYUANVIDEO_PLAN", "HunyuanVideoSequenceParallelProcessor"]
 
@@ -76,28 +76,16 @@ class HunyuanVideoSequenceParallelProcessor(SequenceParallelProcessor):
         stream = (
             hidden_states if dual_stream else torch.cat([hidden_states, encoder_hidden_states], 1)
         )
-        query = attn.to_q(stream).unflatten(2, (attn.heads, -1))  # [B, N_local (+ T), H, D]
-        key = attn.to_k(stream).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(stream).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, stream)  # [B, N_local (+ T), H, D]
         if dual_stream:
-            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = project_qkv(attn, encoder_hidden_states, added=True)
         else:
             text_q, query = query[:, video_len:], query[:, :video_len]
             text_k, key = key[:, video_len:], key[:, :video_len]
             text_v, value = value[:, video_len:], value[:, :video_len]
         if image_rotary_emb is not None:  # rows of this rank's tokens (x_embedder/rope split)
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type, assignment]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type, assignment]
 
         video_out, text_out = sf_attn.parallel_attention(
             query,
@@ -141,22 +129,18 @@ def _text_key_mask(
 def _first_frame_hook(state: ShardState, block: torch.nn.Module) -> Any:
     """Forward pre-hook: ``num_tokens`` (global first-frame token count) -> this rank's share
     (Note [HunyuanVideo first-frame tokens])."""
-    signature = inspect.signature(block.forward)
 
-    def hook(_: torch.nn.Module, args: Any, kwargs: Any) -> Any:
-        if not state.active:
-            return None
-        bound = signature.bind(*args, **kwargs)
-        num_tokens = bound.arguments.get("num_tokens")
+    def local_share(arguments: dict[str, Any]) -> bool:
+        num_tokens = arguments.get("num_tokens")
         if num_tokens is None:
-            return None
+            return False
         ctx = state.ctx
-        start = sum(sf_attn.chunk_sizes(state.lengths[_VIDEO], ctx.world_size)[: ctx.rank])
-        local_len = bound.arguments["hidden_states"].shape[1]
-        bound.arguments["num_tokens"] = max(0, min(int(num_tokens) - start, local_len))
-        return bound.args, bound.kwargs
+        start = chunk_offsets(state.lengths[_VIDEO], ctx.world_size)[ctx.rank]
+        local_len = arguments["hidden_states"].shape[1]
+        arguments["num_tokens"] = max(0, min(int(num_tokens) - start, local_len))
+        return True
 
-    return hook
+    return rewrite_arguments_hook(state, block.forward, local_share)
 
 
 def _attach(module: torch.nn.Module, state: ShardState) -> None:

@@ -78,6 +78,16 @@ def make_inputs(
 Velocity = Any  # (latents, timestep) -> velocity
 
 
+def _branch_inputs(inputs: dict[str, torch.Tensor], *, negative: bool) -> dict[str, torch.Tensor]:
+    """The model inputs of one guidance branch: the prompt's, or with ``negative`` the
+    negative prompt's (``negative_*`` in ``inputs``)."""
+    branch = {k: v for k, v in inputs.items() if not k.startswith("negative_")}
+    if negative:
+        names = ("encoder_hidden_states", "pooled_projections")
+        branch.update({n: inputs[f"negative_{n}"] for n in names})
+    return branch
+
+
 def cfg_velocity(model: Any, inputs: dict[str, torch.Tensor], cfg_scale: float) -> Velocity:
     """Velocity of the model at (latents, t), with true classifier-free guidance if scale > 1.
 
@@ -86,12 +96,8 @@ def cfg_velocity(model: Any, inputs: dict[str, torch.Tensor], cfg_scale: float) 
         cond = model(latents, prompt); uncond = model(latents, negative_prompt)
         velocity = uncond + cfg_scale * (cond - uncond)
     """
-    cond = {k: v for k, v in inputs.items() if not k.startswith("negative_")}
-    uncond = {
-        **cond,
-        "encoder_hidden_states": inputs["negative_encoder_hidden_states"],
-        "pooled_projections": inputs["negative_pooled_projections"],
-    }
+    cond = _branch_inputs(inputs, negative=False)
+    uncond = _branch_inputs(inputs, negative=True)
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v = model(**{**cond, "hidden_states": latents}, timestep=t).sample
@@ -117,10 +123,7 @@ def cfg_parallel_velocity(
     parallelism inside its half (``model`` is parallelized on the half's sub-context); one
     all-gather over the cross group per step brings both to every rank.
     """
-    names = ("encoder_hidden_states", "pooled_projections")
-    mine = {k: v for k, v in inputs.items() if not k.startswith("negative_")}
-    if branch == 1:
-        mine.update({n: inputs[f"negative_{n}"] for n in names})
+    mine = _branch_inputs(inputs, negative=branch == 1)
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = model(**{**mine, "hidden_states": latents}, timestep=t).sample

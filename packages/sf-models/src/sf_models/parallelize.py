@@ -257,16 +257,23 @@ class SequenceParallelModel(torch.nn.Module):
         if isinstance(out, torch.Tensor):
             dim = self.plan.output_dims.get(0)
             return out if dim is None else sf_attn.gather(out, ctx, dim)
-        if isinstance(out, tuple) and not hasattr(out, "keys"):
-            items = list(out)
-            for index, dim in self.plan.output_dims.items():
-                items[index] = sf_attn.gather(items[index], ctx, dim)
-            return type(out)(items)
-        # diffusers ModelOutput: an ordered dict whose values are also reachable by position.
-        keys = list(out.keys())
-        for index, dim in self.plan.output_dims.items():
-            out[keys[index]] = sf_attn.gather(out[keys[index]], ctx, dim)
-        return out
+        gathered = {i: sf_attn.gather(out[i], ctx, dim) for i, dim in self.plan.output_dims.items()}
+        return replace_outputs(out, gathered)
+
+
+def replace_outputs(out: Any, items: Mapping[int, torch.Tensor]) -> Any:
+    """``out``, a model's tuple or diffusers ``ModelOutput`` (updated in place), with
+    ``items[i]`` at position ``i``."""
+    if isinstance(out, tuple) and not hasattr(out, "keys"):
+        values = list(out)
+        for index, value in items.items():
+            values[index] = value
+        return type(out)(values)
+    # diffusers ModelOutput: an ordered dict whose values are also reachable by position.
+    keys = list(out.keys())
+    for index, value in items.items():
+        out[keys[index]] = value
+    return out
 
 
 @overload
@@ -380,6 +387,28 @@ def _first_length(value: Any, dim: int) -> int:
     return int((value if isinstance(value, torch.Tensor) else value[0]).shape[dim])
 
 
+def rewrite_arguments_hook(
+    state: ShardState,
+    forward: Callable[..., Any],
+    rewrite: Callable[[dict[str, Any]], bool],
+) -> Callable[[torch.nn.Module, Any, Any], Any]:
+    """A forward pre-hook (register it ``with_kwargs=True``) that, while a parallel forward
+    runs, binds the call to ``forward``'s signature and lets ``rewrite`` change the bound
+    arguments in place; ``rewrite`` returns False to leave the call as it is. Outside a
+    parallel forward it does nothing (Note [Inactive processors])."""
+    signature = inspect.signature(forward)
+
+    def hook(_: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+        if not state.active:
+            return None
+        bound = signature.bind(*args, **kwargs)
+        if not rewrite(bound.arguments):
+            return None
+        return bound.args, bound.kwargs
+
+    return hook
+
+
 def _install_module_hooks(
     modules: Mapping[str, torch.nn.Module], plan: SequenceParallelPlan, state: ShardState
 ) -> None:
@@ -387,21 +416,16 @@ def _install_module_hooks(
     ctx = state.ctx
 
     def split_inputs_hook(name: str, dims: Mapping[str, int], module: torch.nn.Module) -> Any:
-        signature = inspect.signature(module.forward)
-
-        def hook(_: torch.nn.Module, args: Any, kwargs: Any) -> Any:
-            if not state.active:
-                return None
-            bound = signature.bind(*args, **kwargs)
+        def split(arguments: dict[str, Any]) -> bool:
             for arg, dim in dims.items():
-                value = bound.arguments.get(arg)
+                value = arguments.get(arg)
                 if value is None:
                     continue
                 state.lengths[f"{name}.{arg}"] = _first_length(value, dim)
-                bound.arguments[arg] = _map_tensors(value, partial(sf_attn.shard, ctx=ctx, dim=dim))
-            return bound.args, bound.kwargs
+                arguments[arg] = _map_tensors(value, partial(sf_attn.shard, ctx=ctx, dim=dim))
+            return True
 
-        return hook
+        return rewrite_arguments_hook(state, module.forward, split)
 
     def split_output_hook(name: str, dim: int) -> Any:
         def hook(_: torch.nn.Module, __: Any, out: Any) -> Any:

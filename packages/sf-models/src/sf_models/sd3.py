@@ -30,16 +30,12 @@ from diffusers.models import attention_processor
 
 import sf_attn
 
-from ._swap import SequenceParallelProcessor, swap_attention_processors
+from ._swap import SequenceParallelProcessor, project_qkv, swap_attention_processors
 from .parallelize import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["SD3_PLAN", "SD3SequenceParallelProcessor"]
 
 _IMAGE = "pos_embed"  # ShardState.lengths key of the image token count
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.unflatten(-1, (heads, -1))  # [B, seq, H * D] -> [B, seq, H, D]
 
 
 class SD3SequenceParallelProcessor(SequenceParallelProcessor):
@@ -68,13 +64,7 @@ class SD3SequenceParallelProcessor(SequenceParallelProcessor):
                 "parallelize(SD3): attention_mask is not supported under sequence parallelism"
             )
 
-        query = _heads(attn.to_q(hidden_states), attn.heads)  # [B, img_local, H, D]
-        key = _heads(attn.to_k(hidden_states), attn.heads)
-        value = _heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states)  # [B, img_local, H, D]
         seq_len = state.lengths[_IMAGE]
 
         if encoder_hidden_states is None:  # SD3.5 attn2: image tokens only
@@ -85,13 +75,8 @@ class SD3SequenceParallelProcessor(SequenceParallelProcessor):
             out = out.flatten(2, 3).to(query.dtype)
             return attn.to_out[1](attn.to_out[0](out))
 
-        text_query = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)  # [B, text, H, D]
-        text_key = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-        text_value = _heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+        # [B, text, H, D] each
+        text_query, text_key, text_value = project_qkv(attn, encoder_hidden_states, added=True)
         img_out, text_out = sf_attn.parallel_attention(
             query,
             key,

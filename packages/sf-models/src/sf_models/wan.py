@@ -24,7 +24,6 @@ shard is already exact, local attention with no communication.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -34,7 +33,7 @@ from diffusers.models.transformers import transformer_wan as wan
 import sf_attn
 
 from ._swap import SequenceParallelProcessor, swap_attention_processors
-from .parallelize import SequenceParallelPlan, ShardState, register_plan
+from .parallelize import SequenceParallelPlan, ShardState, register_plan, rewrite_arguments_hook
 
 __all__ = ["WAN_PLAN", "WanSequenceParallelProcessor"]
 
@@ -97,26 +96,22 @@ class WanSequenceParallelProcessor(SequenceParallelProcessor):
 def _timestep_hook(model: Any, state: ShardState) -> Any:
     """Root forward pre-hook: shard a per-token ``timestep`` [B, f*h*w] like the tokens
     (Note [Wan per-token timestep])."""
-    signature = inspect.signature(model.forward)
 
-    def hook(_: torch.nn.Module, args: Any, kwargs: Any) -> Any:
-        if not state.active:
-            return None
-        bound = signature.bind(*args, **kwargs)
-        timestep = bound.arguments.get("timestep")
+    def shard_timestep(arguments: dict[str, Any]) -> bool:
+        timestep = arguments.get("timestep")
         if not isinstance(timestep, torch.Tensor) or timestep.dim() != 2:
-            return None
-        latent = bound.arguments["hidden_states"]
+            return False
+        latent = arguments["hidden_states"]
         tokens = math.prod(n // p for n, p in zip(latent.shape[2:], model.config.patch_size))
         if timestep.shape[1] != tokens:
             raise ValueError(
                 f"parallelize(Wan): a per-token timestep must be [batch, {tokens}] (one per video "
                 f"token), got {tuple(timestep.shape)}"
             )
-        bound.arguments["timestep"] = sf_attn.shard(timestep, state.ctx, 1)
-        return bound.args, bound.kwargs
+        arguments["timestep"] = sf_attn.shard(timestep, state.ctx, 1)
+        return True
 
-    return hook
+    return rewrite_arguments_hook(state, model.forward, shard_timestep)
 
 
 def _attach(module: torch.nn.Module, state: ShardState) -> None:
