@@ -111,11 +111,9 @@ class AttentionBackend:
         return None
 
 
-_REGISTRY: dict[str, AttentionBackend] = {}
-# Set by sf_attn.simulate while it runs: receives (seq_q, seq_k) of every block.
-_block_shape_hook: Callable[[int, int, int], None] | None = (
-    None  # insertion order is the order "auto" tries
-)
+_REGISTRY: dict[str, AttentionBackend] = {}  # insertion order is the order "auto" tries
+# Set by sf_attn.simulate while it runs: receives (seq_q, seq_k, batch * heads) of every block.
+_block_shape_hook: Callable[[int, int, int], None] | None = None
 
 
 def register_backend(

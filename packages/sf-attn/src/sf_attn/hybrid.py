@@ -46,6 +46,38 @@ def _empty_acc(
     return acc_o, acc_lse
 
 
+def _text_output(
+    ctx: sf_comm.Context,
+    ug: sf_comm.Group,
+    text_q: torch.Tensor,
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+    *,
+    joint_mask: torch.Tensor | None,
+    scale: float,
+    backend: str,
+    head_sizes: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The text queries' output (Note [Canonical text merge]: the text block first, then
+    ``parts``, the partials against the sharded blocks, in the order given), with every head
+    group gathered over the Ulysses group ``ug``."""
+    t_o, t_lse = attention_with_lse(
+        text_q, text_k, text_v, scale=scale, key_mask=joint_mask, backend=backend
+    )
+    t_acc_o, t_acc_lse = t_o.float(), t_lse.clone()
+    for part in parts:
+        assert part is not None
+        merge_attention_(t_acc_o, t_acc_lse, *part)
+    text_out = t_acc_o.to(dtype)
+    if ug.size > 1:
+        batch, text, _, dim = text_out.shape
+        t_shapes = [(batch, text, head_sizes[j], dim) for j in range(ug.size)]
+        text_out = torch.cat(sf_comm.all_gather(ctx, ug, text_out, t_shapes).wait(), dim=2)
+    return text_out
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,17 +160,19 @@ def hybrid_attention(
         block = attention_with_lse(q_u, tk, tv, scale=scale, key_mask=joint_mask, backend=backend)
         merge_attention_(acc_o, acc_lse, *block)
         # Note [Canonical text merge]: text block first, then ring blocks in member order.
-        t_o, t_lse = attention_with_lse(
-            text_q, tk, tv, scale=scale, key_mask=joint_mask, backend=backend
+        text_out = _text_output(
+            ctx,
+            ug,
+            text_q,
+            tk,
+            tv,
+            text_parts,
+            joint_mask=joint_mask,
+            scale=scale,
+            backend=backend,
+            head_sizes=head_sizes,
+            dtype=q.dtype,
         )
-        t_acc_o, t_acc_lse = t_o.float(), t_lse.clone()
-        for part in text_parts:
-            assert part is not None
-            merge_attention_(t_acc_o, t_acc_lse, *part)
-        text_out = t_acc_o.to(q.dtype)
-        if p_u > 1:
-            t_shapes = [(batch, text_out.shape[1], head_sizes[j], dim) for j in range(p_u)]
-            text_out = torch.cat(sf_comm.all_gather(ctx, ug, text_out, t_shapes).wait(), dim=2)
 
     # 3. Ulysses back: Ulysses-group sequence, heads group i -> own sequence chunk, all heads.
     out_u = acc_o.to(q.dtype)

@@ -81,7 +81,7 @@ def merge_attention(
     return o.to(o1.dtype), lse
 
 
-def _merge_attention_(
+def merge_attention_(
     acc_o: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor, *, impl: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Merges ``(o, lse)`` into the accumulators ``(acc_o, acc_lse)`` in place.
@@ -113,6 +113,18 @@ def _merge_attention_(
         TypeError: If the accumulators are not float32/float64 of one dtype.
         ValueError: As :func:`merge_attention`.
     """
+    if trace.active() is None:
+        return _merge_attention_(acc_o, acc_lse, o, lse, impl=impl)
+    # read acc + block, write acc: memory-bound
+    nbytes = 2 * acc_o.numel() * acc_o.element_size() + o.numel() * o.element_size()
+    with trace.compute_span("merge", nbytes=nbytes):
+        return _merge_attention_(acc_o, acc_lse, o, lse, impl=impl)
+
+
+def _merge_attention_(
+    acc_o: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor, *, impl: str
+) -> tuple[Tensor, Tensor]:
+    """:func:`merge_attention_` without the trace span."""
     if (
         not isinstance(acc_o, Tensor)
         or not isinstance(acc_lse, Tensor)
@@ -208,15 +220,3 @@ def _pick_impl(impl: str, o: Tensor, compute_dtype: torch.dtype) -> str:
                 "TRITON_INTERPRET=1 before triton is imported"
             )
     return impl
-
-
-@functools.wraps(_merge_attention_)
-def merge_attention_(
-    acc_o: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor, *, impl: str = "auto"
-) -> tuple[Tensor, Tensor]:
-    if trace.active() is None:
-        return _merge_attention_(acc_o, acc_lse, o, lse, impl=impl)
-    # read acc + block, write acc: memory-bound
-    nbytes = 2 * acc_o.numel() * acc_o.element_size() + o.numel() * o.element_size()
-    with trace.compute_span("merge", nbytes=nbytes):
-        return _merge_attention_(acc_o, acc_lse, o, lse, impl=impl)

@@ -30,9 +30,10 @@ Cost model (Note [Cost model]):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -254,24 +255,17 @@ def simulate(
     )
 
 
-class _block_shapes:
-    """Tells the virtual tracer each attention block's (seq_q, seq_k) for the efficiency term."""
+@contextlib.contextmanager
+def _block_shapes(tracer: VirtualTracer) -> Iterator[None]:
+    """Tells the virtual tracer each attention block's (seq_q, seq_k, batch * heads) for the
+    efficiency term."""
+    from . import backends
 
-    def __init__(self, tracer: VirtualTracer) -> None:
-        self.tracer = tracer
+    def hook(seq_q: int, seq_k: int, rows: int) -> None:
+        tracer.pending_shape = (seq_q, seq_k, rows)
 
-    def __enter__(self) -> None:
-        from . import backends
-
-        self._saved = backends._block_shape_hook
-        tracer = self.tracer
-
-        def hook(seq_q: int, seq_k: int, rows: int) -> None:
-            tracer.pending_shape = (seq_q, seq_k, rows)
-
-        backends._block_shape_hook = hook
-
-    def __exit__(self, *exc: object) -> None:
-        from . import backends
-
-        backends._block_shape_hook = self._saved
+    saved, backends._block_shape_hook = backends._block_shape_hook, hook
+    try:
+        yield
+    finally:
+        backends._block_shape_hook = saved

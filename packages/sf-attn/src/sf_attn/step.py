@@ -327,19 +327,11 @@ def _bounds(w: _Work, cost: StepCost) -> tuple[float, float]:
     n_img = w.seq_len - (cfg.text_len if w.text_sharded else 0)
     text = cfg.text_len
     seq = w.seq_len + w.attn_text  # every token of the self-attention
-    mem_bw = cost.memory_bw(topo)
     compute = comm = 0.0
     for block in cfg.blocks:
         flops = 2.0 * w.batch * (n_img * block.image_weights + text * block.text_weights)
         one = flops / (topo.device_flops * cost.gemm_eff)
-        elem_tokens = n_img + (text if cfg.text_mode == "joint" else 0)
-        one += (
-            w.batch
-            * elem_tokens
-            * (cost.hidden_passes * cfg.hidden + cost.ffn_passes * cfg.ffn)
-            * w.itemsize
-            / mem_bw
-        )
+        one += _elementwise_s(n_img + (text if cfg.text_mode == "joint" else 0), w, cost)
         if block.self_attention:
             one += 4.0 * w.batch * seq * seq * cfg.hidden / topo.device_flops
             # head scatter over all ranks: 3/4 of the bytes are q, k, v out, 1/4 the output back

@@ -29,7 +29,6 @@ Joint text tokens follow Note [Canonical text merge] of :mod:`sf_attn.hybrid`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +36,7 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
+from .hybrid import _empty_acc, _text_output
 from .layout import Layout
 from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
@@ -76,6 +76,12 @@ def torus_attention(
     def attend(qc: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> Acc:
         return attention_with_lse(qc, kv[0], kv[1], scale=scale, key_mask=mask, backend=backend)
 
+    def pull(x: torch.Tensor, d: int) -> sf_comm.Handle[torch.Tensor]:
+        """Member t+d's chunk of ``x`` in head group t (member t-d gets ours in its group)."""
+        send = x[..., heads_of(t - d), :].contiguous()
+        shape = (*x.shape[:-3], lens[(t + d) % n], h_t, dim)
+        return sf_comm.shift(ctx, ug, send, offset=-d, out_shape=shape)
+
     kv_own = torch.stack([k, v])  # [2, batch, seq_local, heads, dim]
     kv_t = kv_own[:, :, :, heads_of(t)].contiguous()  # KV[t, t]: never moves
     # All Q chunks of head group t live in one buffer, remote chunks first in member order
@@ -96,8 +102,7 @@ def torus_attention(
         batch, total, h_t, dim, dtype=q.dtype, device=q.device
     )  # [batch, seq_u, h_t, dim]
     q_all[:, rows(t)] = q[:, :, heads_of(t)]
-    acc_o = torch.zeros(batch, total, h_t, dim, dtype=torch.float32, device=q.device)
-    acc_lse = torch.full((batch, h_t, total), -math.inf, dtype=torch.float32, device=q.device)
+    acc_o, acc_lse = _empty_acc(batch, total, h_t, dim, q.device)
     text_q = text_kv = None
     if joint is not None:
         text_q = joint[0][:, :, heads_of(t)].contiguous()
@@ -112,25 +117,19 @@ def torus_attention(
     blocks: list[torch.Tensor | None] = [None] * n  # KV[t+j, t] as received
     blocks[0] = kv_t
     for s in range(n):
-        pull = None
+        pending = None
         if s < n - 1:
-            src = (t + s + 1) % n
-            send = q[:, :, heads_of(t - (s + 1))].contiguous()
-            pull = sf_comm.shift(
-                ctx, ug, send, offset=-(s + 1), out_shape=(batch, lens[src], h_t, dim)
-            )
+            pending = pull(q, s + 1)
         elif n > 1:
-            send = kv_own[:, :, :, heads_of(t - 1)].contiguous()
-            shape = (2, batch, lens[(t + 1) % n], h_t, dim)
-            pull = sf_comm.shift(ctx, ug, send, offset=-1, out_shape=shape)
+            pending = pull(kv_own, 1)
         chunk = rows((t + s) % n)
         merge_rows(chunk, kv_t)
         if text_kv is not None:
             merge_rows(chunk, text_kv, joint_mask)
         if s == 0 and text_q is not None:
             text_parts[(rg.index, t)] = attend(text_q, kv_t)
-        if pull is not None:
-            got = pull.wait()
+        if pending is not None:
+            got = pending.wait()
             if s < n - 1:
                 q_all[:, rows((t + s + 1) % n)] = got
             else:
@@ -139,11 +138,7 @@ def torus_attention(
     # KV stages: each KV block goes round the intra ring; all Q chunks meet it at once.
     pushes: list[sf_comm.Handle[torch.Tensor]] = []
     for j in range(n):
-        pull = None
-        if j >= 1 and j + 1 < n:
-            send = kv_own[:, :, :, heads_of(t - (j + 1))].contiguous()
-            shape = (2, batch, lens[(t + j + 1) % n], h_t, dim)
-            pull = sf_comm.shift(ctx, ug, send, offset=-(j + 1), out_shape=shape)
+        pending = pull(kv_own, j + 1) if 1 <= j < n - 1 else None
         cur = blocks[j]
         assert cur is not None
         holder = rg.index
@@ -172,8 +167,8 @@ def torus_attention(
             if shift is not None:
                 cur = shift.wait()
                 holder = (holder - 1) % p_r
-        if pull is not None:
-            blocks[j + 1] = pull.wait()
+        if pending is not None:
+            blocks[j + 1] = pending.wait()
 
     out = torch.empty(batch, lens[t], heads, dim, dtype=q.dtype, device=q.device)
     out[:, :, heads_of(t)] = acc_o[:, rows(t)].to(q.dtype)
@@ -182,12 +177,17 @@ def torus_attention(
 
     text_out = None
     if text_q is not None and text_kv is not None:
-        t_o, t_lse = attend(text_q, text_kv, joint_mask)
-        t_acc = (t_o.float(), t_lse.clone())
-        for key in sorted(text_parts):  # Note [Canonical text merge]
-            merge_attention_(*t_acc, *text_parts[key])
-        text_out = t_acc[0].to(q.dtype)
-        if n > 1:
-            shapes = [(batch, text_out.shape[1], hs[j], dim) for j in range(n)]
-            text_out = torch.cat(sf_comm.all_gather(ctx, ug, text_out, shapes).wait(), dim=2)
+        text_out = _text_output(
+            ctx,
+            ug,
+            text_q,
+            text_kv[0],
+            text_kv[1],
+            [text_parts[key] for key in sorted(text_parts)],  # Note [Canonical text merge]
+            joint_mask=joint_mask,
+            scale=scale,
+            backend=backend,
+            head_sizes=hs,
+            dtype=q.dtype,
+        )
     return out, text_out
