@@ -58,8 +58,10 @@ def _merge_kernel(
     m = tl.where(m == -float("inf"), 0.0, m)
     w1 = tl.exp(l1 - m)
     w2 = tl.exp(l2 - m)
+    # in [1, 2], 0 (both empty) or NaN (poisoned: NaN or +inf lse; a NaN that tl.maximum
+    # drops still comes back through exp(NaN - m))
     total = w1 + w2
-    inv = tl.where(total > 0.0, 1.0 / tl.where(total > 0.0, total, 1.0), 0.0)
+    inv = tl.where(total == 0.0, 0.0, 1.0 / tl.where(total == 0.0, 1.0, total))  # NaN stays
     c1 = (w1 * inv)[:, None]
     c2 = (w2 * inv)[:, None]
 
@@ -71,8 +73,8 @@ def _merge_kernel(
         ok = row_ok[:, None] & (d < HEAD_DIM)
         x1 = tl.load(o1_ptr + base1 + d * s_o1_d, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(o2_ptr + base2 + d * s_o2_d, mask=ok, other=0.0).to(tl.float32)
-        # A zero weight drops its block even if the block holds NaN/inf.
-        y = tl.where(c1 > 0.0, x1 * c1, 0.0) + tl.where(c2 > 0.0, x2 * c2, 0.0)
+        # A zero weight drops its block even if the block holds NaN/inf; a NaN one poisons.
+        y = tl.where(c1 != 0.0, x1 * c1, 0.0) + tl.where(c2 != 0.0, x2 * c2, 0.0)
         tl.store(out_ptr + base_out + d * s_out_d, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     lse = m + tl.log(total)  # log(0) = -inf when both blocks are empty

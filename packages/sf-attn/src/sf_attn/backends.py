@@ -25,8 +25,42 @@ Note [Fully masked rows]
     lse = -inf, which is exactly what a merge needs (such a block contributes nothing). The
     kernels disagree (the CPU flash op returns lse = 0), so :func:`attention_with_lse` fixes
     these rows up after every backend instead of trusting each one. Measured: the CPU flash
-    op and ``sdpa-efficient`` (torch 2.11, H200) give out = 0 but lse = 0; cuDNN gives -inf. With a per-key mask
-    ``[batch, seq_k]`` a row is fully masked exactly when its whole batch element is.
+    op and ``sdpa-efficient`` (torch 2.11, H200) give out = 0 but lse = 0; cuDNN gives -inf.
+    With a per-key mask ``[batch, seq_k]`` a row is fully masked exactly when its whole batch
+    element is. Only the mask makes a row "fully masked", and a row the kernel returns with
+    lse = NaN or +inf keeps its NaN: SDPA adds the mask to the scores, so a masked key whose
+    score is +inf gives -inf + inf = NaN there too (Note [Non-finite inputs]).
+
+Note [Non-finite inputs] (measured on torch 2.13, CPU with AVX-512; q, k, v in float32,
+bfloat16 and float64, against ``F.scaled_dot_product_attention`` with the math and the
+default backend)
+    A score is +-inf or NaN when q or k holds one (an inf in q makes every score of its row
+    +-inf, by the sign of k; an inf in k does that to its key's column). Per query row, SDPA
+    (math) gives:
+
+    - NaN if any score is NaN or +inf (``exp(inf - inf)``): an inf or NaN in that q row, a
+      NaN in any key of its head, or an inf in a key that scores +inf against this row.
+    - 0 if every score is -inf (math SDPA's safe softmax; the default backend agrees). This
+      is an empty softmax, so the contract is out = 0, lse = -inf, as for a masked row.
+    - otherwise finite; a -inf score just drops its key. inf/NaN in v spread as ``p @ v``.
+
+    ``reference`` follows this (it used to return out = 0 in NaN rows). The CPU flash op
+    (``cpu-flash``, also the default SDPA backend on CPU) differs in three ways:
+
+    - a row with a +inf score (and finite others) comes back with lse = +inf once seq_k
+      fills one vector of scores (16 in float32/bf16, 8 in float64 here), and with out = 0,
+      not NaN, in bf16 (so default SDPA returns 0 there in bf16, where math returns NaN);
+    - a row whose scores are all -inf comes back with out = 0 but lse = 0, not -inf (a merge
+      would weigh its zeros as real keys);
+    - a row whose scores are all NaN (NaN in q) comes back as out = 0, lse = 0 when seq_k is
+      shorter than one vector, because the scalar tail of its max skips NaN (default SDPA
+      then returns 0 where math returns NaN).
+
+    lse = 0 and lse = +inf are thus the op's sentinels, and ``_cpu_flash`` redoes the (rare)
+    rows that carry one, unless the mask empties them, with the reference math; an exact
+    lse = 0 of a normal row is recomputed to the same value. NaN/inf in v needs no repair:
+    every backend gives SDPA's NaN/inf elements. The merge treats lse = NaN and +inf alike
+    (Note [Stable merge]), so backends may return either for a NaN row.
 
 Note [Key-mask dtype on the CPU flash op] (measured on torch 2.13, CPU)
     The op rejects bool masks. A float32 mask is accepted for every query dtype, but with
@@ -205,8 +239,10 @@ def attention_with_lse(
 
     Returns:
         ``(out, lse)``: out [batch, seq_q, heads, head_dim] in q's dtype and lse
-        [batch, heads, seq_q] in float32. Rows whose keys are all masked (or seq_k == 0) give
-        out = 0 and lse = -inf.
+        [batch, heads, seq_q] in float32. Rows whose keys are all masked (or seq_k == 0), or
+        whose scores are all -inf, give out = 0 and lse = -inf; rows with a NaN or +inf score
+        (inf/NaN in q or k) give out = NaN and lse = NaN or +inf, as SDPA's math backend
+        (Note [Non-finite inputs]).
 
     Raises:
         TypeError: If an input is not a tensor or has a dtype that is not allowed.
@@ -230,11 +266,10 @@ def attention_with_lse(
         out, lse = entry.fn(q, k, v, scale, key_mask)
     out, lse = out.to(q.dtype), lse.to(torch.float32)
     if key_mask is not None:  # Note [Fully masked rows]
-        dead = (
-            ~key_mask.any(-1) if key_mask.dtype == torch.bool else (key_mask == -math.inf).all(-1)
-        )
-        out = out.masked_fill(dead[:, None, None, None], 0.0)
-        lse = lse.masked_fill(dead[:, None, None], -math.inf)
+        # [batch, heads, seq_q]; lse < inf is False for NaN and +inf (a NaN row)
+        dead = _fully_masked(key_mask)[:, None, None] & (lse < math.inf)
+        out = out.masked_fill(dead.transpose(1, 2)[..., None], 0.0)
+        lse = lse.masked_fill(dead, -math.inf)
     return out, lse
 
 
@@ -280,11 +315,12 @@ def reference_attention(
         if bias is not None:
             s = s + bias
         m = s.amax(-1, keepdim=True) if seq_k else s.new_zeros(*s.shape[:-1], 1)
-        m = m.masked_fill(m == -math.inf, 0.0)  # fully masked row: p = 0 below, no NaN
+        m = m.masked_fill(m == -math.inf, 0.0)  # all scores -inf: p = 0 below, no NaN
         p = torch.exp(s - m)
         denom = p.sum(-1, keepdim=True)
         lses.append((m + torch.log(denom)).squeeze(-1))
-        outs.append(torch.where(denom > 0, torch.matmul(p, vf) / denom, 0.0))
+        # denom is 0 (every score -inf: empty) or NaN (a NaN or +inf score), which stays NaN
+        outs.append(torch.where(denom == 0, 0.0, torch.matmul(p, vf) / denom))
     if not outs:  # seq_q == 0
         return q.to(dtype), q.new_empty(q.shape[0], q.shape[2], 0, dtype=dtype)
     return torch.cat(outs, 2).transpose(1, 2), torch.cat(lses, 2)
@@ -360,6 +396,13 @@ def _resolve(backend: str, q: Tensor, key_mask: Tensor | None) -> AttentionBacke
             f"Backends that can: {can}; registered: {list(_REGISTRY)}"
         )
     return entry
+
+
+def _fully_masked(key_mask: Tensor) -> Tensor:
+    """[batch, seq_k] bool or additive -> [batch] True where the mask drops every key."""
+    if key_mask.dtype == torch.bool:
+        return ~key_mask.any(-1)
+    return (key_mask == -math.inf).all(-1)
 
 
 def _additive_mask(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -478,7 +521,29 @@ def _cpu_flash(
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )
-    return out.transpose(1, 2), lse
+    out = out.transpose(1, 2)
+    # Note [Non-finite inputs]: rows with the op's sentinels lse = 0 (an all -inf or all NaN
+    # row, or a true 0) and +inf (a NaN row, out 0 in bf16) are redone exactly; rows the mask
+    # empties are left to the caller (Note [Fully masked rows]).
+    suspect = (lse == 0) | (lse == math.inf)  # [batch, heads, seq_q]
+    if key_mask is not None:
+        suspect &= ~_fully_masked(key_mask)[:, None, None]
+    if suspect.any():
+        ref_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        rows = suspect.any(1)  # [batch, seq_q]
+        for b in rows.any(1).nonzero().flatten().tolist():
+            sel = rows[b].nonzero().flatten()
+            ref_o, ref_lse = reference_attention(
+                q[b : b + 1, sel],
+                k[b : b + 1],
+                v[b : b + 1],
+                scale=scale,
+                key_mask=None if key_mask is None else key_mask[b : b + 1],
+                dtype=ref_dtype,
+            )
+            out[b, sel] = ref_o[0].to(out.dtype)
+            lse[b, :, sel] = ref_lse[0].to(lse.dtype)
+    return out, lse
 
 
 def _meta(

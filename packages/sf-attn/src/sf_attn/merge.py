@@ -11,10 +11,25 @@ over K1 ∪ K2::
 Note [Stable merge]
     Computed as ``m = max(lse1, lse2)``, ``w_i = exp(lse_i - m)``, ``lse = m + log(w1 + w2)``,
     ``o = (w1 o1 + w2 o2) / (w1 + w2)``. The larger weight is exactly 1, so nothing overflows
-    however large the lse values are (1e4 is fine in float32). A block with lse = -inf (all
-    its keys masked, or no keys) gets weight 0, and its ``o`` is ignored even if it holds
-    NaN/inf. If both are -inf, ``m`` is replaced by 0 so no ``-inf - -inf`` appears, and the
-    result is o = 0, lse = -inf. Arithmetic is in float32 (float64 if any input is float64).
+    however large the lse values are (1e4 is fine in float32). Arithmetic is in float32
+    (float64 if any input is float64). Per row, by the lse values:
+
+    - -inf (all keys masked, or no keys): the block gets weight 0 and its ``o`` is ignored,
+      even if it holds NaN/inf (never written). If both are -inf, ``m`` is replaced by 0 so
+      no ``-inf - -inf`` appears, and the result is o = 0, lse = -inf.
+    - NaN or +inf (a NaN or +inf score: single-device attention is NaN in that row, Note
+      [Non-finite inputs] in ``sf_attn.backends``): the block poisons the row, o = NaN and
+      lse = NaN, whatever the other block holds (-inf included), and stays poisoned through
+      later merges. Otherwise the answer would depend on how a strategy splits the keys.
+
+    Both rules live in the coefficients, so the o pass is the same as for finite rows: a
+    poisoned row has ``w1 + w2 = NaN`` (``exp(inf - inf)``, or ``exp(NaN)``), hence
+    ``lse = NaN`` and ``c_i = w_i / (w1 + w2) = NaN``, and only ``c_i == 0`` drops a block
+    (``where(c != 0, c * o, 0)``), so a NaN coefficient reaches ``o``. This holds whether or
+    not ``max`` propagates NaN (Triton's may not): ``exp(NaN - m)`` is NaN either way. A block
+    with finite lse whose weight underflows to 0 (lse ~100 below the other's in float32) is
+    dropped too, NaN in its ``o`` included, where SDPA would compute 0 * NaN = NaN; only
+    NaN/inf in v can produce such an ``o``.
 
 On CUDA the merge runs as one Triton kernel (``sf_attn._triton_merge``, imported only when
 used); elsewhere as a few torch ops. ``impl="triton"`` forces the kernel, which also runs on
@@ -51,7 +66,8 @@ def merge_attention(
         w2 = torch.exp(lse2 - lse).transpose(1, 2)[..., None]
         o = w1 * o1 + w2 * o2
 
-    but without NaN when both lse are -inf and without overflow for large lse.
+    but without NaN when both lse are -inf and without overflow for large lse, and with
+    o = lse = NaN in rows where either lse is NaN or +inf.
 
     Args:
         o1: Attention output over the first key set, [batch, seq, heads, head_dim].
@@ -144,27 +160,29 @@ def _merge_attention_(
         _triton_merge.merge_into(acc_o, acc_lse, o, lse, acc_o, acc_lse)
         return acc_o, acc_lse
     c1, c2, new_lse = _coefficients(acc_lse, lse, compute_dtype)
-    acc_o.mul_(c1).masked_fill_(c1 == 0, 0.0)  # weight 0 drops the block, even NaN in it
+    acc_o.mul_(c1).masked_fill_(c1 == 0, 0.0)  # as _scaled: weight 0 drops, NaN poisons
     acc_o.add_(_scaled(o, c2, compute_dtype))
     acc_lse.copy_(new_lse)
     return acc_o, acc_lse
 
 
 def _coefficients(lse1: Tensor, lse2: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (c1, c2) [batch, seq, heads, 1] with o = c1 o1 + c2 o2, and lse [batch, heads, seq]."""
+    """Returns (c1, c2) [batch, seq, heads, 1] with o = c1 o1 + c2 o2, and lse [batch, heads, seq].
+
+    A c is 0 for a dropped (-inf) block and NaN in a poisoned row (Note [Stable merge])."""
     l1, l2 = lse1.to(dtype), lse2.to(dtype)
     m = torch.maximum(l1, l2)
     m = m.masked_fill(m == -math.inf, 0.0)
     w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    total = w1 + w2
+    total = w1 + w2  # in [1, 2], 0 (both empty) or NaN (poisoned)
     lse = m + torch.log(total)
-    inv = torch.where(total > 0, 1.0 / total, 0.0)
+    inv = torch.where(total == 0, 0.0, 1.0 / total)  # NaN stays NaN
     c1, c2 = ((w * inv).transpose(1, 2).unsqueeze(-1) for w in (w1, w2))
     return c1, c2, lse
 
 
 def _scaled(o: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.where(c > 0, o.to(dtype) * c, 0.0)
+    return torch.where(c != 0, o.to(dtype) * c, 0.0)
 
 
 def _check(
