@@ -9,47 +9,325 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
 
 import torch
+from diffusers.utils import constants as _hub
+
+from sf_attn import get_strategy, strategy_names
+from sf_attn.models_table import get_model
+from sf_comm import Topology, transport_names
+from sf_comm.launch import RankError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# The transports whose factories take the CPU tensors of a rank pool ("auto" is shm there);
+# nccl, nvshmem and torch-symm need CUDA tensors (sf_comm.context).
+_CPU_TRANSPORTS = ("auto", "shm", "gloo")
 
-def _world_and_topology(args: argparse.Namespace) -> tuple[int, str]:
-    from sf_comm import Topology
+# Note [Command-line errors]
+#     A mistake on the command line ends as ONE line on stderr, ``streamfusion <sub>: error:
+#     argument --opt: <value and what is allowed> (see streamfusion <sub> --help)``, exit
+#     status 2, no traceback, before any model is built or rank started. Single values are
+#     checked by the ``type=`` callables below, argparse's own errors by _Parser.error,
+#     combinations of options by a check at the top of each handler (_check_run,
+#     _check_heads, simulate_cmd.check; they raise UsageError). A ValueError the library raises later, in this process or on a rank
+#     (an impossible combination only the ranks see), ends the same way without the --help
+#     hint (main); any other exception is a bug and keeps its traceback.
 
-    topo = Topology.parse(args.topology) if args.topology else None
-    world = args.world or (topo.world_size if topo else 4)
-    if topo is None:
-        topo = Topology.parse("2x2") if world == 4 else Topology.parse(f"1x{world}")
-    if topo.world_size != world:
-        raise SystemExit(
-            f"streamfusion: --topology {topo} has {topo.world_size} ranks but --world is {world}; "
-            f"use a MACHINESxGPUS split whose product is {world}"
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (Note [Command-line errors]); sub-commands inherit it."""
+
+    def error_line(self, message: str) -> str:
+        return f"{self.prog}: error: {message} (see {self.prog} --help)"
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, self.error_line(message) + "\n")
+
+
+class UsageError(ValueError):
+    """A combination of options that cannot work, found before anything runs."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"argument {option}: {message}")
+
+
+# -- single values (argparse ``type=``) -------------------------------------------------------
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """A ``type=`` for integers >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value: int | None = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def number_above(low: float, *, or_equal: bool = False) -> Callable[[str], float]:
+    """A ``type=`` for finite numbers > ``low`` (>= ``low`` with ``or_equal``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (value == low and not or_equal):
+            bound = ">=" if or_equal else ">"
+            raise argparse.ArgumentTypeError(f"expected a number {bound} {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def topology(text: str) -> Topology:
+    """A ``type=`` for ``MACHINESxGPUS`` (:meth:`sf_comm.Topology.parse`)."""
+    try:
+        return Topology.parse(text)
+    except ValueError as exc:
+        message = str(exc)
+        raise argparse.ArgumentTypeError(
+            message if repr(text) in message else f"{text!r}: {message}"
+        ) from None
+
+
+def cpu_transport(text: str) -> str:
+    """A ``type=`` for a registered transport that runs on the CPU ranks of a rank pool."""
+    known = transport_names()
+    cpu = ", ".join(n for n in known if n in _CPU_TRANSPORTS)
+    if text in known and text in _CPU_TRANSPORTS:
+        return text
+    if text in known:
+        raise argparse.ArgumentTypeError(
+            f"transport {text!r} needs CUDA; these run on CPU ranks: {cpu}"
         )
-    return world, str(topo)
+    raise argparse.ArgumentTypeError(
+        f"unknown transport {text!r}; these run on CPU ranks: {cpu} (known: {', '.join(known)})"
+    )
+
+
+def inner_backend(text: str) -> str:
+    """A ``type=`` for a ``torch.compile`` backend the streamfusion backend can hand on to."""
+    from torch._dynamo import list_backends
+
+    if text == "streamfusion" or text not in list_backends(exclude_tags=()):
+        main = ", ".join(n for n in list_backends() if n != "streamfusion")
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile backend {text!r}; choose one of {main}, or a debug backend "
+            "such as eager (torch._dynamo.list_backends(exclude_tags=()))"
+        )
+    return text
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def out_dir(text: str) -> str:
+    """A ``type=`` for a directory that exists or can be created, and can be written.
+
+    Nothing is created here: the command creates it when it writes.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory, got ''")
+    base = _nearest_existing(text)
+    if not os.path.isdir(base):
+        raise argparse.ArgumentTypeError(
+            f"cannot create directory {text!r}: {base} is not a directory"
+        )
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write directory {text!r}: {base} is read-only")
+    return text
+
+
+def out_file(text: str) -> str:
+    """A ``type=`` for a file that can be written in an existing directory."""
+    if not text or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected a file name, got {text!r}")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: directory {parent} does not exist"
+        )
+    writable = os.access(text, os.W_OK) if os.path.exists(text) else os.access(parent, os.W_OK)
+    if not writable:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: permission denied")
+    return text
+
+
+def pretrained_dir(text: str) -> str:
+    """A ``type=`` for a local ``from_pretrained`` directory: config.json and weights."""
+    weights = (
+        _hub.SAFETENSORS_WEIGHTS_NAME,
+        _hub.SAFE_WEIGHTS_INDEX_NAME,
+        _hub.WEIGHTS_NAME,
+        _hub.WEIGHTS_INDEX_NAME,
+    )
+    expected = f"a local from_pretrained directory with {_hub.CONFIG_NAME} and {weights[0]}"
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory; expected {expected}")
+    config = os.path.join(text, _hub.CONFIG_NAME)
+    try:
+        with open(config) as f:
+            ok = isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds no readable {_hub.CONFIG_NAME} (a JSON object); expected {expected}"
+        )
+    if not any(os.path.isfile(os.path.join(text, w)) for w in weights):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds no weights ({', '.join(weights)}); expected {expected}"
+        )
+    return text
+
+
+def sizes_mb(text: str) -> tuple[float, ...]:
+    """A ``type=`` for a comma-separated list of positive sizes in MB."""
+    try:
+        sizes = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or not all(math.isfinite(s) and s > 0 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated sizes in MB, each > 0 (e.g. 0.0625,1,16), got {text!r}"
+        )
+    return sizes
+
+
+# -- combinations (raise UsageError) ----------------------------------------------------------
+
+
+def pixels_per_token(model: str) -> tuple[int, int]:
+    """Pixels (height, width) of one token of ``model``: VAE factor x patch.
+
+    16 x 16 for flux (8x VAE, 2x2 latents packed per token), the 16 that
+    :func:`sf_models.job.make_inputs` divides by.
+    """
+    cfg = get_model(model)
+    return cfg.vae_spatial * cfg.patch[1], cfg.vae_spatial * cfg.patch[2]
+
+
+def _world_and_topology(args: argparse.Namespace) -> tuple[int, Topology]:
+    """--world and --topology, each defaulting from the other (neither: 4 ranks as 2x2)."""
+    topo: Topology | None = args.topology
+    world: int = args.world if args.world is not None else (topo.world_size if topo else 4)
+    if topo is None:
+        topo = Topology.parse("2x2" if world == 4 else f"1x{world}")
+    if topo.world_size != world:
+        raise UsageError(
+            "--topology",
+            f"{topo} has {topo.world_size} ranks but --world is {world}; use a "
+            f"MACHINESxGPUS split whose product is {world}",
+        )
+    return world, topo
+
+
+def _check_heads(
+    strategies: Iterable[str],
+    topo: Topology,
+    heads: int,
+    option: str,
+    ulysses_degree: int | None = None,
+) -> None:
+    """Each strategy can lay out ``heads`` heads on ``topo`` ("auto" picks one that can)."""
+    for name in strategies:
+        if name == "auto":
+            continue
+        try:
+            get_strategy(name).layout(topo, heads, ulysses_degree)
+        except ValueError as exc:
+            message = str(exc)
+            if f"topology {topo}" not in message:
+                message += f" (topology {topo})"
+            raise UsageError(option, message) from None
+
+
+def _check_run(
+    args: argparse.Namespace, topo: Topology, strategies: tuple[str, ...], cfg_scale: float
+) -> None:
+    """What ``streamfusion run`` cannot run, found before the model is built."""
+    from sf_comm.split import part_layout
+
+    from .job import SMALL_FLUX
+
+    per_token = pixels_per_token(args.model)
+    for option, value, step in zip(("--height", "--width"), (args.height, args.width), per_token):
+        if value % step:
+            near = (value // step * step, (value // step + 1) * step)
+            raise UsageError(
+                option,
+                f"{value} px is not a multiple of {step} ({args.model} takes "
+                f"{per_token[0]}x{per_token[1]} px per token); e.g. "
+                + " or ".join(str(v) for v in near if v),
+            )
+    sp_topo = topo
+    if args.cfg_parallel:
+        if cfg_scale <= 1:
+            raise UsageError(
+                "--cfg-scale", f"--cfg-parallel needs a guidance scale > 1, got {cfg_scale:g}"
+            )
+        try:
+            sp_topo = part_layout(topo, 2)[1]
+        except ValueError as exc:
+            raise UsageError("--cfg-parallel", str(exc)) from None
+    heads = SMALL_FLUX["num_attention_heads"]
+    if args.config:
+        with open(os.path.join(args.config, _hub.CONFIG_NAME)) as f:
+            heads = json.load(f).get("num_attention_heads")
+    if isinstance(heads, int):  # else diffusers' default, which the ranks check
+        _check_heads(strategies, sp_topo, heads, "--strategy")
+
+
+# -- the sub-commands -------------------------------------------------------------------------
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    world, topo = _world_and_topology(args)
     if args.what == "comm":
         from sf_comm import bench
 
-        sizes = tuple(int(float(s) * 2**20) for s in args.sizes_mb.split(","))
-        rows = bench.run(args.world or 4, sizes=sizes, iters=args.iters)
+        sizes = tuple(int(mb * 2**20) for mb in args.sizes_mb)
+        smallest = 4 * world  # all_gather sends 1/world of the buffer: >= one float32 per rank
+        if min(sizes) < smallest:
+            raise UsageError(
+                "--sizes-mb",
+                f"{min(args.sizes_mb):g} MB is {min(sizes)} bytes; each size needs 4 bytes per "
+                f"rank, at least {smallest / 2**20:.2g} MB on {world} ranks",
+            )
+        rows = bench.run(
+            world, sizes=sizes, iters=args.iters, topology=str(topo) if args.topology else None
+        )
         print(
-            f"collectives on {args.world or 4} CPU ranks, shm (one-sided) vs gloo (two-sided); "
+            f"collectives on {world} CPU ranks, shm (one-sided) vs gloo (two-sided); "
             "median of the slowest rank per call"
         )
         print(bench.format_table(rows))
     else:
         from sf_attn import bench as abench
 
-        world, topo = _world_and_topology(args)
+        _check_heads(abench.STRATEGIES, topo, args.heads, "--heads")
         shape = (args.batch, args.seq, args.heads, args.head_dim)
-        rows = abench.run(world, topo, shape, _DTYPES[args.dtype], iters=args.iters)
+        rows = abench.run(world, str(topo), shape, _DTYPES[args.dtype], iters=args.iters)
         print(
             f"attention {shape} {args.dtype} on {world} CPU ranks, topology {topo}; "
             "median of the slowest rank per call"
@@ -69,14 +347,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.strategy == "all"
         else (args.strategy,)
     )
+    cfg_scale = (
+        args.cfg_scale if args.cfg_scale is not None else (3.5 if args.cfg_parallel else 1.0)
+    )
+    _check_run(args, topo, strategies, cfg_scale)
     dtype = _DTYPES[args.dtype]
     print(
         f"streamfusion run: Flux-architecture DiT ({args.config or 'small config, random weights'}), "
         f"{args.height}x{args.width} px, {args.steps} steps, {args.dtype}; {world} CPU ranks, "
         f"emulated topology {topo}, transport {args.transport}"
-    )
-    cfg_scale = (
-        args.cfg_scale if args.cfg_scale is not None else (3.5 if args.cfg_parallel else 1.0)
     )
     if cfg_scale > 1:
         print(
@@ -87,26 +366,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    try:
-        report = job.run(
-            world=world,
-            topology=topo,
-            transport=args.transport,
-            strategies=strategies,
-            config=args.config,
-            height=args.height,
-            width=args.width,
-            text=args.text,
-            steps=args.steps,
-            dtype=dtype,
-            cfg_scale=cfg_scale,
-            cfg_parallel=args.cfg_parallel,
-            compile_inner=args.compile,
-            out=args.out,
-        )
-    except ValueError as exc:
-        print(f"streamfusion run: {exc}", file=sys.stderr)
-        return 2
+    report = job.run(
+        world=world,
+        topology=str(topo),
+        transport=args.transport,
+        strategies=strategies,
+        config=args.config,
+        height=args.height,
+        width=args.width,
+        text=args.text,
+        steps=args.steps,
+        dtype=dtype,
+        cfg_scale=cfg_scale,
+        cfg_parallel=args.cfg_parallel,
+        compile_inner=args.compile,
+        out=args.out,
+    )
     name, p_u = report["plan"]
     sp_world = world // 2 if args.cfg_parallel else world
     print(
@@ -125,23 +400,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     worst = max(row["rel_err"] for row in report["strategies"].values())
     verdict = "OK" if worst <= tol else "MISMATCH"
     print(f"{verdict}: max relative error vs single process {worst:.1e} (tolerance {tol:g})")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "run.json")
-        with open(path, "w") as f:
-            json.dump({"world": world, "topology": topo, **report}, f, indent=1)
-        print(f"wrote {path}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "run.json")
+    with open(path, "w") as f:
+        json.dump({"world": world, "topology": str(topo), **report}, f, indent=1)
+    print(f"wrote {path}")
     return 0 if worst <= tol else 1
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from sf_attn import tracerun
 
+    _, topo = _world_and_topology(args)
+    if args.strategy == "auto" and args.ulysses_degree is not None:
+        raise UsageError(
+            "--ulysses-degree", "--strategy auto picks its own degree; name a strategy to set one"
+        )
+    option = "--heads" if args.ulysses_degree is None else "--ulysses-degree"
+    _check_heads((args.strategy,), topo, args.heads, option, args.ulysses_degree)
     shape = (args.batch, args.seq, args.heads, args.head_dim)
-    topo = args.topology or "2x2"
     json_path, png_path = tracerun.run(
         strategy=args.strategy,
-        topology=topo,
+        topology=str(topo),
         transport=args.transport,
         shape=shape,
         dtype=_DTYPES[args.dtype],
@@ -156,48 +436,66 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="streamfusion",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def ranks(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--world", type=positive_int, default=None, help="number of CPU ranks (default 4)"
+        )
+        p.add_argument(
+            "--topology", type=topology, default=None, help="MACHINESxGPUS to emulate (default 2x2)"
+        )
+
     def common(p: argparse.ArgumentParser, seq: int, heads: int) -> None:
-        p.add_argument("--world", type=int, default=None, help="number of CPU ranks (default 4)")
-        p.add_argument("--topology", default=None, help="MACHINESxGPUS to emulate (default 2x2)")
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--seq", type=int, default=seq, help="global sequence length")
-        p.add_argument("--heads", type=int, default=heads)
-        p.add_argument("--head-dim", type=int, default=64)
+        ranks(p)
+        p.add_argument("--batch", type=positive_int, default=1)
+        p.add_argument("--seq", type=positive_int, default=seq, help="global sequence length")
+        p.add_argument("--heads", type=positive_int, default=heads)
+        p.add_argument("--head-dim", type=positive_int, default=64)
         p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-        p.add_argument("--iters", type=int, default=5)
+        p.add_argument("--iters", type=positive_int, default=5)
 
     run = sub.add_parser(
         "run", help="the main job: a DiT denoising on several ranks, checked against one"
     )
-    run.add_argument("--world", type=int, default=None, help="number of CPU ranks (default 4)")
-    run.add_argument("--topology", default=None, help="MACHINESxGPUS to emulate (default 2x2)")
+    ranks(run)
     run.add_argument("--model", choices=["flux"], default="flux")
     run.add_argument(
-        "--config", default=None, help="local from_pretrained directory of the transformer"
+        "--config",
+        type=pretrained_dir,
+        default=None,
+        help="local from_pretrained directory of the transformer",
     )
-    run.add_argument("--height", type=int, default=512)
-    run.add_argument("--width", type=int, default=512)
-    run.add_argument("--text", type=int, default=64, help="text tokens")
-    run.add_argument("--steps", type=int, default=4)
+    step_h, step_w = pixels_per_token("flux")
+    run.add_argument(
+        "--height", type=positive_int, default=512, help=f"pixels, a multiple of {step_h}"
+    )
+    run.add_argument(
+        "--width", type=positive_int, default=512, help=f"pixels, a multiple of {step_w}"
+    )
+    run.add_argument("--text", type=nonneg_int, default=64, help="text tokens")
+    run.add_argument("--steps", type=positive_int, default=4)
     run.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     run.add_argument(
-        "--strategy", default="all", help="ulysses, ring, usp, tas, torus, auto, or all"
+        "--strategy",
+        choices=[*strategy_names(), "all"],
+        default="all",
+        help="attention strategy; all runs each in turn",
     )
     run.add_argument(
         "--cfg-scale",
-        type=float,
+        type=number_above(1, or_equal=True),
         default=None,
         help="true classifier-free guidance scale (> 1 runs a negative-prompt pass)",
     )
     run.add_argument(
         "--compile",
+        type=inner_backend,
         nargs="?",
         const="inductor",
         default=None,
@@ -210,18 +508,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the two guidance passes on the two halves of the ranks (default scale 3.5)",
     )
-    run.add_argument("--transport", default="shm", help="shm or gloo")
-    run.add_argument("--out", default="out", help="directory for results")
+    run.add_argument(
+        "--transport", type=cpu_transport, default="shm", help="shm, gloo or auto (shm on CPU)"
+    )
+    run.add_argument("--out", type=out_dir, default="out", help="directory for results")
     run.set_defaults(fn=_cmd_run)
 
     tr = sub.add_parser(
         "trace", help="trace one attention layer on every rank: Chrome JSON + timeline PNG"
     )
     common(tr, seq=4096, heads=8)
-    tr.add_argument("--strategy", default="torus")
-    tr.add_argument("--ulysses-degree", type=int, default=None)
-    tr.add_argument("--transport", default="shm")
-    tr.add_argument("--out", default="out")
+    tr.add_argument("--strategy", choices=strategy_names(), default="torus")
+    tr.add_argument("--ulysses-degree", type=positive_int, default=None)
+    tr.add_argument("--transport", type=cpu_transport, default="shm")
+    tr.add_argument("--out", type=out_dir, default="out")
     tr.set_defaults(fn=_cmd_trace)
 
     from .simulate_cmd import add_parser as add_simulate
@@ -231,15 +531,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side benchmarks")
     bench.add_argument("what", choices=["comm", "attention"])
     common(bench, seq=4096, heads=24)
-    bench.add_argument("--sizes-mb", default="0.0625,1,16,64", help="comm: message sizes in MB")
+    bench.add_argument(
+        "--sizes-mb", type=sizes_mb, default="0.0625,1,16,64", help="comm: message sizes in MB"
+    )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(fn=_cmd_bench)
+
+    for p in sub.choices.values():
+        p.set_defaults(parser=p)
     return parser
 
 
+def _library_error(exc: Exception) -> str | None:
+    """The message of a ValueError raised here or on a rank (inside a RankError), else None."""
+    if isinstance(exc, ValueError):
+        return str(exc)
+    if isinstance(exc, RankError):
+        for failure in exc.failures:
+            if failure.kind == "error" and failure.detail.startswith("ValueError: "):
+                message = failure.detail.split("\nTraceback (most recent call last):")[0]
+                return message.removeprefix("ValueError: ")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args: Any = build_parser().parse_args(argv)
-    return int(args.fn(args))
+    """Run ``streamfusion``; returns the exit status (Note [Command-line errors])."""
+    args: Any
+    args, extra = build_parser().parse_known_args(argv)
+    sub: _Parser = args.parser
+    if extra:
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.fn(args))
+    except UsageError as exc:
+        line = sub.error_line(str(exc))
+    except (ValueError, RankError) as exc:
+        message = _library_error(exc)
+        if message is None:
+            raise
+        line = f"{sub.prog}: error: {message}"
+    print(" ".join(line.split("\n")), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+from .cli import UsageError, number_above, out_file, pixels_per_token, positive_int
+from .cli import main as cli_main
 
 # Native size of each model when --height/--width/--frames are not given.
 _DEFAULT_SIZE = {
@@ -32,7 +36,9 @@ PLOT_MACHINES = range(1, 9)
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``simulate`` on the ``streamfusion`` sub-command parsers; returns its parser.
 
-    The handler is set with ``set_defaults(fn=run)``: ``args.fn(args)`` returns the exit code.
+    The handler is set with ``set_defaults(fn=run)``: ``args.fn(args)`` returns the exit code,
+    or raises ValueError (UsageError for bad options), which :func:`sf_models.cli.main` prints
+    as one line.
     """
     from sf_attn.models_table import MODELS
 
@@ -43,28 +49,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", choices=sorted(MODELS), default="flux")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native)")
+    p.add_argument(
+        "--height", type=positive_int, default=None, help="pixels (default: the model's native)"
+    )
+    p.add_argument(
+        "--width", type=positive_int, default=None, help="pixels (default: the model's native)"
+    )
     frames = p.add_mutually_exclusive_group()
-    frames.add_argument("--frames", type=int, default=None, help="video frames (video models)")
+    frames.add_argument(
+        "--frames", type=positive_int, default=None, help="video frames (video models)"
+    )
     frames.add_argument(
         "--seconds",
-        type=float,
+        type=number_above(0),
         default=None,
         help="video length; frames = seconds * model fps + 1 (CogVideoX: 8 fps)",
     )
     p.add_argument("--hardware", choices=_HARDWARE, default="p4de", help="topology preset")
-    p.add_argument("--machines", type=int, default=1)
+    p.add_argument("--machines", type=positive_int, default=1)
     p.add_argument(
         "--gpus-per-machine",
-        type=int,
+        type=positive_int,
         default=None,
         help="use fewer GPUs per machine than the preset's 8 (e.g. 4 for 4x H100)",
     )
     p.add_argument("--two-sided", action="store_true", help="cost two-sided send/recv transfers")
-    p.add_argument("--steps", type=int, default=None, help="also print the total for N steps")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="also print the total for N steps"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="latency vs machines 1..8")
+    p.add_argument(
+        "--plot", type=out_file, default=None, metavar="OUT.png", help="latency vs machines 1..8"
+    )
     p.add_argument(
         "--calibration",
         action="store_true",
@@ -79,8 +95,8 @@ def _size(args: argparse.Namespace) -> tuple[int, int, int]:
 
     cfg = get_model(args.model)
     height, width, frames = _DEFAULT_SIZE[args.model]
-    height = args.height or height
-    width = args.width or width
+    height = args.height if args.height is not None else height
+    width = args.width if args.width is not None else width
     if args.seconds is not None:
         frames = cfg.frames_for(args.seconds)
     elif args.frames is not None:
@@ -94,9 +110,49 @@ def _topology(args: argparse.Namespace, machines: int | None = None) -> Any:
     from sf_comm import Topology
 
     topo = Topology.preset(args.hardware, machines=machines or args.machines)
-    if args.gpus_per_machine:
+    if args.gpus_per_machine is not None:
         topo = topo.replace(gpus_per_machine=args.gpus_per_machine)
     return topo
+
+
+def check(args: argparse.Namespace) -> None:
+    """Options that cannot be costed together, found before anything is simulated.
+
+    Raises:
+        UsageError: naming the option, the value and what is allowed.
+    """
+    from sf_attn.models_table import MODELS, get_model
+
+    cfg = get_model(args.model)
+    video = ", ".join(name for name in sorted(MODELS) if get_model(name).is_video)
+    if not cfg.is_video and args.seconds is not None:
+        raise UsageError("--seconds", f"{args.model} makes images; video models: {video}")
+    if not cfg.is_video and args.frames not in (None, 1):
+        raise UsageError(
+            "--frames", f"{args.model} makes images (1 frame), got {args.frames}; video: {video}"
+        )
+    per_token = pixels_per_token(args.model)
+    for option, value, step in zip(("--height", "--width"), (args.height, args.width), per_token):
+        if value is not None and value < step:
+            raise UsageError(
+                option, f"{value} px is smaller than one {args.model} token ({step} px)"
+            )
+    try:
+        _topology(args)
+    except ValueError as exc:
+        raise UsageError(
+            "--gpus-per-machine",
+            f"{args.gpus_per_machine} does not fit the {args.hardware} preset: {exc}",
+        ) from None
+    if args.plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        if ext and ext not in kinds:
+            raise UsageError(
+                "--plot", f"cannot draw {ext!r} files; use one of {', '.join(sorted(kinds))}"
+            )
 
 
 def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> str:
@@ -216,20 +272,16 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration:
         print(format_calibration(xdit_flux_calibration()))
         return 0
-    if args.machines < 1:
-        raise SystemExit(f"streamfusion simulate: --machines must be >= 1, got {args.machines}")
+    check(args)
     height, width, frames = _size(args)
-    try:
-        result = simulate_step(
-            args.model,
-            _topology(args),
-            height=height,
-            width=width,
-            frames=frames,
-            one_sided=not args.two_sided,
-        )
-    except ValueError as err:
-        raise SystemExit(f"streamfusion simulate: {err}") from None
+    result = simulate_step(
+        args.model,
+        _topology(args),
+        height=height,
+        width=width,
+        frames=frames,
+        one_sided=not args.two_sided,
+    )
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
@@ -243,10 +295,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``simulate`` on its own (``python -m sf_models.simulate_cmd ...``)."""
-    parser = argparse.ArgumentParser(prog="streamfusion")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.fn(args))
+    return cli_main(["simulate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
