@@ -10,7 +10,7 @@ import torch
 import sf_comm
 
 from .sharding import chunk_sizes
-from .strategies import get_strategy
+from .strategies import get_strategy, strategy_names
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -66,9 +66,16 @@ def _validate_local(
 
 
 def _agree_on_shapes(
-    ctx: sf_comm.Context, q: torch.Tensor, text_len: int, seq_len: int | None
+    ctx: sf_comm.Context,
+    q: torch.Tensor,
+    text_len: int,
+    seq_len: int | None,
+    strategy: str,
+    ulysses_degree: int | None,
 ) -> list[int]:
-    """Every rank's seq_local, checked against the shard convention and the other ranks."""
+    """Every rank's seq_local, checked against the shard convention and the other ranks
+    (with the strategy and degree asked for: ranks running different strategies would wait
+    on each other's different collectives)."""
     world = ctx.world_size
     batch, seq_local, heads, dim = q.shape
     if seq_len is not None:
@@ -79,14 +86,39 @@ def _agree_on_shapes(
                 f"sequence over {world} ranks is {sizes[ctx.rank]} (see sf_attn.shard)"
             )
         return sizes
-    mine = torch.tensor([batch, seq_local, heads, dim, _DTYPES.index(q.dtype), text_len])
-    table = torch.stack(sf_comm.all_gather(ctx, ctx.group("world"), mine).wait())  # [world, 6]
-    names = ["batch", None, "heads", "head_dim", "dtype", "joint text length"]
-    for col, name in enumerate(names):
+    names = strategy_names()
+    mine = torch.tensor(
+        [
+            batch,
+            seq_local,
+            heads,
+            dim,
+            _DTYPES.index(q.dtype),
+            text_len,
+            names.index(strategy),
+            ulysses_degree or 0,
+        ]
+    )
+    table = torch.stack(sf_comm.all_gather(ctx, ctx.group("world"), mine).wait())  # [world, 8]
+    columns = [
+        "batch",
+        None,
+        "heads",
+        "head_dim",
+        "dtype",
+        "joint text length",
+        "strategy",
+        "ulysses_degree",
+    ]
+    for col, name in enumerate(columns):
         if name is not None and not bool((table[:, col] == table[0, col]).all()):
             values = table[:, col].tolist()
             if name == "dtype":
                 values = [str(_DTYPES[x]) for x in values]
+            elif name == "strategy":
+                values = [names[x] for x in values]
+            elif name == "ulysses_degree":
+                values = [x or None for x in values]
             raise ValueError(f"ranks disagree on {name}: {values} (rank order)")
     sizes = table[:, 1].tolist()
     expected = chunk_sizes(sum(sizes), world)
@@ -154,7 +186,7 @@ def parallel_attention(
             raise ValueError(
                 f"joint_mask must be [batch={q.shape[0]}, text={text_len}], got {tuple(joint_mask.shape)}"
             )
-    seq_lens = _agree_on_shapes(ctx, q, text_len, seq_len)
+    seq_lens = _agree_on_shapes(ctx, q, text_len, seq_len, strategy, ulysses_degree)
     heads = q.shape[2]
     if strategy == "auto":
         from .planner import choose_strategy
@@ -172,18 +204,22 @@ def parallel_attention(
     chosen = get_strategy(strategy)
     layout = chosen.layout(ctx.topology, heads, ulysses_degree)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, text_out = chosen.execute(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        ctx=ctx,
-        layout=layout,
-        seq_lens=seq_lens,
-        scale=scale,
-        joint=None if joint is None else tuple(t.contiguous() for t in joint),  # type: ignore[arg-type]
-        joint_mask=joint_mask,
-        backend=backend,
-    )
+    # Note [Failure contract] (sf_comm.transport): an exception from here on, on any rank,
+    # leaves messages in flight, so it breaks the context on every rank instead of letting a
+    # later call consume them.
+    with ctx.transport.call("parallel_attention"):
+        out, text_out = chosen.execute(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            ctx=ctx,
+            layout=layout,
+            seq_lens=seq_lens,
+            scale=scale,
+            joint=None if joint is None else tuple(t.contiguous() for t in joint),  # type: ignore[arg-type]
+            joint_mask=joint_mask,
+            backend=backend,
+        )
     if joint is None:
         return out
     assert text_out is not None

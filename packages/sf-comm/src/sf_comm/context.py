@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ._setup import destroy_groups, gather_strings
+from ._version import __version__
 from .topology import Topology
 from .transport import Group, Transport, make_transport, register_transport, transport_names
 
@@ -46,10 +49,14 @@ class Context:
         self.world_size = dist.get_world_size()
         world_pg = dist.group.WORLD
         self._groups = {"world": Group("world", tuple(range(self.world_size)), self.rank, world_pg)}
+        # process groups this context created (the mesh's and subgroups'), destroyed by close()
+        self._owned: list[Any] = []
         for axis in AXES:
             pg = mesh.get_group(axis)
             ranks = tuple(dist.get_process_group_ranks(pg))
             self._groups[axis] = Group(axis, ranks, self.rank, pg)
+            if pg is not world_pg and pg not in self._owned:
+                self._owned.append(pg)
         self._partitions: dict[tuple[tuple[int, ...], ...], Group] = {}
 
     def subgroup(self, partition: Sequence[Sequence[int]], name: str) -> Group:
@@ -76,7 +83,8 @@ class Context:
         elif max(len(m) for m in key) == 1:
             group = Group(name, mine, self.rank, None)
         else:
-            pg, _ = dist.new_subgroups_by_enumeration([list(m) for m in key])
+            pg, every = dist.new_subgroups_by_enumeration([list(m) for m in key])
+            self._owned.extend(g for g in every if g is not None)
             group = Group(name, mine, self.rank, pg)
         self._partitions[key] = group
         return group
@@ -107,9 +115,20 @@ class Context:
     def barrier(self, axis: str = "world") -> None:
         self.transport.barrier(self.group(axis))
 
+    def call(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Scope of one multi-message operation; see :meth:`sf_comm.Transport.call`."""
+        return self.transport.call(name)
+
     def close(self) -> None:
-        """Release the transport's buffers and segments (idempotent)."""
+        """Release the transport's buffers and segments and the process groups this context
+        created (idempotent; not collective). The context is unusable afterwards."""
         self.transport.close()
+        owned, self._owned = self._owned, []
+        destroy_groups(owned, pending=self.transport.broken is not None)
+        # drop the last references, so the groups' sockets close now rather than at GC
+        self._groups = {}
+        self._partitions.clear()
+        self.mesh = None  # type: ignore[assignment]
 
     def __enter__(self) -> Context:
         return self
@@ -168,6 +187,120 @@ def _auto_candidates(device: torch.device) -> list[str]:
     return ["shm"]
 
 
+# Environment variables that change the layout or protocol of the shm heaps: every rank must
+# see the same values (Note [Settings agreement]).
+_SHM_ENV = ("SF_SHM_SLOT_MB", "SF_SHM_CMA_MIN_KB", "SF_SHM_DIR")
+
+
+def _local_settings(
+    topology: Topology | str | None,
+    transport: str,
+    device: torch.device | str | None,
+    options: dict[str, Any],
+) -> tuple[dict[str, str], Topology | None]:
+    """This rank's view of what every rank must agree on, and its topology (None when this
+    rank could not work one out: the reason is in the settings under "topology")."""
+    world = dist.get_world_size()
+    topo: Topology | None = None
+    try:
+        if topology is None:
+            topo = Topology.detect(world_size=world)
+        elif isinstance(topology, str):
+            topo = Topology.parse(topology)
+            topo.check_world(world, source=f"topology {topology!r}")
+        else:
+            topo = topology
+            topo.check_world(world, source=f"Topology {topo}")
+        where = f"{topo.machines}x{topo.gpus_per_machine}"
+    except ValueError as exc:
+        where = f"error: {exc}"
+    settings = {
+        "topology": where,
+        "transport": transport
+        if transport in transport_names()
+        else f"error: unknown transport {transport!r}; choose one of {transport_names()}",
+        "device type": torch.device(device).type if device is not None else "default",
+        "transport options": repr(sorted(options.items())),
+        "sf-comm version": __version__,
+    }
+    if transport in ("shm", "auto"):
+        settings.update({name: os.environ.get(name, "unset") for name in _SHM_ENV})
+    return settings, topo
+
+
+def _agree_on_settings(
+    topology: Topology | str | None,
+    transport: str,
+    timeout: float,
+    device: torch.device | str | None,
+    options: dict[str, Any],
+) -> Topology:
+    """Note [Settings agreement]: one tiny collective before any group is built.
+
+    Ranks that disagree on the topology build different process groups and wait on each other
+    forever inside the library; ranks that disagree on the transport or the shm layout
+    misread each other's heaps. So every rank's settings are compared first, and every rank
+    fails with the same message, showing each rank's value.
+
+    Raises:
+        ValueError: on every rank, when a rank's settings are invalid or differ.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    settings, topo = _local_settings(topology, transport, device, options)
+    backend = str(dist.get_backend())
+    on = "cpu" if "gloo" in backend or not torch.cuda.is_available() else "cuda"
+    views = [
+        json.loads(text)
+        for text in gather_strings(
+            json.dumps(settings),
+            rank=rank,
+            world=world,
+            timeout=timeout,
+            what="sf_comm.init (settings agreement)",
+            words=256,
+            device=on,
+        )
+    ]
+    problems = []
+    for key in settings:
+        values = [view[key] for view in views]
+        errors = sorted({v for v in values if v.startswith("error: ")})
+        if errors and len(set(values)) == 1:
+            problems.append(errors[0].removeprefix("error: "))
+        elif len(set(values)) > 1:
+            problems.append(f"ranks disagree on the {key}: {_by_value(values)}")
+        elif errors:
+            problems.extend(e.removeprefix("error: ") for e in errors)
+    if problems:
+        raise ValueError(
+            f"rank {rank}: sf_comm.init: " + "; ".join(problems) + " (every rank must be started "
+            "with the same topology, transport and SF_* settings)"
+        )
+    assert topo is not None
+    return topo
+
+
+def _by_value(values: list[str]) -> str:
+    """ "rank 0: 1x4; ranks 1-3: 2x2" for per-rank values."""
+    groups: dict[str, list[int]] = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(value, []).append(rank)
+    parts = []
+    for value, ranks in groups.items():
+        spans = []
+        start = prev = ranks[0]
+        for r in [*ranks[1:], None]:
+            if r is not None and r == prev + 1:
+                prev = r
+                continue
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            if r is not None:
+                start = prev = r
+        label = "rank" if len(ranks) == 1 else "ranks"
+        parts.append(f"{label} {', '.join(spans)}: {value.removeprefix('error: ')}")
+    return "; ".join(parts)
+
+
 def init(
     topology: Topology | str | None = None,
     transport: str = "auto",
@@ -192,21 +325,14 @@ def init(
         The :class:`Context`.
 
     Raises:
-        ValueError: unknown transport, or a topology that does not match the world size.
+        ValueError: on every rank: unknown transport, a topology that does not match the world
+            size, or ranks whose topology, transport or SF_SHM_* settings differ (Note
+            [Settings agreement]).
     """
-    if transport not in transport_names():
-        raise ValueError(f"unknown transport {transport!r}; choose one of {transport_names()}")
     timeout = _default_timeout() if timeout is None else float(timeout)
     _ensure_process_group(timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if topology is None:
-        topo = Topology.detect(world_size=world)
-    elif isinstance(topology, str):
-        topo = Topology.parse(topology)
-        topo.check_world(world, source=f"topology {topology!r}")
-    else:
-        topo = topology
-        topo.check_world(world, source=f"Topology {topo}")
+    topo = _agree_on_settings(topology, transport, timeout, device, transport_options)
     uses_nccl = "nccl" in str(dist.get_backend())
     if device is None:
         device = (
@@ -219,27 +345,32 @@ def init(
     mesh_type = device.type if uses_nccl else "cpu"
     mesh = init_device_mesh(mesh_type, topo.shape, mesh_dim_names=AXES)
     made = None
-    for i, candidate in enumerate(tries):
-        try:
-            made = make_transport(
-                candidate,
-                rank=rank,
-                world_size=world,
-                timeout=timeout,
-                device=device,
-                **transport_options,
-            )
-            break
-        except Exception as exc:  # auto: fall back to the next transport
-            if i == len(tries) - 1:
-                raise
-            log.warning(
-                "rank %d: transport %s unavailable (%s); trying %s",
-                rank,
-                candidate,
-                exc,
-                tries[i + 1],
-            )
+    try:
+        for i, candidate in enumerate(tries):
+            try:
+                made = make_transport(
+                    candidate,
+                    rank=rank,
+                    world_size=world,
+                    timeout=timeout,
+                    device=device,
+                    **transport_options,
+                )
+                break
+            except Exception as exc:  # auto: fall back to the next transport
+                if i == len(tries) - 1:
+                    raise
+                log.warning(
+                    "rank %d: transport %s unavailable (%s); trying %s",
+                    rank,
+                    candidate,
+                    exc,
+                    tries[i + 1],
+                )
+    except BaseException:  # the mesh's process groups would outlive the failed init
+        groups = [mesh.get_group(axis) for axis in AXES]
+        destroy_groups([pg for pg in groups if pg is not dist.group.WORLD], pending=False)
+        raise
     assert made is not None
     log.debug("rank %d: topology %s, transport %s", rank, topo, made.name)
     return Context(topology=topo, mesh=mesh, transport=made, device=device)
@@ -259,7 +390,13 @@ def _make_shm(
     with contextlib.suppress(Exception):
         if "gloo" not in str(dist.get_backend()):
             cpu_pg = dist.new_group(backend="gloo")
-    return ShmTransport.create(rank=rank, world_size=world_size, timeout=timeout, pg=cpu_pg, **kw)
+    try:
+        return ShmTransport.create(
+            rank=rank, world_size=world_size, timeout=timeout, pg=cpu_pg, **kw
+        )
+    finally:
+        if cpu_pg is not None:  # used for set-up only
+            destroy_groups([cpu_pg], pending=False)
 
 
 def _make_two_sided(backend: str):  # type: ignore[no-untyped-def]

@@ -57,7 +57,6 @@ import os
 import sys
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,7 +64,17 @@ import torch
 import torch.distributed as dist
 
 from ._liveness import dead_ranks, rank_processes
-from .transport import CommError, CommTimeout, Group, Handle, Recv, Send, Transport
+from .transport import (
+    CommError,
+    CommTimeout,
+    Group,
+    Handle,
+    Recv,
+    Send,
+    Transport,
+    as_bytes,
+    op_code,
+)
 
 _HDR = 16  # bytes of one slot header: (message bytes, op code) as int64
 _PAGE = 4096
@@ -77,14 +86,6 @@ class TransportUnavailable(CommError):
 
     ``transport="auto"`` should fall back to the next candidate on this error.
     """
-
-
-def _op_code(op: str) -> int:
-    return zlib.crc32(op.encode()) & 0x7FFF_FFFF
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _default_slot_bytes() -> int:
@@ -131,8 +132,6 @@ class _StreamedTransport(Transport):
         self._sent = [0] * world_size  # pieces sent to each peer
         self._recvd = [0] * world_size  # pieces consumed from each peer
         self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
-        self._broken: str | None = None
-        self._closed = False
 
     @staticmethod
     def layout(world_size: int, slot_bytes: int, slots: int) -> tuple[int, int]:
@@ -191,17 +190,9 @@ class _StreamedTransport(Transport):
 
     # -- failure handling -------------------------------------------------------------
 
-    def _check(self) -> None:
-        if self._broken:
-            raise CommError(f"rank {self.rank}: {self.name} transport unusable: {self._broken}")
-        if self._closed:
-            raise CommError(f"rank {self.rank}: {self.name} transport is closed")
-
-    def _fail(self, message: str, exc: type[CommError] = CommError) -> CommError:
-        self._broken = self._broken or message
-        return exc(f"rank {self.rank}: {self.name} {message}")
-
-    def _watch(self, events: Sequence[torch.cuda.Event], what: str, peers: Sequence[int]) -> None:
+    def _watch_events(
+        self, events: Sequence[torch.cuda.Event], what: str, peers: Sequence[int]
+    ) -> None:
         """Block until ``events`` completed; raise on timeout, dead peer or device error."""
         start = last = time.monotonic()
         while True:
@@ -265,8 +256,8 @@ class _StreamedTransport(Transport):
                     f"{self.name} moves tensors on {self.device}; got one on {t.device}"
                 )
         self.record(op, sends)
-        dev, code = self.device, _op_code(op)
-        datas = [_as_bytes(t) for _, t in sends]
+        dev, code = self.device, op_code(op)
+        datas = [as_bytes(t) for _, t in sends]
         outputs = [torch.empty(shape, dtype=dtype, device=dev) for _, shape, dtype in recvs]
         hdrs = got = None
         if self.check:
@@ -328,7 +319,7 @@ class _StreamedTransport(Transport):
             for event in events:
                 current.wait_event(event)
             if self.host_wait:
-                self._watch(events, op, peers)
+                self._watch_events(events, op, peers)
                 if got is not None and recvs:
                     self._verify(got, recvs, outputs, code, op)
             return outputs
@@ -366,7 +357,7 @@ class _StreamedTransport(Transport):
             raise self._fail(f"barrier: enqueueing failed: {type(exc).__name__}: {exc}") from exc
         event = torch.cuda.Event()
         event.record(stream)
-        self._watch([event], "barrier", peers)
+        self._watch_events([event], "barrier", peers)
 
     def close(self) -> None:
         """Wait for this rank's pending work, then release the heap (not collective).
@@ -382,7 +373,7 @@ class _StreamedTransport(Transport):
                 events.append(torch.cuda.Event())
                 events[-1].record(stream)
             with contextlib.suppress(CommError):
-                self._watch(events, "close", [p for _, p in self._streams])
+                self._watch_events(events, "close", [p for _, p in self._streams])
         self._closed = True
         self._release(clean=self._broken is None)
         self._streams.clear()

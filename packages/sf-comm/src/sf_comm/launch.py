@@ -46,7 +46,9 @@ def cached_context(topology: str | None, transport: str, **options: Any) -> Any:
     return ctx
 
 
-def _close_contexts() -> None:
+def close_contexts() -> None:
+    """Close and forget every cached context of this process (call it on every rank: the next
+    :func:`cached_context` builds new ones, collectively)."""
     for ctx in _CONTEXTS.values():
         with contextlib.suppress(Exception):
             ctx.close()
@@ -81,10 +83,10 @@ def _worker(
                     args = (cached_context(topology, transport, **options), *args)
                 conn.send(("ok", fn(*args, **kwargs)))
             except BaseException as exc:
-                _close_contexts()  # a failed collective may leave transports mid-protocol
+                close_contexts()  # a failed collective may leave transports mid-protocol
                 conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
-        _close_contexts()
+        close_contexts()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

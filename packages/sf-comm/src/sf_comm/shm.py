@@ -7,67 +7,103 @@ own heap. Nothing is paired: the receiver never posts a receive.
 
 Heap layout (int64 control words, then data)::
 
-    ctrl[0:8]                 magic, pid, world, aborted, -, -, -, -
+    ctrl[0:8]                 magic, pid, world, aborted, address of the heap, -, -, -
     ctrl[FLAGS + src]         pieces ``src`` has written into my inbox from ``src``
     ctrl[ACKS + dst]          pieces of mine ``dst`` has consumed (written by ``dst``)
     ctrl[BAR + src]           barriers ``src`` has entered with me
-    ctrl[SIG + i]             user signals (``signal``/``wait_signal``)
-    ctrl[HDR + 4*(src*K+k)]   (message bytes, op code, mode, address) of slot k's piece
+    ctrl[STATUS : +16]        what I am doing: waiting?, since (ns), text (Note [shm blame])
+    ctrl[REASON : +128]       why I aborted, utf-8 (Note [shm blame])
+    ctrl[HDR + 8*(src*K+k)]   header of slot k's piece: bytes, op code, mode, address,
+                              call tag, op name (2 words), -
     data: inbox[src][k]       K slots of ``slot_bytes`` per source rank  # [world, K, slot_bytes]
-    data: user region         symmetric allocations (``alloc``/``put``/``get``)
 
 Message protocol (Note [shm credits]): a message src->dst is cut into pieces of at most
 ``slot_bytes``. Piece q (counting from 1 over the pair's whole history) goes to slot
 (q-1) % K of dst's inbox for src; src may write it only once ``ACKS[dst] >= q - K`` (dst
 consumed the piece that used the slot before), then publishes it with ``FLAGS[src] = q``.
-dst copies it out and stores ``ACKS[dst] = q`` in src's heap. Each counter has one writer,
-so plain 8-byte stores suffice; on x86-64 (TSO) the data stores are visible before the flag
-store that follows them in program order.
+dst checks the header (size, operation and call tag: Note [Call tags] in
+:mod:`sf_comm.transport`), copies the piece out and stores ``ACKS[dst] = q`` in src's heap.
+Each counter has one writer, so plain 8-byte stores suffice; on x86-64 (TSO) the data stores
+are visible before the flag store that follows them in program order.
 
 Note [shm rendezvous]: a message of at least ``SF_SHM_CMA_MIN_KB`` (256 KiB) is not cut into
 pieces nor copied into a slot: the sender publishes its address (``mode = RNDV``) and the
 receiver copies it straight into its output with ``process_vm_readv`` (cross-memory attach:
 a one-sided get, one copy instead of two). The sender keeps the buffer alive until the
 receiver's ack. Used only if every rank could read every peer's memory at creation
-(seccomp or ptrace policy may forbid it); otherwise all messages go eager.
+(seccomp or ptrace policy may forbid it); otherwise all messages go eager. With rendezvous
+on, no eager message is larger than the threshold, so slots are never made larger than it.
+
+Note [shm sizing]: the heaps are reserved at creation (``posix_fallocate``), so running out
+of shared memory is an error at ``init`` naming the size and the directory, never a SIGBUS
+at the first large write (tmpfs files are sparse; Docker's /dev/shm is 64 MB by default).
+Rank 0 sizes the slots to what the directory has free (halving them down to 64 KiB, which
+only cuts large eager messages into more pieces) before anything is created.
+
+Note [shm blame]: every rank keeps in its own heap what it is doing (the operation and call
+it waits in, since when) and, once it gives up, why. A rank that times out names what each
+awaited peer is doing (a peer busy outside communication is the one that hangs), and peers
+of a rank that gave up repeat its reason, so every error names the rank that caused it.
 
 Concurrency contract: one thread per rank uses the transport; pending exchanges progress in
 issue order inside ``wait()`` (and opportunistically when issued), so pieces of different
 messages on one pair never interleave.
 
-Lifetime (Note [shm cleanup]): segments get random names (``sf-<token>-<rank>``, mode 0600),
-are mapped by all ranks, and are unlinked as soon as every rank has mapped them: from then
-on the kernel frees the memory when the last process exits, crash or not, and nothing is
-left in /dev/shm. Only the short window inside ``ShmTransport.create`` can leak, and an
-``atexit`` hook plus the error path close it.
+Lifetime (Note [shm cleanup]): segments get random names (``sf-<token>-<rank>-<pid>``, mode
+0600), are mapped by all ranks, and are unlinked as soon as every rank has mapped them: from
+then on the kernel frees the memory when the last process exits, crash or not, and nothing
+is left in the directory. Only the short window inside ``ShmTransport.create`` holds names;
+it is closed by the error path (which also removes the peers' segments), by SIGTERM/SIGHUP
+handlers installed for the window (chaining to the previous handlers; the window's waits
+poll so the handlers run), and, for a SIGKILL of every rank, by the next ``create`` in the
+same directory, which removes segments whose creator is dead.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import dataclasses
+import logging
 import mmap
 import os
+import re
 import secrets
+import signal
+import threading
 import time
-import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ._liveness import pid_alive
-from .transport import CommError, CommTimeout, Group, Handle, Recv, Send, Transport
+from ._setup import gather_strings, pack, settle, unpack
+from .transport import (
+    CommError,
+    CommTimeout,
+    Group,
+    Handle,
+    Recv,
+    Send,
+    Transport,
+    as_bytes,
+    op_code,
+    ranks_text,
+)
 
-_MAGIC = 0x5F53_4D48_4541_5001
+log = logging.getLogger(__name__)
+
+_MAGIC = 0x5F53_4D48_4541_5002
 _PID, _WORLD, _ABORTED, _BASE = 1, 2, 3, 4
-_HDR_WORDS = 4  # per slot: message bytes, op code, mode, source address
+_HDR_WORDS = 8  # per slot: bytes, op code, mode, source address, call tag, op name x2, -
+_NAME_WORDS = 2
+_STATUS_WORDS, _REASON_WORDS = 16, 128
 _EAGER, _RNDV = 0, 1
-_USER_SIGNALS = 64
 _PAGE = 4096
+_MIN_SLOT = 64 * 1024  # smallest slot Note [shm sizing] shrinks to
+_NAME_RE = re.compile(r"sf-[0-9a-f]{16}-\d+-(\d+)$")
 
 
 class _IoVec(ctypes.Structure):
@@ -87,39 +123,51 @@ def _vm_read(pid: int, dst: int, src: int, nbytes: int) -> int:
     return int(_LIBC.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
 
 
-def _agree_on_cma(
-    maps: list[mmap.mmap], rank: int, pg: dist.ProcessGroup | None, threshold: int | None
-) -> int:
-    """Rendezvous threshold in bytes if every rank can read every peer's memory, else 0.
+@contextlib.contextmanager
+def _signals_run(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Run ``cleanup`` on SIGTERM/SIGHUP inside the block, then chain to the previous handler
+    (or die of the signal, as the default action would). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[signal.Signals, object] = {}
 
-    Each rank reads its peers' heap headers through ``process_vm_readv`` (cross-memory
-    attach) and checks them against the shared mapping; seccomp profiles or ptrace policies
-    that forbid it make every rank fall back to the eager path (all ranks must agree).
-    """
-    if threshold is None:
-        threshold = int(float(os.environ.get("SF_SHM_CMA_MIN_KB", 256)) * 1024)
-    ok = threshold > 0 and hasattr(_LIBC, "process_vm_readv")
-    if ok:
-        probe = torch.zeros(8, dtype=torch.int64)
-        for r, m in enumerate(maps):
-            if r == rank:
-                continue
-            header = np.ndarray((8,), np.int64, buffer=m)
-            got = _vm_read(int(header[_PID]), probe.data_ptr(), int(header[_BASE]), 64)
-            if got != 64 or int(probe[0]) != _MAGIC or int(probe[_PID]) != int(header[_PID]):
-                ok = False
-                break
-    verdict = torch.tensor([1 if ok else 0])
-    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=pg)
-    return threshold if int(verdict) else 0
+    def handler(signum: int, frame: object) -> None:
+        signum = signal.Signals(signum)
+        cleanup()
+        prev = previous[signum]
+        signal.signal(signum, prev)  # type: ignore[arg-type]
+        if callable(prev):
+            prev(signum, frame)
+        elif prev == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
 
-
-def _op_code(op: str) -> int:
-    return zlib.crc32(op.encode()) & 0x7FFF_FFFF
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)  # type: ignore[arg-type]
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+def _sweep_stale(shm_dir: str, older_than: float) -> None:
+    """Remove segments of ours whose creator died (a job SIGKILLed inside its set-up window)
+    and that are older than ``older_than`` seconds (Note [shm cleanup])."""
+    try:
+        entries = list(os.scandir(shm_dir))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        match = _NAME_RE.match(entry.name)
+        if not match or pid_alive(int(match[1])):
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat()
+            if st.st_uid == os.getuid() and now - st.st_mtime > older_than:
+                os.unlink(entry.path)
+                log.warning("shm: removed stale segment %s (its creator died)", entry.path)
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,6 +175,7 @@ class _Job:
     peer: int
     data: torch.Tensor  # [nbytes] uint8, flat view of the tensor sent / received into
     pieces: int
+    tag: int  # call tag (Note [Call tags]), fixed when the exchange is issued
     done: int = 0
     ack: int = 0  # rendezvous: the piece number whose ack frees ``data`` (0: eager)
 
@@ -134,29 +183,13 @@ class _Job:
 @dataclasses.dataclass(slots=True)
 class _Op:
     name: str
+    what: str  # name and call scope, for messages
     code: int
+    label: np.ndarray  # [_NAME_WORDS] int64, the name as sent in headers
     sends: list[_Job]
     recvs: list[_Job]
     outputs: list[torch.Tensor]
     finished: bool = False
-
-
-class _Backoff:
-    """Spin briefly, then yield, then sleep with growing intervals (ranks share cores)."""
-
-    __slots__ = ("polls",)
-
-    def __init__(self) -> None:
-        self.polls = 0
-
-    def __call__(self) -> None:
-        self.polls += 1
-        if self.polls < 64:
-            return
-        if self.polls < 256:
-            os.sched_yield()
-            return
-        time.sleep(min(1e-3, 1e-5 * (self.polls - 255)))
 
 
 class ShmTransport(Transport):
@@ -177,40 +210,43 @@ class ShmTransport(Transport):
         maps: list[mmap.mmap],
         slot_bytes: int,
         slots: int,
-        user_bytes: int,
         cma_min: int = 0,
     ) -> None:
         super().__init__(rank=rank, world_size=world_size, timeout=timeout)
-        w, k = world_size, slots
-        self.slot_bytes, self.slots, self.user_bytes = slot_bytes, slots, user_bytes
-        self.FLAGS, self.ACKS, self.BAR = 8, 8 + w, 8 + 2 * w
-        self.SIG = 8 + 3 * w
-        self.HDR = self.SIG + _USER_SIGNALS
-        ctrl_words = self.HDR + _HDR_WORDS * w * k
-        self.data_off = -(-ctrl_words * 8 // _PAGE) * _PAGE
-        self.user_off = self.data_off + w * k * slot_bytes
+        self.slot_bytes, self.slots = slot_bytes, slots
+        layout = self.layout(world_size, slots)
+        self.FLAGS, self.ACKS, self.BAR = layout["FLAGS"], layout["ACKS"], layout["BAR"]
+        self.STATUS, self.REASON, self.HDR = layout["STATUS"], layout["REASON"], layout["HDR"]
+        self.data_off = layout["data"]
         self._maps = maps
-        # ctrl[r]: [ctrl_words] int64 control words of rank r's heap
-        self._ctrl = [np.ndarray((ctrl_words,), np.int64, buffer=m) for m in maps]
+        # ctrl[r]: [data_off // 8] int64 control words of rank r's heap
+        self._ctrl = [np.ndarray((self.data_off // 8,), np.int64, buffer=m) for m in maps]
         # heap[r]: [heap_bytes] uint8 view of rank r's heap
         self._heap = [torch.frombuffer(m, dtype=torch.uint8) for m in maps]
-        self._sent = [0] * w  # pieces sent to each peer
-        self._recvd = [0] * w  # pieces consumed from each peer
-        self._bars = [0] * w  # barriers entered with each peer
+        self._sent = [0] * world_size  # pieces sent to each peer
+        self._recvd = [0] * world_size  # pieces consumed from each peer
+        self._bars = [0] * world_size  # barriers entered with each peer
         self._pids = [int(c[_PID]) for c in self._ctrl]
         self._pending: list[_Op] = []
-        self._alloc_top = 0
         self._cma_min = cma_min  # Note [shm rendezvous]; 0 disables it
-        self._broken: str | None = None
-        self._closed = False
+        self._dead: int | None = None  # a peer seen dead, passed on to the others
 
     # -- construction -------------------------------------------------------------------
 
     @staticmethod
-    def heap_bytes(world_size: int, slot_bytes: int, slots: int, user_bytes: int) -> int:
-        ctrl_words = 8 + 3 * world_size + _USER_SIGNALS + _HDR_WORDS * world_size * slots
-        data_off = -(-ctrl_words * 8 // _PAGE) * _PAGE
-        return data_off + world_size * slots * slot_bytes + user_bytes
+    def layout(world_size: int, slots: int) -> dict[str, int]:
+        """Word offsets of the control areas and the byte offset ("data") of the inboxes."""
+        w = world_size
+        out = {"FLAGS": 8, "ACKS": 8 + w, "BAR": 8 + 2 * w, "STATUS": 8 + 3 * w}
+        out["REASON"] = out["STATUS"] + _STATUS_WORDS
+        out["HDR"] = out["REASON"] + _REASON_WORDS
+        ctrl_words = out["HDR"] + _HDR_WORDS * w * slots
+        out["data"] = -(-ctrl_words * 8 // _PAGE) * _PAGE
+        return out
+
+    @classmethod
+    def heap_bytes(cls, world_size: int, slot_bytes: int, slots: int) -> int:
+        return cls.layout(world_size, slots)["data"] + world_size * slots * slot_bytes
 
     @classmethod
     def create(
@@ -222,7 +258,6 @@ class ShmTransport(Transport):
         pg: dist.ProcessGroup | None = None,
         slot_bytes: int | None = None,
         slots: int = 2,
-        user_bytes: int | None = None,
         shm_dir: str | None = None,
         cma_min: int | None = None,
     ) -> ShmTransport:
@@ -231,67 +266,67 @@ class ShmTransport(Transport):
         Args:
             rank, world_size: this rank in the job.
             timeout: seconds any wait may take before it raises.
-            pg: a CPU (gloo) process group of all ranks, used only to agree on names.
-            slot_bytes: bytes per inbox slot (default ``SF_SHM_SLOT_MB`` or 8 MiB).
+            pg: a CPU (gloo) process group of all ranks, used only for set-up.
+            slot_bytes: bytes per inbox slot (default ``SF_SHM_SLOT_MB`` or 8 MiB); capped
+                by the rendezvous threshold and by the free space (Note [shm sizing]).
             slots: inbox slots per peer (2 = double buffering).
-            user_bytes: size of the symmetric user region (default ``SF_SHM_USER_MB`` or
-                64 MiB; pages are only backed once written).
             shm_dir: where segments live (default ``SF_SHM_DIR`` or /dev/shm).
             cma_min: smallest message (bytes) read by rendezvous, Note [shm rendezvous]
                 (default ``SF_SHM_CMA_MIN_KB`` or 256 KiB; 0 disables it).
+
+        Raises:
+            ValueError: bad sizes.
+            CommError: the directory lacks the space for the heaps (the message says how much
+                is needed and where), or a peer failed during set-up.
         """
-        slot_bytes = slot_bytes or int(float(os.environ.get("SF_SHM_SLOT_MB", 8)) * 2**20)
-        if user_bytes is None:
-            user_bytes = int(float(os.environ.get("SF_SHM_USER_MB", 64)) * 2**20)
-        if slot_bytes < 64 or slots < 1:
+        if slot_bytes is None:
+            slot_bytes = int(float(os.environ.get("SF_SHM_SLOT_MB", 8)) * 2**20)
+        if cma_min is None:
+            cma_min = int(float(os.environ.get("SF_SHM_CMA_MIN_KB", 256)) * 1024)
+        if slot_bytes < 64 or slots < 1 or cma_min < 0:
             raise ValueError(
-                f"shm slot_bytes must be >= 64 and slots >= 1, got {slot_bytes}, {slots}"
+                f"shm needs slot_bytes >= 64, slots >= 1 and cma_min >= 0; got {slot_bytes}, "
+                f"{slots}, {cma_min}"
             )
         shm_dir = shm_dir or os.environ.get("SF_SHM_DIR", "/dev/shm")
-        size = cls.heap_bytes(world_size, slot_bytes, slots, user_bytes)
-        token = [secrets.token_hex(8) if rank == 0 else None]
-        dist.broadcast_object_list(token, src=0, group=pg)
-        names = [os.path.join(shm_dir, f"sf-{token[0]}-{r}") for r in range(world_size)]
-        own = names[rank]
+        _sweep_stale(shm_dir, older_than=timeout)
+        cma_min, pids = cls._probe(rank, world_size, pg, cma_min, timeout)
+        if cma_min:  # Note [shm rendezvous]: no eager message exceeds the threshold
+            slot_bytes = min(slot_bytes, -(-cma_min // _PAGE) * _PAGE)
+        token, slot_bytes = cls._size(rank, world_size, pg, shm_dir, slot_bytes, slots, timeout)
+        size = cls.heap_bytes(world_size, slot_bytes, slots)
+        names = [os.path.join(shm_dir, f"sf-{token:016x}-{r}-{pids[r]}") for r in range(world_size)]
 
-        def unlink_own() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(own)
-
-        atexit.register(unlink_own)
-        maps: list[mmap.mmap | None] = [None] * world_size
-        try:
-            fd = os.open(own, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                maps[rank] = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-            ctrl = np.ndarray((8,), np.int64, buffer=maps[rank])
-            ctrl[_PID], ctrl[_WORLD], ctrl[0] = os.getpid(), world_size, _MAGIC
-            ctrl[_BASE] = ctypes.addressof(ctypes.c_char.from_buffer(maps[rank]))  # type: ignore[arg-type]
-            dist.barrier(group=pg)
-            for r, name in enumerate(names):
-                if r == rank:
-                    continue
-                fd = os.open(name, os.O_RDWR)
-                try:
-                    maps[r] = mmap.mmap(fd, size)
-                finally:
-                    os.close(fd)
-                peer = np.ndarray((8,), np.int64, buffer=maps[r])
-                if peer[0] != _MAGIC or peer[_WORLD] != world_size:
-                    raise CommError(f"rank {rank}: shm heap of rank {r} ({name}) is not ours")
-            dist.barrier(group=pg)
-            cma_min = _agree_on_cma(maps, rank, pg, cma_min)  # type: ignore[arg-type]
-        except BaseException:
-            for name in names:  # a failed init must not leave any rank's segment behind
+        def unlink(which: Sequence[str]) -> None:
+            for name in which:
                 with contextlib.suppress(OSError):
                     os.unlink(name)
-            raise
-        finally:
-            unlink_own()
-            atexit.unregister(unlink_own)
+
+        maps: list[mmap.mmap | None] = [None] * world_size
+        with _signals_run(lambda: unlink([names[rank]])):
+            try:
+                problem = ""
+                try:
+                    maps[rank] = cls._create_own(names[rank], size, rank, world_size, shm_dir)
+                except CommError as exc:
+                    problem = str(exc)
+                cls._agree(rank, world_size, pg, timeout, "creating the heaps", problem)
+                problem = ""
+                try:
+                    for r, name in enumerate(names):
+                        if r != rank:
+                            maps[r] = cls._map_peer(name, size, rank, r, world_size)
+                except (OSError, CommError) as exc:
+                    problem = f"rank {rank}: mapping a peer's heap failed: {exc}"
+                cls._agree(rank, world_size, pg, timeout, "mapping the peers' heaps", problem)
+            except BaseException:
+                unlink(names)  # a failed init must not leave any rank's segment behind
+                for m in maps:
+                    if m is not None:
+                        m.close()
+                raise
+            finally:
+                unlink([names[rank]])
         return cls(
             rank=rank,
             world_size=world_size,
@@ -299,55 +334,226 @@ class ShmTransport(Transport):
             maps=maps,  # type: ignore[arg-type]
             slot_bytes=slot_bytes,
             slots=slots,
-            user_bytes=user_bytes,
             cma_min=cma_min,
         )
 
-    # -- failure detection ------------------------------------------------------------
+    @staticmethod
+    def _probe(
+        rank: int, world: int, pg: dist.ProcessGroup | None, threshold: int, timeout: float
+    ) -> tuple[int, list[int]]:
+        """(rendezvous threshold, or 0 unless every rank can read every peer's memory; pids).
 
-    def _check(self) -> None:
-        if self._broken:
-            raise CommError(f"rank {self.rank}: shm transport unusable: {self._broken}")
-        if self._closed:
-            raise CommError(f"rank {self.rank}: shm transport is closed")
+        Each rank publishes a small probe (magic, pid) and reads its peers' probes through
+        ``process_vm_readv`` (cross-memory attach); seccomp profiles or ptrace policies that
+        forbid it make every rank fall back to the eager path (all ranks must agree).
+        """
+        probe = torch.tensor([_MAGIC, os.getpid()], dtype=torch.int64)
+        table = torch.zeros(world, 2, dtype=torch.int64)  # [world, (pid, probe address)]
+        table[rank] = torch.tensor([os.getpid(), probe.data_ptr()])
+        settle(dist.all_reduce(table, group=pg, async_op=True), "probe", rank, timeout)  # type: ignore[union-attr]
+        pids = table[:, 0].tolist()
+        ok = threshold > 0 and hasattr(_LIBC, "process_vm_readv")
+        seen = torch.zeros(2, dtype=torch.int64)
+        for r in range(world):
+            if not ok or r == rank:
+                continue
+            got = _vm_read(pids[r], seen.data_ptr(), int(table[r, 1]), 16)
+            ok = got == 16 and seen.tolist() == [_MAGIC, pids[r]]
+        verdict = torch.tensor([1 if ok else 0])
+        settle(
+            dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=pg, async_op=True),  # type: ignore[union-attr]
+            "probe verdict",
+            rank,
+            timeout,
+        )
+        return (threshold if int(verdict) else 0), pids
+
+    @classmethod
+    def _size(
+        cls,
+        rank: int,
+        world: int,
+        pg: dist.ProcessGroup | None,
+        shm_dir: str,
+        slot_bytes: int,
+        slots: int,
+        timeout: float,
+    ) -> tuple[int, int]:
+        """Rank 0's (name token, slot bytes) for every rank (Note [shm sizing]).
+
+        Raises:
+            CommError: on every rank, when even the smallest slots do not fit.
+        """
+        decision = torch.zeros(3, dtype=torch.int64)  # token, slot bytes, 1 if nothing fits
+        if rank == 0:
+            decision[0] = secrets.randbits(63)
+            want = slot_bytes
+            with contextlib.suppress(OSError):  # a missing directory fails at creation
+                st = os.statvfs(shm_dir)
+                free = st.f_bavail * st.f_frsize
+                while world * cls.heap_bytes(world, slot_bytes, slots) > free * 0.9:
+                    if slot_bytes <= _MIN_SLOT:
+                        decision[2] = 1
+                        break
+                    slot_bytes = max(_MIN_SLOT, slot_bytes // 2 // _PAGE * _PAGE)
+                if slot_bytes < want and not decision[2]:
+                    log.warning(
+                        "shm: %s has %.1f MiB free; inbox slots reduced from %.2f to %.2f MiB "
+                        "(large eager messages go in more pieces; SF_SHM_DIR picks another "
+                        "directory)",
+                        shm_dir,
+                        free / 2**20,
+                        want / 2**20,
+                        slot_bytes / 2**20,
+                    )
+            decision[1] = slot_bytes
+        settle(dist.broadcast(decision, src=0, group=pg, async_op=True), "sizes", rank, timeout)  # type: ignore[union-attr]
+        token, slot_bytes, nothing_fits = (int(x) for x in decision)
+        if nothing_fits:
+            need = world * cls.heap_bytes(world, slot_bytes, slots)
+            raise CommError(f"rank {rank}: {cls._space_message(shm_dir, need, world)}")
+        return token, slot_bytes
+
+    @staticmethod
+    def _space_message(shm_dir: str, need: int, world: int) -> str:
+        try:
+            st = os.statvfs(shm_dir)
+            free = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free"
+        except OSError as exc:
+            free = f"unusable: {exc.strerror}"
+        return (
+            f"shm transport needs {need / 2**20:.1f} MiB of shared memory for {world} ranks in "
+            f"{shm_dir} ({free}); point SF_SHM_DIR at a larger tmpfs (Docker: --shm-size), "
+            "or use transport='gloo'"
+        )
+
+    @classmethod
+    def _create_own(cls, name: str, size: int, rank: int, world: int, shm_dir: str) -> mmap.mmap:
+        """Create, reserve (Note [shm sizing]) and map this rank's segment."""
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise CommError(
+                f"rank {rank}: cannot create a shared-memory segment in {shm_dir}: "
+                f"{exc.strerror} (SF_SHM_DIR picks the directory)"
+            ) from None
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                os.unlink(name)
+                raise CommError(
+                    f"rank {rank}: could not reserve {size / 2**20:.1f} MiB ({exc.strerror}): "
+                    + cls._space_message(shm_dir, world * size, world)
+                ) from None
+            heap = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        ctrl = np.ndarray((8,), np.int64, buffer=heap)
+        ctrl[_PID], ctrl[_WORLD], ctrl[0] = os.getpid(), world, _MAGIC
+        ctrl[_BASE] = ctypes.addressof(ctypes.c_char.from_buffer(heap))
+        return heap
+
+    @staticmethod
+    def _map_peer(name: str, size: int, rank: int, peer: int, world: int) -> mmap.mmap:
+        fd = os.open(name, os.O_RDWR)
+        try:
+            heap = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        ctrl = np.ndarray((8,), np.int64, buffer=heap)
+        if ctrl[0] != _MAGIC or ctrl[_WORLD] != world:
+            heap.close()
+            raise CommError(f"rank {rank}: shm heap of rank {peer} ({name}) is not ours")
+        return heap
+
+    @staticmethod
+    def _agree(
+        rank: int, world: int, pg: dist.ProcessGroup | None, timeout: float, what: str, problem: str
+    ) -> None:
+        """Every rank got here without a problem, or every rank raises naming each problem."""
+        problems = gather_strings(
+            problem, rank=rank, world=world, timeout=timeout, what=f"shm set-up ({what})", pg=pg
+        )
+        if any(problems):
+            listed = "; ".join(p for p in problems if p)
+            raise CommError(f"rank {rank}: shm set-up failed while {what}: {listed}")
+
+    # -- failure detection (Note [Failure contract], Note [shm blame]) ------------------
+
+    def _notify_peers(self, reason: str) -> None:
+        mine = self._ctrl[self.rank]
+        mine[self.REASON : self.REASON + _REASON_WORDS] = pack(reason, _REASON_WORDS)
+        # Peers waiting on us fail fast; 2 + rank passes on which rank died.
+        mine[_ABORTED] = 1 if self._dead is None else 2 + self._dead
 
     def _fail(
-        self, message: str, exc: type[CommError] = CommError, dead: int | None = None
+        self,
+        message: str,
+        exc: type[CommError] = CommError,
+        *,
+        cause: str | None = None,
+        dead: int | None = None,
     ) -> CommError:
-        self._broken = message
-        # Peers waiting on us fail fast; 2 + rank passes on which rank died.
-        self._ctrl[self.rank][_ABORTED] = 1 if dead is None else 2 + dead
-        return exc(f"rank {self.rank}: {message}")
+        if dead is not None and self._dead is None:
+            self._dead = dead
+        return super()._fail(message, exc, cause=cause)
+
+    def _set_status(self, waiting: bool, text: str) -> None:
+        status = self._ctrl[self.rank][self.STATUS : self.STATUS + _STATUS_WORDS]
+        status[0], status[1] = int(waiting), time.monotonic_ns()
+        status[2:] = pack(text, _STATUS_WORDS - 2)
+
+    def _describe(self, peer: int) -> str:
+        """What ``peer`` is doing, from its heap (Note [shm blame])."""
+        status = self._ctrl[peer][self.STATUS : self.STATUS + _STATUS_WORDS]
+        since = (time.monotonic_ns() - int(status[1])) / 1e9
+        text = unpack(status[2:])
+        if not text:
+            return f"rank {peer} has not communicated yet"
+        if status[0]:
+            return f"rank {peer} waits in {text} ({since:.1f}s)"
+        return (
+            f"rank {peer} is busy outside communication for {since:.1f}s (it hangs or is slow; "
+            f"its last operation was {text})"
+        )
 
     def _watch(self, peers: Sequence[int], what: str, start: float) -> None:
-        """Raise if a peer died or aborted, or if the wait is past the timeout."""
+        """Raise if a peer died or gave up, or if the wait is past the timeout."""
         for p in peers:
             code = int(self._ctrl[p][_ABORTED])
             if code >= 2:
                 dead = code - 2
                 raise self._fail(
-                    f"rank {dead} (pid {self._pids[dead]}) died during {what} (seen by rank {p})",
+                    f"{what}: rank {dead} (pid {self._pids[dead]}) died (seen by rank {p})",
                     dead=dead,
                 )
             if code:
-                raise self._fail(f"rank {p} aborted (it raised an error) during {what}")
+                cause = unpack(self._ctrl[p][self.REASON : self.REASON + _REASON_WORDS])
+                raise self._fail(f"{what}: rank {p} gave up ({cause})", cause=cause)
             if not pid_alive(self._pids[p]):
-                raise self._fail(f"rank {p} (pid {self._pids[p]}) died during {what}", dead=p)
+                raise self._fail(f"{what}: rank {p} (pid {self._pids[p]}) died", dead=p)
         if time.monotonic() - start > self.timeout:
+            blame = "; ".join(self._describe(p) for p in peers)
+            idle = [
+                r
+                for r in range(self.world_size)
+                if r != self.rank and r not in peers and not self._ctrl[r][self.STATUS]
+            ]
+            if idle:  # Note [shm blame]: the awaited peers may wait on one of these
+                blame += f"; busy outside communication (hung or slow): {ranks_text(idle)}"
             raise self._fail(
-                f"{what} timed out after {self.timeout:.0f}s waiting for ranks {list(peers)}",
+                f"{what} timed out after {self.timeout:.0f}s waiting for ranks {list(peers)}: "
+                f"{blame}",
                 CommTimeout,
             )
 
-    def _spin(self, ready, peers: Sequence[int], what: str) -> None:  # type: ignore[no-untyped-def]
-        start = last = time.monotonic()
-        backoff = _Backoff()
-        while not ready():
-            backoff()
-            now = time.monotonic()
-            if now - last > 0.05:
-                last = now
-                self._watch(peers, what, start)
+    def _spin(self, ready: Callable[[], bool], peers: Sequence[int], what: str) -> None:
+        self._set_status(True, f"{what} for ranks {list(peers)}")
+        try:
+            super()._spin(ready, peers, what)
+        finally:
+            self._set_status(False, what)
 
     # -- message protocol (Note [shm credits]) ----------------------------------------
 
@@ -374,7 +580,8 @@ class ShmTransport(Transport):
                 if b > a:
                     self._heap[dst][off : off + b - a].copy_(job.data[a:b])
                 peer[hdr + 2] = _EAGER
-            peer[hdr], peer[hdr + 1] = job.data.numel(), op.code
+            peer[hdr], peer[hdr + 1], peer[hdr + 4] = job.data.numel(), op.code, job.tag
+            peer[hdr + 5 : hdr + 5 + _NAME_WORDS] = op.label
             peer[self.FLAGS + me] = q
             self._sent[dst] = q
             job.done += 1
@@ -383,24 +590,27 @@ class ShmTransport(Transport):
 
     def _try_recv(self, job: _Job, op: _Op) -> bool:
         me, src = self.rank, job.peer
+        mine = self._ctrl[me]
         while job.done < job.pieces:
             q = self._recvd[src] + 1
-            if self._ctrl[me][self.FLAGS + src] < q:
+            if mine[self.FLAGS + src] < q:
                 return False
             off, hdr = self._slot(src, q)
-            nbytes, code = int(self._ctrl[me][hdr]), int(self._ctrl[me][hdr + 1])
-            if code != op.code or nbytes != job.data.numel():
-                raise self._fail(
-                    f"{op.name}: expected {job.data.numel()} bytes from rank {src}, but rank "
-                    f"{src} sent {nbytes} bytes"
-                    + ("" if code == op.code else " in a different operation")
-                    + " (shapes, dtypes or the order of collectives differ across ranks)"
-                )
-            if self._ctrl[me][hdr + 2] == _RNDV:
-                self._read_peer(src, int(self._ctrl[me][hdr + 3]), job.data, op.name)
+            got = (int(mine[hdr]), int(mine[hdr + 1]), int(mine[hdr + 4]))
+            problem = self.header_mismatch(
+                op.what,
+                src,
+                (job.data.numel(), op.code, job.tag),
+                got,
+                unpack(mine[hdr + 5 : hdr + 5 + _NAME_WORDS]),
+            )
+            if problem:
+                raise self._fail(problem)
+            if mine[hdr + 2] == _RNDV:
+                self._read_peer(src, int(mine[hdr + 3]), job.data, op.what)
             else:
                 a = job.done * self.slot_bytes
-                b = min(a + self.slot_bytes, nbytes)
+                b = min(a + self.slot_bytes, got[0])
                 if b > a:
                     job.data[a:b].copy_(self._heap[me][off : off + b - a])
             self._ctrl[src][self.ACKS + me] = q
@@ -416,9 +626,7 @@ class ShmTransport(Transport):
             if got <= 0:
                 err = ctypes.get_errno()
                 if not pid_alive(self._pids[src]):
-                    raise self._fail(
-                        f"rank {src} (pid {self._pids[src]}) died during {what}", dead=src
-                    )
+                    raise self._fail(f"{what}: rank {src} (pid {self._pids[src]}) died", dead=src)
                 raise self._fail(
                     f"{what}: reading {total} bytes from rank {src} failed: {os.strerror(err)}"
                 )
@@ -452,37 +660,54 @@ class ShmTransport(Transport):
             return 1  # one rendezvous, any size (sender and receiver apply the same rule)
         return max(1, -(-nbytes // self.slot_bytes))
 
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        """Run protocol code; anything escaping it (an interrupt included) leaves the protocol
+        mid-message, so the transport breaks (Note [Failure contract])."""
+        try:
+            fn()
+        except CommError:
+            raise
+        except BaseException as exc:
+            self.abort(f"rank {self.rank}: {type(exc).__name__} inside a shm exchange")
+            raise
+
     def exchange(
         self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str
     ) -> Handle[list[torch.Tensor]]:
         self._check()
+        for peer in [p for p, _ in sends] + [p for p, _, _ in recvs]:
+            if peer == self.rank or not 0 <= peer < self.world_size:
+                raise ValueError(f"{op}: invalid peer rank {peer} for rank {self.rank}")
+        for _, t in sends:
+            if t.device.type != "cpu":
+                raise ValueError(f"shm transport moves CPU tensors; got a tensor on {t.device}")
         self.record(op, sends)
         outputs = [torch.empty(shape, dtype=dtype) for _, shape, dtype in recvs]
         send_jobs = []
         for peer, t in sends:
-            if t.device.type != "cpu":
-                raise ValueError(f"shm transport moves CPU tensors; got a tensor on {t.device}")
-            data = _as_bytes(t)
-            send_jobs.append(_Job(peer, data, self._pieces(data.numel())))
-        recv_jobs = [
-            _Job(peer, _as_bytes(out), self._pieces(out.numel() * out.element_size()))
-            for (peer, _, _), out in zip(recvs, outputs)
-        ]
-        for job in (*send_jobs, *recv_jobs):
-            if job.peer == self.rank or not 0 <= job.peer < self.world_size:
-                raise ValueError(f"{op}: invalid peer rank {job.peer} for rank {self.rank}")
-        pending = _Op(op, _op_code(op), send_jobs, recv_jobs, outputs)
+            data = as_bytes(t)
+            send_jobs.append(_Job(peer, data, self._pieces(data.numel()), self.send_tag(peer)))
+        recv_jobs = []
+        for (peer, _, _), out in zip(recvs, outputs):
+            data = as_bytes(out)
+            recv_jobs.append(_Job(peer, data, self._pieces(data.numel()), self.recv_tag(peer)))
+        pending = _Op(
+            op,
+            self.activity(op),
+            op_code(op),
+            pack(op, _NAME_WORDS),
+            send_jobs,
+            recv_jobs,
+            outputs,
+        )
         self._pending.append(pending)
-        try:
-            self._progress()
-        except BaseException:
-            self._broken = self._broken or "an exchange raised"
-            raise
+        self._set_status(False, pending.what)  # Note [shm blame]: the last operation issued
+        self._guarded(self._progress)
         peers = sorted({j.peer for j in (*send_jobs, *recv_jobs)})
 
         def finish() -> list[torch.Tensor]:
             if not pending.finished:
-                self._spin(lambda: self._step(pending), peers, op)
+                self._guarded(lambda: self._spin(lambda: self._step(pending), peers, pending.what))
             return outputs
 
         return Handle(finish, lambda: pending.finished)
@@ -504,60 +729,13 @@ class ShmTransport(Transport):
             self._progress()  # keep pending exchanges moving while we wait
             return all(mine[self.BAR + p] >= self._bars[p] for p in peers)
 
-        self._spin(arrived, peers, "barrier")
-
-    # -- raw one-sided primitives on the symmetric user region -------------------------
-
-    def alloc(self, nbytes: int, align: int = 64) -> int:
-        """Reserve ``nbytes`` of the user region; same offset on every rank.
-
-        Every rank must make the same ``alloc`` calls in the same order (symmetric heap).
-        """
-        top = -(-self._alloc_top // align) * align
-        if top + nbytes > self.user_bytes:
-            raise ValueError(
-                f"shm user region exhausted: {nbytes} bytes requested, "
-                f"{self.user_bytes - top} free (raise SF_SHM_USER_MB)"
-            )
-        self._alloc_top = top + nbytes
-        return top
-
-    def local(self, offset: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """This rank's symmetric buffer at ``offset`` as a tensor (a view, no copy)."""
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        base = self.user_off + offset
-        return self._heap[self.rank][base : base + nbytes].view(dtype).view(*shape)
-
-    def put(self, peer: int, offset: int, src: torch.Tensor) -> None:
-        """Copy ``src`` into ``peer``'s user region at ``offset``."""
-        self._check()
-        data = _as_bytes(src)
-        base = self.user_off + offset
-        self._heap[peer][base : base + data.numel()].copy_(data)
-
-    def get(self, peer: int, offset: int, out: torch.Tensor) -> torch.Tensor:
-        """Copy ``peer``'s user region at ``offset`` into ``out`` and return it."""
-        self._check()
-        data = out.view(-1).view(torch.uint8)
-        base = self.user_off + offset
-        data.copy_(self._heap[peer][base : base + data.numel()])
-        return out
-
-    def signal(self, peer: int, index: int, value: int) -> None:
-        """Set user signal ``index`` in ``peer``'s heap to ``value`` (after prior puts)."""
-        self._ctrl[peer][self.SIG + index] = value
-
-    def wait_signal(self, index: int, value: int, peers: Sequence[int] = ()) -> None:
-        """Wait until this rank's user signal ``index`` is >= ``value``."""
-        self._check()
-        mine = self._ctrl[self.rank]
-        watch = list(peers) or [p for p in range(self.world_size) if p != self.rank]
-        self._spin(lambda: mine[self.SIG + index] >= value, watch, f"wait_signal[{index}]")
+        self._guarded(lambda: self._spin(arrived, peers, self.activity("barrier")))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._pending.clear()
         self._heap.clear()
         self._ctrl.clear()
         for m in self._maps:

@@ -19,6 +19,7 @@ which holds because every part runs the same code on the same shapes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,13 @@ class _MappedTransport(Transport):
     def barrier(self, group: Group) -> None:
         self.parent.barrier(self._group(group))
 
+    def call(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self.parent.call(name)  # one failure contract for the whole job
+
+    @property
+    def broken(self) -> str | None:
+        return self.parent.broken
+
     def record(self, op: str, sends: Sequence[Send]) -> None:  # the parent records
         pass
 
@@ -138,6 +146,10 @@ class SubContext:
 
     def barrier(self, axis: str = "world") -> None:
         self.transport.barrier(self.group(axis))
+
+    def call(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Scope of one multi-message operation; see :meth:`sf_comm.Transport.call`."""
+        return self.transport.call(name)
 
     def close(self) -> None:
         """The parent owns the transport; nothing to release."""
