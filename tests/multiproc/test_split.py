@@ -44,3 +44,30 @@ def test_each_part_runs_exact_sequence_parallelism(ranks, transport: str, topo: 
     for strategy in ("ulysses", "ring", "torus"):
         diffs = ranks(4).run(_branch, strategy, topology=topo, transport=transport)
         assert all(d > 0 for d in diffs)  # the parts really computed different things
+
+
+def _nested(ctx: sf_comm.Context, strategy: str) -> list[int]:
+    sub, _ = ctx.split(2)  # 2x2: one machine per part
+    halves, cross = sub.split(2)  # each part in two again: one rank each
+    assert (halves.world_size, halves.rank, halves.topology.shape) == (1, 0, (1, 1))
+    # the inner cross group joins the part's ranks, in the part's numbering
+    got = sf_comm.all_gather(sub, cross, torch.tensor([ctx.rank])).wait()
+    # a part of a part with two ranks: its messages are translated through both levels
+    inner, _ = sub.split(1)
+    g = torch.Generator().manual_seed(20 + sub.index)
+    q, k, v = (torch.randn(1, 13, 4, 16, generator=g) for _ in range(3))
+    shards = [sf_attn.shard(t, inner) for t in (q, k, v)]
+    out = sf_attn.parallel_attention(*shards, ctx=inner, strategy=strategy)
+    ref = sf_attn.shard(sf_attn.reference_attention(q, k, v)[0], inner)
+    # float32 against the float64 reference, as in _branch: a misrouted block is off by ~1
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    return [int(t) for t in got]
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_a_part_splits_again(ranks, transport: str) -> None:
+    """Catches a part that is split again routing by its parent's rank numbers as if they
+    were the job's (every level's transport and groups must translate to the next)."""
+    for strategy in ("ulysses", "ring"):
+        got = ranks(4).run(_nested, strategy, topology="2x2", transport=transport)
+        assert got == [[0, 1], [0, 1], [2, 3], [2, 3]]

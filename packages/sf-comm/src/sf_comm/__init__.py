@@ -1,13 +1,15 @@
 """StreamFusion communication layer.
 
 Entry point: :func:`init` builds a :class:`Context` (topology, DeviceMesh with axes
-("inter", "intra"), transport); the collectives (:func:`all_to_all`, :func:`shift`,
-:func:`ring_shift`, :func:`all_gather`) run on a group of it and return waitable handles.
+("inter", "intra"), transport); :func:`default_context` keeps one per process for code that
+is given none. The collectives (:func:`all_to_all`, :func:`shift`, :func:`ring_shift`,
+:func:`all_gather`) run on a group of any :class:`CommContext` and return waitable handles.
 """
 
+from ._context_protocol import CommContext
 from ._version import __version__, require
 from .collectives import all_gather, all_to_all, ring_shift, shift
-from .context import AXES, Context, init
+from .context import AXES, Context, close_default_contexts, default_context, init
 from .topology import Topology
 from .transport import (
     CommError,
@@ -22,6 +24,7 @@ from .transport import (
 
 __all__ = [
     "AXES",
+    "CommContext",
     "CommError",
     "CommStats",
     "CommTimeout",
@@ -33,6 +36,8 @@ __all__ = [
     "__version__",
     "all_gather",
     "all_to_all",
+    "close_default_contexts",
+    "default_context",
     "init",
     "register_transport",
     "require",

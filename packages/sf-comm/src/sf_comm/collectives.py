@@ -12,21 +12,19 @@ round trip. When omitted, every member is assumed to send tensors of the same sh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
 from . import trace
+from ._context_protocol import CommContext
 from .transport import Group, Handle, Recv, Send
-
-if TYPE_CHECKING:
-    from .context import Context
 
 T = TypeVar("T")
 
 
 def _traced(
-    ctx: Context,
+    ctx: CommContext,
     handle: Handle[T],
     op: str,
     sends: Sequence[Send],
@@ -70,7 +68,7 @@ def _check_same(tensors: Sequence[torch.Tensor], op: str) -> None:
 
 
 def all_to_all(
-    ctx: Context,
+    ctx: CommContext,
     group: Group,
     inputs: Sequence[torch.Tensor],
     out_shapes: Sequence[Sequence[int]] | None = None,
@@ -105,7 +103,7 @@ def all_to_all(
 
 
 def shift(
-    ctx: Context,
+    ctx: CommContext,
     group: Group,
     tensor: torch.Tensor,
     offset: int = 1,
@@ -132,14 +130,14 @@ def shift(
 
 
 def ring_shift(
-    ctx: Context, group: Group, tensor: torch.Tensor, out_shape: Sequence[int] | None = None
+    ctx: CommContext, group: Group, tensor: torch.Tensor, out_shape: Sequence[int] | None = None
 ) -> Handle[torch.Tensor]:
     """Ring step: send to the next member, receive from the previous one."""
     return shift(ctx, group, tensor, 1, out_shape)
 
 
 def all_gather(
-    ctx: Context,
+    ctx: CommContext,
     group: Group,
     tensor: torch.Tensor,
     out_shapes: Sequence[Sequence[int]] | None = None,

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ._setup import destroy_groups, gather_strings
 from ._version import __version__
+from .split import SubContext, split
 from .topology import Topology
 from .transport import Group, Transport, make_transport, register_transport, transport_names
 
@@ -29,6 +30,7 @@ class Context:
     """Everything a rank needs to communicate: topology, DeviceMesh, groups, transport.
 
     Created by :func:`init`; release it with :meth:`close` or use it as a ``with`` block.
+    A :class:`sf_comm.CommContext`, plus what only a whole job has (``mesh``, ``split``).
 
     Attributes:
         topology: machines x gpus_per_machine of the job.
@@ -89,10 +91,8 @@ class Context:
         self._partitions[key] = group
         return group
 
-    def split(self, parts: int) -> tuple[Any, Group]:
+    def split(self, parts: int) -> tuple[SubContext, Group]:
         """Split the job into ``parts`` (e.g. CFG branches); see :func:`sf_comm.split.split`."""
-        from .split import split
-
         return split(self, parts)
 
     def group(self, axis: str = "world") -> Group:
@@ -103,14 +103,6 @@ class Context:
             raise ValueError(
                 f"unknown mesh axis {axis!r}; use one of {list(self._groups)}"
             ) from None
-
-    @property
-    def machine(self) -> int:
-        return self.topology.machine_of(self.rank)
-
-    @property
-    def local_rank(self) -> int:
-        return self.topology.local_of(self.rank)
 
     def barrier(self, axis: str = "world") -> None:
         self.transport.barrier(self.group(axis))
@@ -376,13 +368,63 @@ def init(
     return Context(topology=topo, mesh=mesh, transport=made, device=device)
 
 
+# -- this process's default contexts -------------------------------------------------------
+
+_DEFAULTS: dict[tuple[Topology | str | None, str, tuple[tuple[str, Any], ...]], Context] = {}
+
+
+def default_context(
+    topology: Topology | str | None = None, transport: str = "auto", **options: Any
+) -> Context:
+    """This process's context for these arguments: created by :func:`init` on first use, then
+    cached (for code with no context passed in, such as the ``streamfusion`` compile backend).
+
+    The call that creates a context is collective, so every rank must ask for contexts in the
+    same order (it holds when all ranks run the same program). A cached context whose
+    transport broke (Note [Failure contract]) or was closed is replaced by a new one, again
+    collectively: its peers' transports broke too, so they replace theirs on their next call.
+    :func:`close_default_contexts` releases them all.
+
+    Args:
+        topology, transport: as for :func:`init`.
+        options: the other arguments of :func:`init` (``timeout``, ``device``, transport
+            options); values must be hashable.
+
+    Returns:
+        The cached :class:`Context`.
+
+    Raises:
+        ValueError: as :func:`init`.
+    """
+    key = (topology, transport, tuple(sorted(options.items())))
+    ctx = _DEFAULTS.get(key)
+    if ctx is not None and ctx.transport.broken is None and not ctx.transport.closed:
+        return ctx
+    if ctx is not None:
+        del _DEFAULTS[key]
+        with contextlib.suppress(Exception):  # not collective; frees segments and groups
+            ctx.close()
+    ctx = init(topology=topology, transport=transport, **options)
+    _DEFAULTS[key] = ctx
+    return ctx
+
+
+def close_default_contexts() -> None:
+    """Close and forget every context :func:`default_context` made in this process (not
+    collective; the next :func:`default_context` creates a new one, collectively)."""
+    for ctx in _DEFAULTS.values():
+        with contextlib.suppress(Exception):
+            ctx.close()
+    _DEFAULTS.clear()
+
+
 # -- transport registrations ----------------------------------------------------------------
 
 
 def _make_shm(
     *, rank: int, world_size: int, timeout: float, device: torch.device, **kw: Any
 ) -> Transport:
-    from .shm import ShmTransport
+    from ._shm_setup import create
 
     if device.type != "cpu":
         raise ValueError(f"the shm transport moves CPU tensors; device is {device}")
@@ -391,9 +433,7 @@ def _make_shm(
         if "gloo" not in str(dist.get_backend()):
             cpu_pg = dist.new_group(backend="gloo")
     try:
-        return ShmTransport.create(
-            rank=rank, world_size=world_size, timeout=timeout, pg=cpu_pg, **kw
-        )
+        return create(rank=rank, world_size=world_size, timeout=timeout, pg=cpu_pg, **kw)
     finally:
         if cpu_pg is not None:  # used for set-up only
             destroy_groups([cpu_pg], pending=False)

@@ -28,31 +28,20 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-_CONTEXTS: dict[tuple[str, str, tuple[tuple[str, Any], ...]], Any] = {}
-
 
 def cached_context(topology: str | None, transport: str, **options: Any) -> Any:
-    """This process's context for (topology, transport), created on first use.
-
-    Every rank must ask for contexts in the same order (DeviceMesh creates process groups
-    collectively), which holds when all ranks run the same function.
-    """
+    """Deprecated name of :func:`sf_comm.default_context` (kept while callers move to it)."""
     import sf_comm
 
-    key = (str(topology), transport, tuple(sorted(options.items())))
-    ctx = _CONTEXTS.get(key)
-    if ctx is None:
-        ctx = _CONTEXTS[key] = sf_comm.init(topology=topology, transport=transport, **options)
-    return ctx
+    return sf_comm.default_context(topology, transport, **options)
 
 
 def close_contexts() -> None:
-    """Close and forget every cached context of this process (call it on every rank: the next
-    :func:`cached_context` builds new ones, collectively)."""
-    for ctx in _CONTEXTS.values():
-        with contextlib.suppress(Exception):
-            ctx.close()
-    _CONTEXTS.clear()
+    """Close and forget this process's default contexts (call it on every rank: the next
+    :func:`sf_comm.default_context` builds new ones, collectively)."""
+    import sf_comm
+
+    sf_comm.close_default_contexts()
 
 
 def _worker(
@@ -62,6 +51,8 @@ def _worker(
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch
     import torch.distributed as dist
+
+    import sf_comm
 
     torch.set_num_threads(threads)
     timeout = datetime.timedelta(seconds=float(env.get("SF_TIMEOUT", 60)))
@@ -80,7 +71,7 @@ def _worker(
             try:
                 if ctx_spec is not None:
                     topology, transport, options = ctx_spec
-                    args = (cached_context(topology, transport, **options), *args)
+                    args = (sf_comm.default_context(topology, transport, **options), *args)
                 conn.send(("ok", fn(*args, **kwargs)))
             except BaseException as exc:
                 close_contexts()  # a failed collective may leave transports mid-protocol
@@ -109,9 +100,6 @@ class RankError(RuntimeError):
         for f in failures:
             lines.append(f"--- rank {f.rank}: {f.kind}\n{f.detail.rstrip()}")
         super().__init__("\n".join(lines))
-
-    def for_rank(self, rank: int) -> RankFailure | None:
-        return next((f for f in self.failures if f.rank == rank), None)
 
 
 class RankPool:
@@ -209,8 +197,9 @@ class RankPool:
     ) -> list[Any]:
         """Run ``fn`` on every rank and return the results in rank order.
 
-        With ``transport`` given, ``fn`` receives the rank's cached :class:`sf_comm.Context`
-        for (``topology``, ``transport``) as its first argument.
+        With ``transport`` given, ``fn`` receives the rank's
+        :func:`sf_comm.default_context` for (``topology``, ``transport``, ``ctx_options``)
+        as its first argument.
 
         Raises:
             RankError: a rank raised, died, or did not finish within ``timeout`` seconds

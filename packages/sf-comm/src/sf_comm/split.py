@@ -12,7 +12,8 @@ Parts follow the hardware: whole machines when the machine count divides, else a
 share of every machine's GPUs, so SP traffic inside a part stays on the same links.
 
 A SubContext numbers its ranks 0..part_size-1 with its own Topology, so every strategy runs
-on it unchanged; its transport translates those local ranks to the job's global ranks.
+on it unchanged; its transport translates those local ranks to its parent's ranks. It is a
+:class:`sf_comm.CommContext` like its parent, so a part can be split again (``sub.split(2)``).
 Process groups are created for all parts at once (creating them is collective over the job),
 which holds because every part runs the same code on the same shapes.
 """
@@ -22,19 +23,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ._context_protocol import CommContext
 from .topology import Topology
 from .transport import Group, Handle, Recv, Send, Transport
 
-if TYPE_CHECKING:
-    from .context import Context
-
 
 def part_layout(topology: Topology, parts: int) -> tuple[list[tuple[int, ...]], Topology]:
-    """The parts (global ranks, in local order) and the topology of one part.
+    """The parts (the split context's ranks, in local order) and the topology of one part.
 
     Raises:
         ValueError: when ``parts`` divides neither the machines nor the GPUs per machine.
@@ -103,15 +102,30 @@ class _MappedTransport(Transport):
     def broken(self) -> str | None:
         return self.parent.broken
 
+    @property
+    def closed(self) -> bool:
+        return self.parent.closed
+
     def record(self, op: str, sends: Sequence[Send]) -> None:  # the parent records
         pass
 
 
 @dataclasses.dataclass(eq=False)
 class SubContext:
-    """A part of a job, with the interface of :class:`sf_comm.Context` (see module doc)."""
+    """A part of a job: a :class:`sf_comm.CommContext` over the part (see module doc).
 
-    parent: Any
+    It has no ``mesh``: a DeviceMesh of the part cannot be cut out of the job's (see
+    :mod:`sf_comm._context_protocol`), and nothing here needs one.
+
+    Attributes:
+        parent: the context that was split (the job's :class:`sf_comm.Context`, or a
+            SubContext when a part is split again); it owns the transport and the groups.
+        parts: every part, as the parent's ranks in this part's local order.
+        topology: the topology of one part.
+        index: which part this rank is in.
+    """
+
+    parent: CommContext
     parts: list[tuple[int, ...]]
     topology: Topology
     index: int  # which part this rank is in
@@ -140,10 +154,6 @@ class SubContext:
             raise ValueError(f"unknown mesh axis {axis!r}; use one of {list(self._axes)}")
         return self.subgroup(self._axes[axis], axis)
 
-    @property
-    def machine(self) -> int:
-        return self.topology.machine_of(self.rank)
-
     def barrier(self, axis: str = "world") -> None:
         self.transport.barrier(self.group(axis))
 
@@ -151,12 +161,25 @@ class SubContext:
         """Scope of one multi-message operation; see :meth:`sf_comm.Transport.call`."""
         return self.transport.call(name)
 
+    def split(self, parts: int) -> tuple[SubContext, Group]:
+        """Split this part again; see :func:`split`."""
+        return split(self, parts)
+
     def close(self) -> None:
         """The parent owns the transport; nothing to release."""
 
+    def __enter__(self) -> SubContext:
+        return self
 
-def split(ctx: Context, parts: int) -> tuple[SubContext, Group]:
-    """(this rank's part as a SubContext, the cross group of same-place ranks of all parts)."""
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def split(ctx: CommContext, parts: int) -> tuple[SubContext, Group]:
+    """(this rank's part as a SubContext, the cross group of same-place ranks of all parts).
+
+    Collective over ``ctx``; the cross group is in ``ctx``'s numbering (use it with ``ctx``).
+    """
     groups, sub_topology = part_layout(ctx.topology, parts)
     index = next(i for i, g in enumerate(groups) if ctx.rank in g)
     sub = SubContext(ctx, groups, sub_topology, index)

@@ -6,7 +6,7 @@ compute code (``sf_attn``'s local attention and merges) reports its spans. Two t
 
 - :class:`WallTracer` stamps real wall-clock times (a real run's trace, for Chrome/Perfetto
   and for the tests that prove overlap).
-- A virtual tracer (``sf_attn.simulate``) advances a modelled clock instead: the same strategy
+- A virtual tracer (``sf_attn.sim.layer``) advances a modelled clock instead: the same strategy
   code runs on meta tensors and the tracer costs each span, so what the simulator predicts is
   what the executor runs.
 
@@ -57,8 +57,11 @@ class Tracer(abc.ABC):
         """The collective's handle was waited on."""
 
     @abc.abstractmethod
-    def compute_start(self, name: str, flops: float, nbytes: int) -> Any:
-        """A compute span begins; returns a token for :meth:`compute_end`."""
+    def compute_start(
+        self, name: str, flops: float, nbytes: int, shape: tuple[int, ...] = ()
+    ) -> Any:
+        """A compute span begins (``shape``: see :func:`compute_span`); returns a token for
+        :meth:`compute_end`."""
 
     @abc.abstractmethod
     def compute_end(self, token: Any) -> None:
@@ -128,7 +131,9 @@ class WallTracer(Tracer):
         for track, nbytes in links.items():
             self.events.append(Event(track, op, start, end, nbytes=nbytes, step=step))
 
-    def compute_start(self, name: str, flops: float, nbytes: int) -> Any:
+    def compute_start(
+        self, name: str, flops: float, nbytes: int, shape: tuple[int, ...] = ()
+    ) -> Any:
         return (name, flops, nbytes, self._now(), self._next())
 
     def compute_end(self, token: Any) -> None:
@@ -155,13 +160,19 @@ def tracing(tracer: Tracer) -> Iterator[Tracer]:
 
 
 @contextlib.contextmanager
-def compute_span(name: str, flops: float = 0.0, nbytes: int = 0) -> Iterator[None]:
-    """Report a compute span to the active tracer (no-op without one)."""
+def compute_span(
+    name: str, flops: float = 0.0, nbytes: int = 0, shape: tuple[int, ...] = ()
+) -> Iterator[None]:
+    """Report a compute span to the active tracer (no-op without one).
+
+    ``shape`` describes the work for tracers that cost it (attention blocks pass
+    ``(seq_q, seq_k, batch * heads)``: the simulator's wave and tile efficiency need it).
+    """
     tracer = _ACTIVE
     if tracer is None:
         yield
         return
-    token = tracer.compute_start(name, flops, nbytes)
+    token = tracer.compute_start(name, flops, nbytes, shape)
     try:
         yield
     finally:

@@ -224,6 +224,11 @@ class Transport(abc.ABC):
         """Why this transport is unusable, or None while it works."""
         return self._broken
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` released it (transports with nothing to release say False)."""
+        return self._closed
+
     def _check(self) -> None:
         """Raise if the transport is broken or closed."""
         if self._broken:

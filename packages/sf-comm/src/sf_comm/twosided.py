@@ -441,6 +441,9 @@ class _Waiter:
                 item.error = exc
             finally:
                 item.done.set()
+            # An idle thread must not keep a finished work alive: the work holds its process
+            # group, whose sockets would stay open until this thread's next item.
+            item = None
             with self._lock:
                 self._idle += 1
 
