@@ -34,7 +34,9 @@ for sub in ("sf-comm", "sf-attn", "sf-models", "sf-compile"):
 import torch
 import torch.multiprocessing as mp
 
-STRATEGIES = ("ulysses", "ring", "usp", "tas", "torus")
+from sf_attn import strategy_names
+
+STRATEGIES = tuple(strategy_names(auto=False))
 RESULTS: dict[str, Any] = {}
 
 
@@ -85,7 +87,7 @@ def part_strategies_1() -> dict[str, Any]:
 
     ctx = sf_comm.init(topology="1x1", transport="gloo", device="cuda")
     (q, k, v), txt, ref = _joint_inputs(2, 1000, 77, 8)
-    out = {}
+    out: dict[str, Any] = {}
     for s in STRATEGIES:
         o, t = sf_attn.parallel_attention(q, k, v, ctx=ctx, strategy=s, joint=txt)
         out[s] = _accuracy(o, t, ref[:, 77:], ref[:, :77])
@@ -254,15 +256,15 @@ def _rank_p2p(rank: int) -> dict[str, Any]:
 
     group = Group("world", (0, 1), rank, dist.group.WORLD)
 
-    class Ctx:
-        pass
+    class Ctx:  # what shift() reads of a sf_comm.CommContext when no tracer is active
+        transport: Any
 
     res = {}
-    one = Ctx()
+    one: Any = Ctx()
     one.transport = gpu.create(
         "torch-symm", rank=rank, world_size=2, timeout=30, device="cuda:0", slot_bytes=64 << 20
     )
-    two = Ctx()
+    two: Any = Ctx()
     two.transport = TwoSidedTransport(rank=rank, world_size=2, timeout=30, backend="gloo")
     for size in (4 << 10, 1 << 20, 16 << 20, 64 << 20):
         x = torch.randn(size // 4, device="cuda")

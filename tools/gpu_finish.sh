@@ -4,7 +4,7 @@
 #   1. nvshmem with 2 and 4 PEs on the one GPU under CUDA MPS (without MPS NVSHMEM runs in
 #      its limited multi-process-per-GPU mode, which refused the stream-ordered signal waits);
 #   2. backend="streamfusion" vs backend="inductor" at world size 1 on FLUX.1-sized blocks,
-#      bf16, 1024 px and 2048 px (python -m sf_compile.bench world1);
+#      bf16, 1024 px and 2048 px (python -m sf_compile.compile_bench world1);
 #   3. the GPU test tier (tests/unit, tests/gpu: -m gpu), but for nvshmem, which step 1 runs
 #      under MPS (the tests cannot start MPS themselves).
 #
@@ -73,7 +73,7 @@ unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 
 for px in 1024 2048; do
     step "2. streamfusion vs inductor, world 1, FLUX.1-sized blocks, ${px} px bf16"
-    timeout 150 python3 -m sf_compile.bench world1 --dims flux1 --layers 1x2 \
+    timeout 150 python3 -m sf_compile.compile_bench world1 --dims flux1 --layers 1x2 \
         --height "$px" --width "$px" --dtype bf16 --device cuda --repeats 50 \
         --json "$OUT/compile-world1-$px.json" 2>&1 | tee "$OUT/compile-world1-$px.log"
 done

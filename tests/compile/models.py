@@ -1,5 +1,5 @@
 """Models the compile tests build: the hand-written DiT and tiny diffusers Flux (the
-benchmark's, from :func:`sf_compile.bench.flux_stack`) and Wan (random weights, same on every
+benchmark's, from :func:`sf_compile.compile_bench.flux_stack`) and Wan (random weights, same on every
 rank), with their inputs.
 
 ``build(name)`` returns ``(model, kwargs, output)`` where ``output(model(**kwargs))`` is the
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sf_compile.bench import FLUX_DIMS, flux_stack
+from sf_compile.compile_bench import FLUX_DIMS, flux_stack
 
 from .tiny_dit import make_inputs, make_model
 
@@ -31,7 +31,7 @@ def tiny_dit() -> Built:
 
 def flux(grid: tuple[int, int] = (5, 7), layers: tuple[int, int] = (1, 1)) -> Built:
     """A tiny ``FluxTransformer2DModel`` (dual- and single-stream blocks, joint text, RoPE),
-    batch 2: the benchmark's model (:func:`sf_compile.bench.flux_stack`)."""
+    batch 2: the benchmark's model (:func:`sf_compile.compile_bench.flux_stack`)."""
     model, kwargs = flux_stack("tiny", grid=grid, layers=layers, batch=2)
     return model, kwargs, lambda out: (out.sample,)
 

@@ -19,7 +19,7 @@ from torch import fx
 
 from sf_compile import CompileOptions, streamfusion_backend
 from sf_compile.backend import _inner
-from sf_compile.sharding import check_static
+from sf_compile.token_pass import check_static
 
 from .models import build
 
@@ -52,7 +52,7 @@ def test_registered_through_entry_point() -> None:
         ({"transport": "pigeon"}, r"transport='pigeon' is unknown"),
         ({"on_unsupported": "ignore"}, r"on_unsupported='ignore'; allowed: 'gather', 'error'"),
         ({"overlap": "yes"}, r"overlap must be True, False or 'auto'"),
-        ({"ctx": "not a context"}, r"ctx must be an sf_comm.Context"),
+        ({"ctx": "not a context"}, r"ctx must be an sf_comm context"),
     ],
 )
 def test_bad_options_name_the_field(options: dict[str, Any], message: str) -> None:

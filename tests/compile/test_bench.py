@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from sf_compile.bench import flux_stack, main
+from sf_compile.compile_bench import flux_stack, main
 
 
 def test_unknown_dims_are_named() -> None:

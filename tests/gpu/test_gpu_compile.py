@@ -12,7 +12,7 @@ def test_world_of_one_equals_inductor_on_cuda() -> None:
     """Catches the backend changing what Inductor compiles on CUDA with one rank (a rewritten
     graph, another inner config): the outputs must be bit-identical to plain Inductor's."""
     pytest.importorskip("diffusers")
-    from sf_compile.bench import benchmark_world1, flux_stack
+    from sf_compile.compile_bench import benchmark_world1, flux_stack
 
     model, inputs = flux_stack(
         "flux1", grid=(32, 32), layers=(1, 1), dtype=torch.bfloat16, device="cuda"

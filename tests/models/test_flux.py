@@ -16,7 +16,8 @@ from diffusers import FluxTransformer2DModel
 
 import sf_comm
 from sf_models.flux import FLUX_PLAN
-from sf_models.parallelize import SequenceParallelPlan, parallelize, supported_models
+from sf_models.parallelize import parallelize
+from sf_models.plan import SequenceParallelPlan, supported_models
 
 from ._common import (
     STRATEGIES,

@@ -15,7 +15,8 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from sf_models.parallelize import parallelize, supported_models
+from sf_models.parallelize import parallelize
+from sf_models.plan import supported_models
 from sf_models.sd3 import SD3_PLAN
 
 from ._common import (

@@ -16,7 +16,7 @@ def _plan(ctx: sf_comm.Context) -> tuple[str, int, float, float, dict[str, float
         "intra_bw": measured.intra_bw,
         "inter_bw": measured.inter_bw,
     }
-    return p.strategy, p.ulysses_degree, p.predicted_s, p.usp_s, rates
+    return p.strategy, p.ulysses_degree, p.predicted_s, p.baseline_s, rates
 
 
 def test_measured_plan_is_consistent_across_ranks(ranks) -> None:
@@ -37,10 +37,8 @@ def _auto(ctx: sf_comm.Context) -> tuple[str, int]:
         sf_attn.reference_attention(*(sf_attn.gather(t, ctx) for t in (q, k, v)))[0], ctx
     )
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
-    chosen = sf_attn.planner.choose_strategy(
-        ctx.topology, heads=4, seq_len=64, head_dim=8, dtype=torch.float32, one_sided=True
-    )
-    return chosen
+    chosen = sf_attn.resolve(ctx, seq_len=64, heads=4, head_dim=8, dtype=torch.float32)
+    return chosen.name, chosen.ulysses_degree
 
 
 def test_auto_runs_the_planned_strategy_exactly(ranks) -> None:
@@ -54,5 +52,5 @@ def test_planner_prefers_usp_on_two_machines_and_topology_aware_on_four() -> Non
     big = dict(seq_len=65536, heads=24, head_dim=128, dtype=torch.bfloat16)
     two = sf_attn.planner.plan_for(sf_comm.Topology.preset("p4de", machines=2), **big)
     four = sf_attn.planner.plan_for(sf_comm.Topology.preset("p4de", machines=4), **big)
-    assert two.strategy == "usp" and two.predicted_s == two.usp_s
-    assert four.strategy in ("tas", "torus") and four.predicted_s < four.usp_s
+    assert two.strategy == "usp" and two.predicted_s == two.baseline_s
+    assert four.strategy in ("tas", "torus") and four.predicted_s < four.baseline_s

@@ -1,4 +1,4 @@
-"""Tier 1: the whole-step simulator (sf_attn.step), the model table and `streamfusion simulate`.
+"""Tier 1: the whole-step simulator (sf_attn.sim.step), the model table and `streamfusion simulate`.
 
 No devices. Sizes are small (a few thousand tokens, at most 16 ranks) so the module is fast.
 """
@@ -9,10 +9,14 @@ import json
 
 import pytest
 
-from sf_attn.models_table import MODELS, get_model
-from sf_attn.step import STRATEGIES, simulate_step, step_latency, xdit_flux_calibration
+from sf_attn import strategy_names
+from sf_attn.sim.calibration import xdit_flux_calibration
+from sf_attn.sim.models import MODELS, get_model
+from sf_attn.sim.step import simulate_step, step_latency
 from sf_comm import Topology
 from sf_models import simulate_cmd
+
+STRATEGIES = strategy_names(auto=False)
 
 
 @pytest.mark.parametrize(

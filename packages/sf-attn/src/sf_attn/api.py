@@ -9,6 +9,7 @@ import torch
 
 import sf_comm
 
+from .resolution import resolve
 from .sharding import chunk_sizes
 from .strategies import get_strategy, strategy_names
 
@@ -32,7 +33,7 @@ def _validate_local(
     k: torch.Tensor,
     v: torch.Tensor,
     joint: Sequence[torch.Tensor] | None,
-    ctx: sf_comm.Context,
+    ctx: sf_comm.CommContext,
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_4d(name, t)
@@ -66,7 +67,7 @@ def _validate_local(
 
 
 def _agree_on_shapes(
-    ctx: sf_comm.Context,
+    ctx: sf_comm.CommContext,
     q: torch.Tensor,
     text_len: int,
     seq_len: int | None,
@@ -135,7 +136,7 @@ def parallel_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    ctx: sf_comm.Context,
+    ctx: sf_comm.CommContext,
     strategy: str = "auto",
     joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     joint_mask: torch.Tensor | None = None,
@@ -164,7 +165,7 @@ def parallel_attention(
         scale: score scale; default 1/sqrt(head_dim).
         seq_len: the global sequence length, if known; saves a small all-gather that checks
             shapes across ranks.
-        ulysses_degree: override the strategy's Ulysses degree (usp/tas).
+        ulysses_degree: override the strategy's Ulysses degree (usp/tas; not with "auto").
         backend: local attention backend (see :func:`sf_attn.attention_with_lse`).
 
     Returns:
@@ -187,33 +188,28 @@ def parallel_attention(
                 f"joint_mask must be [batch={q.shape[0]}, text={text_len}], got {tuple(joint_mask.shape)}"
             )
     seq_lens = _agree_on_shapes(ctx, q, text_len, seq_len, strategy, ulysses_degree)
-    heads = q.shape[2]
-    if strategy == "auto":
-        from .planner import choose_strategy
-
-        strategy, ulysses_degree = choose_strategy(
-            ctx.topology,
-            heads=heads,
-            seq_len=sum(seq_lens),
-            head_dim=q.shape[-1],
-            dtype=q.dtype,
-            one_sided=ctx.transport.one_sided,
-            batch=q.shape[0],
-            text_len=max(text_len, 0),
-        )
-    chosen = get_strategy(strategy)
-    layout = chosen.layout(ctx.topology, heads, ulysses_degree)
+    how = resolve(
+        ctx,
+        seq_len=sum(seq_lens),
+        heads=q.shape[2],
+        head_dim=q.shape[-1],
+        dtype=q.dtype,
+        batch=q.shape[0],
+        text_len=text_len,
+        strategy=strategy,
+        ulysses_degree=ulysses_degree,
+    )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # Note [Failure contract] (sf_comm.transport): an exception from here on, on any rank,
     # leaves messages in flight, so it breaks the context on every rank instead of letting a
     # later call consume them.
     with ctx.transport.call("parallel_attention"):
-        out, text_out = chosen.execute(
+        out, text_out = how.strategy.execute(
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),
             ctx=ctx,
-            layout=layout,
+            layout=how.layout,
             seq_lens=seq_lens,
             scale=scale,
             joint=None if joint is None else tuple(t.contiguous() for t in joint),  # type: ignore[arg-type]

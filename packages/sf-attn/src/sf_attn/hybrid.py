@@ -14,6 +14,10 @@ What runs on each rank (P_u = Ulysses degree, P_r = Ring degree, see :mod:`sf_at
         kv = next.wait()           ◄─┘
     out = all_to_all(acc_o, ulysses)                # back to [B, seq_local, heads, D]
 
+The first all-to-all is phase 1 (:func:`scatter_heads`, a strategy's ``begin``), the rest
+phase 2 (:func:`ring_and_return`, its ``finish``); :func:`hybrid_attention` runs them back to
+back, the compiler's overlap schedule apart.
+
     time ─►   compute: | blk 0 | blk 1 | ... | blk P_r-1 |
               ring:    | shift→1 | shift→2 | ...          (overlapped with compute)
 
@@ -47,7 +51,7 @@ def _empty_acc(
 
 
 def _text_output(
-    ctx: sf_comm.Context,
+    ctx: sf_comm.CommContext,
     ug: sf_comm.Group,
     text_q: torch.Tensor,
     text_k: torch.Tensor,
@@ -78,62 +82,74 @@ def _text_output(
     return text_out
 
 
-def hybrid_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+def scatter_heads(
+    ctx: sf_comm.CommContext,
+    layout: Layout,
+    xs: torch.Tensor,
+    seq_lens: Sequence[int],
+) -> sf_comm.Handle[torch.Tensor]:
+    """Phase 1 (``begin``): start the Ulysses all-to-all of the stacked tensors ``xs``.
+
+    ``xs`` is [n, batch, seq_local, heads, dim] (e.g. n = 3 for Q, K, V); the handle yields
+    [n, batch, seq_u, heads_u, dim]: this Ulysses group's tokens (member order) for head
+    group ``ug.index``. With Ulysses degree 1 it is ``xs`` itself. Equivalent plain code::
+
+        full = gather(xs, dim=2)                          # the group's tokens, all heads
+        out = full[:, :, :, head_group(ug.index)]
+    """
+    ug = ctx.subgroup(layout.ulysses, "ulysses")
+    if ug.size == 1:
+        return sf_comm.Handle.completed(xs)
+    n, batch, _, heads, dim = xs.shape
+    head_sizes, head_off = chunk_sizes(heads, ug.size), chunk_offsets(heads, ug.size)
+    ins = [xs[:, :, :, head_off[j] : head_off[j + 1]] for j in range(ug.size)]
+    shapes = [(n, batch, seq_lens[r], head_sizes[ug.index], dim) for r in ug.ranks]
+    sent = sf_comm.all_to_all(ctx, ug, ins, shapes)
+    return sf_comm.Handle(lambda: torch.cat(sent.wait(), dim=2), sent.is_completed)
+
+
+def ring_and_return(
+    q_u: torch.Tensor,
+    kv: torch.Tensor,
     *,
-    ctx: sf_comm.Context,
+    ctx: sf_comm.CommContext,
     layout: Layout,
     seq_lens: Sequence[int],
+    heads: int,
     scale: float,
     joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     joint_mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact attention of this rank's shard against the whole sharded sequence.
+    """Phase 2 (``finish``): the Ring over the exchanged tokens, then the output back.
 
     Args:
-        q, k, v: this rank's shard, [batch, seq_local, heads, head_dim].
-        ctx: the communication context.
-        layout: Ulysses and Ring partitions of the world.
-        seq_lens: every rank's ``seq_local``, in rank order.
-        scale: score scale.
-        joint: replicated text (tq, tk, tv), [batch, text, heads, head_dim], or None.
-        joint_mask: [batch, text] key mask of the text tokens (bool or additive), or None.
-        backend: local attention backend.
+        q_u: [batch, seq_u, heads_u, dim], this rank's queries after :func:`scatter_heads`.
+        kv: [2, batch, seq_u, heads_u, dim], its keys and values (contiguous).
+        heads: the layer's head count (all head groups).
+        joint: replicated text (tq, tk, tv) with all ``heads``, or None.
+        The rest as :func:`hybrid_attention`.
 
     Returns:
-        (out [batch, seq_local, heads, head_dim], text out [batch, text, heads, head_dim] or None)
+        As :func:`hybrid_attention`.
     """
     ug = ctx.subgroup(layout.ulysses, "ulysses")
     rg = ctx.subgroup(layout.ring, "ring")
-    batch, seq_local, heads, dim = q.shape
+    batch, seq_u, h_i, dim = q_u.shape
     p_u, p_r, i = ug.size, rg.size, ug.index
     head_sizes = chunk_sizes(heads, p_u)
     head_off = chunk_offsets(heads, p_u)
-    h_i = head_sizes[i]
-
-    # 1. Ulysses: sequence-sharded, all heads -> Ulysses-group sequence, heads group i.
-    qkv = torch.stack([q, k, v])  # [3, batch, seq_local, heads, dim]
-    if p_u > 1:
-        ins = [qkv[:, :, :, head_off[j] : head_off[j + 1]] for j in range(p_u)]
-        shapes = [(3, batch, seq_lens[r], h_i, dim) for r in ug.ranks]
-        qkv = torch.cat(sf_comm.all_to_all(ctx, ug, ins, shapes).wait(), dim=2)
-    q_u = qkv[0]  # [batch, seq_u, h_i, dim]
-    kv = qkv[1:].contiguous()  # [2, batch, seq_u, h_i, dim]
-    seq_u = q_u.shape[1]
 
     text_q = text_kv = None
     if joint is not None:
         tq, tk, tv = (t[:, :, head_off[i] : head_off[i + 1]] for t in joint)
         text_q, text_kv = tq, (tk, tv)
 
-    # 2. Ring over the ranks that hold the same heads: KV blocks rotate, outputs merge.
+    # The Ring over the ranks that hold the same heads: KV blocks rotate, outputs merge.
     block_len = [
         sum(seq_lens[r] for r in next(g for g in layout.ulysses if rank in g)) for rank in rg.ranks
     ]
-    acc_o, acc_lse = _empty_acc(batch, seq_u, h_i, dim, q.device)
+    acc_o, acc_lse = _empty_acc(batch, seq_u, h_i, dim, q_u.device)
     text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * p_r
     holder = rg.index  # ring member whose KV block we hold
     for step in range(p_r):
@@ -171,14 +187,62 @@ def hybrid_attention(
             scale=scale,
             backend=backend,
             head_sizes=head_sizes,
-            dtype=q.dtype,
+            dtype=q_u.dtype,
         )
 
-    # 3. Ulysses back: Ulysses-group sequence, heads group i -> own sequence chunk, all heads.
-    out_u = acc_o.to(q.dtype)
+    # Ulysses back: Ulysses-group sequence, heads group i -> own sequence chunk, all heads.
+    out_u = acc_o.to(q_u.dtype)
     if p_u == 1:
         return out_u, text_out
+    seq_local = seq_lens[ctx.rank]
     pieces = list(out_u.split([seq_lens[r] for r in ug.ranks], dim=1))
     back = [(batch, seq_local, head_sizes[j], dim) for j in range(p_u)]
     out = torch.cat(sf_comm.all_to_all(ctx, ug, pieces, back).wait(), dim=2)
     return out, text_out
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ctx: sf_comm.CommContext,
+    layout: Layout,
+    seq_lens: Sequence[int],
+    scale: float,
+    joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    joint_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact attention of this rank's shard against the whole sharded sequence: the two
+    phases back to back (the compiler's overlap schedule runs them apart)::
+
+        qkv_u = scatter_heads(ctx, layout, stack([q, k, v]), seq_lens).wait()
+        return ring_and_return(qkv_u[0], qkv_u[1:], ...)
+
+    Args:
+        q, k, v: this rank's shard, [batch, seq_local, heads, head_dim].
+        ctx: the communication context.
+        layout: Ulysses and Ring partitions of the world.
+        seq_lens: every rank's ``seq_local``, in rank order.
+        scale: score scale.
+        joint: replicated text (tq, tk, tv), [batch, text, heads, head_dim], or None.
+        joint_mask: [batch, text] key mask of the text tokens (bool or additive), or None.
+        backend: local attention backend.
+
+    Returns:
+        (out [batch, seq_local, heads, head_dim], text out [batch, text, heads, head_dim] or None)
+    """
+    qkv = scatter_heads(ctx, layout, torch.stack([q, k, v]), seq_lens).wait()
+    return ring_and_return(
+        qkv[0],
+        qkv[1:].contiguous(),
+        ctx=ctx,
+        layout=layout,
+        seq_lens=seq_lens,
+        heads=q.shape[2],
+        scale=scale,
+        joint=joint,
+        joint_mask=joint_mask,
+        backend=backend,
+    )

@@ -18,7 +18,7 @@ Note [Stable merge]
       even if it holds NaN/inf (never written). If both are -inf, ``m`` is replaced by 0 so
       no ``-inf - -inf`` appears, and the result is o = 0, lse = -inf.
     - NaN or +inf (a NaN or +inf score: single-device attention is NaN in that row, Note
-      [Non-finite inputs] in ``sf_attn.backends``): the block poisons the row, o = NaN and
+      [Non-finite inputs] in ``sf_attn.kernels``): the block poisons the row, o = NaN and
       lse = NaN, whatever the other block holds (-inf included), and stays poisoned through
       later merges. Otherwise the answer would depend on how a strategy splits the keys.
 

@@ -1,7 +1,7 @@
 """The planner behind ``strategy="auto"``: rank candidate layouts by simulated cost.
 
 Candidates are every registered strategy at every Ulysses degree its layout allows that can
-split the heads. Each is costed by :func:`sf_attn.simulate.simulate` on the context's
+split the heads. Each is costed by :func:`sf_attn.sim.layer.simulate` on the context's
 topology (link and compute rates from the preset, or measured on the ranks with
 ``measure=True``), with the context's transport kind (one- or two-sided). The cheapest wins;
 USP at its default degree is always a candidate and wins ties, so by the model the choice is
@@ -19,25 +19,25 @@ import torch
 
 from sf_comm import Topology
 
-from .simulate import CostModel, SimResult, simulate
-from .strategies import get_strategy, strategy_names
-
-_ORDER = ("usp", "tas", "torus", "ulysses", "ring")  # tie-break: the baseline first
+from .sim.layer import CostModel, SimResult, simulate
+from .strategies import baseline_strategy, get_strategy, strategy_names
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
-    """The chosen strategy, its degrees, the predicted per-layer latency, and the ranking."""
+    """The chosen strategy, its degrees, the predicted per-layer latency (and the baseline's
+    at its default degree), and the ranking."""
 
     strategy: str
     ulysses_degree: int
     ring_degree: int
     predicted_s: float
-    usp_s: float
+    baseline_s: float
     candidates: tuple[SimResult, ...]
 
     def table(self) -> str:
-        lines = [f"{'strategy':<9} {'P_u x P_r':>9} {'predicted ms':>13} {'vs usp':>7}"]
+        vs = f"vs {baseline_strategy()}"
+        lines = [f"{'strategy':<9} {'P_u x P_r':>9} {'predicted ms':>13} {vs:>7}"]
         for c in sorted(self.candidates, key=lambda c: c.latency_s):
             mark = (
                 " <- chosen"
@@ -46,7 +46,7 @@ class Plan:
             )
             lines.append(
                 f"{c.strategy:<9} {c.degrees[0]:>4} x {c.degrees[1]:<3} {c.latency_s * 1e3:13.3f} "
-                f"{self.usp_s / c.latency_s:6.2f}x{mark}"
+                f"{self.baseline_s / c.latency_s:6.2f}x{mark}"
             )
         return "\n".join(lines)
 
@@ -54,7 +54,7 @@ class Plan:
 def candidates(topology: Topology, heads: int) -> list[tuple[str, int]]:
     """Every (strategy, Ulysses degree) that can run ``heads`` heads on ``topology``."""
     out = []
-    for name in _ORDER + tuple(n for n in strategy_names() if n not in _ORDER and n != "auto"):
+    for name in strategy_names(auto=False):  # registration order: ties keep the earlier
         strategy = get_strategy(name)
         for degree in strategy.allowed_degrees(topology):
             if degree <= heads and heads % degree == 0:
@@ -89,10 +89,11 @@ def _plan_cached(
                 ulysses_degree=degree,
             )
         )
-    usp_default = get_strategy("usp").default_degree(topology, heads)
-    usp = next(r for r in results if r.strategy == "usp" and r.degrees[0] == usp_default)
-    best = usp
-    for r in results:  # strictly better only: ties keep USP
+    name = baseline_strategy()
+    default = get_strategy(name).default_degree(topology, heads)
+    base = next(r for r in results if r.strategy == name and r.degrees[0] == default)
+    best = base
+    for r in results:  # strictly better only: ties keep the baseline, then the earlier
         if r.latency_s < best.latency_s * (1 - 1e-9):
             best = r
     return Plan(
@@ -100,7 +101,7 @@ def _plan_cached(
         best.degrees[0],
         best.degrees[1],
         best.latency_s,
-        usp.latency_s,
+        base.latency_s,
         tuple(results),
     )
 
@@ -174,9 +175,8 @@ def measure_rates(
     nbytes: int = 4 << 20,
     repeats: int = 3,
 ) -> Topology:
-    """The context's topology with compute and link rates measured on its ranks (collective)."""
-    import torch.distributed as dist
-
+    """The context's topology with compute and link rates measured on its ranks (collective
+    over the context's ranks)."""
     import sf_comm
 
     from .backends import attention_with_lse
@@ -213,49 +213,25 @@ def measure_rates(
         rates[lat_field] = lat
         bw = nbytes / max(big - lat, 1e-9)
         rates[bw_field] = bw * (ctx.topology.gpus_per_nic if axis == "inter" else 1)
-    # every rank must plan with the same numbers: take the slowest rank's view
+    # every rank must plan with the same numbers: take the slowest rank's view, gathered
+    # through the context (a CFG half's context covers only its own ranks)
     names = sorted(rates)
     values = torch.tensor([rates[n] for n in names], dtype=torch.float64)
-    slow = torch.tensor(
-        [1.0 if n.endswith("latency") else -1.0 for n in names], dtype=torch.float64
-    )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        signed = values * slow
-        dist.all_reduce(signed, op=dist.ReduceOp.MAX)
-        values = signed * slow
+    world = ctx.group("world")
+    if world.size > 1:
+        table = torch.stack(sf_comm.all_gather(ctx, world, values.to(device)).wait()).cpu()
+        slowest = [
+            table[:, i].max() if n.endswith("latency") else table[:, i].min()
+            for i, n in enumerate(names)
+        ]
+        values = torch.stack(slowest)
     return ctx.topology.replace(**{n: float(v) for n, v in zip(names, values.tolist())})
-
-
-def choose_strategy(
-    topology: Topology,
-    *,
-    heads: int,
-    seq_len: int,
-    head_dim: int = 64,
-    dtype: torch.dtype = torch.bfloat16,
-    one_sided: bool = True,
-    batch: int = 1,
-    text_len: int = 0,
-) -> tuple[str, int]:
-    """(strategy, Ulysses degree) the planner picks for this layer on ``topology``."""
-    chosen = plan_for(
-        topology,
-        seq_len=seq_len,
-        heads=heads,
-        head_dim=head_dim,
-        dtype=dtype,
-        one_sided=one_sided,
-        batch=batch,
-        text_len=text_len,
-    )
-    return chosen.strategy, chosen.ulysses_degree
 
 
 __all__ = [
     "CostModel",
     "Plan",
     "candidates",
-    "choose_strategy",
     "measure_rates",
     "plan",
     "plan_for",

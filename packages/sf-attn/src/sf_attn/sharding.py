@@ -23,7 +23,7 @@ def chunk_offsets(length: int, parts: int) -> list[int]:
     return offsets
 
 
-def shard(x: torch.Tensor, ctx: sf_comm.Context, dim: int = 1) -> torch.Tensor:
+def shard(x: torch.Tensor, ctx: sf_comm.CommContext, dim: int = 1) -> torch.Tensor:
     """This rank's chunk of the full tensor ``x`` along ``dim`` (a contiguous copy).
 
     Equivalent to ``x.tensor_split(ctx.world_size, dim)[ctx.rank]``.
@@ -32,7 +32,7 @@ def shard(x: torch.Tensor, ctx: sf_comm.Context, dim: int = 1) -> torch.Tensor:
 
 
 def gather(
-    x: torch.Tensor, ctx: sf_comm.Context, dim: int = 1, length: int | None = None
+    x: torch.Tensor, ctx: sf_comm.CommContext, dim: int = 1, length: int | None = None
 ) -> torch.Tensor:
     """The full tensor from every rank's chunk along ``dim`` (inverse of :func:`shard`).
 

@@ -3,27 +3,37 @@
 A strategy turns (topology, heads, requested Ulysses degree) into a :class:`Layout` and runs
 it: the shared Ulysses x Ring executor (:mod:`sf_attn.hybrid`) for ulysses/ring/usp/tas, the
 staged torus exchange (:mod:`sf_attn.torus`) for torus. Adding a strategy is a subclass and
-one ``register_strategy`` line.
+one ``register_strategy`` line; :func:`strategy_names` lists them in registration order
+(tables and the planner's tie-break follow it), and exactly one is the *baseline* (xDiT's
+USP), registered first.
+
+The Ulysses x Ring family (:class:`UlyssesRing`) also runs in two phases, ``begin`` (start
+the head-scatter exchange) and ``finish`` (Ring, then the exchange back): the compiler's
+overlap schedule starts V's exchange while Q and K are still being projected.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from sf_comm import Topology
+import torch
 
-from .hybrid import hybrid_attention
+from sf_comm import Handle, Topology
+
+from .hybrid import hybrid_attention, ring_and_return, scatter_heads
 from .layout import Layout, make_layout, possible_ulysses_degrees
 from .torus import torus_attention
 
 
 class Strategy(abc.ABC):
-    """How ranks are laid out for one attention layer."""
+    """How ranks are laid out for one attention layer, and how the layout runs."""
 
     name: str
     order: str = "inter-first"
+    baseline: bool = False  # the strategy others are compared with (one per registry)
 
     @abc.abstractmethod
     def default_degree(self, topology: Topology, heads: int) -> int:
@@ -53,9 +63,28 @@ class Strategy(abc.ABC):
             )
         return make_layout(topology, p_u, self.order)
 
+    @abc.abstractmethod
     def execute(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
         """Run the layout: ``(out, text_out)``; see :func:`sf_attn.hybrid.hybrid_attention`."""
+
+
+class UlyssesRing(Strategy):
+    """The Ulysses x Ring executor (:mod:`sf_attn.hybrid`), whole or in two phases."""
+
+    def execute(self, q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
         return hybrid_attention(q, k, v, **kwargs)
+
+    def begin(
+        self, ctx: Any, layout: Layout, xs: torch.Tensor, seq_lens: Sequence[int]
+    ) -> Handle[torch.Tensor]:
+        """Start the head-scatter exchange of stacked ``xs`` ([n, B, seq_local, H, D]); see
+        :func:`sf_attn.hybrid.scatter_heads`."""
+        return scatter_heads(ctx, layout, xs, seq_lens)
+
+    def finish(self, q_u: torch.Tensor, kv: torch.Tensor, **kwargs: Any) -> Any:
+        """The Ring and the exchange back on what :meth:`begin` delivered; see
+        :func:`sf_attn.hybrid.ring_and_return`."""
+        return ring_and_return(q_u, kv, **kwargs)
 
 
 def _largest_fitting(topology: Topology, order: str, limit: int, heads: int) -> int:
@@ -66,7 +95,7 @@ def _largest_fitting(topology: Topology, order: str, limit: int, heads: int) -> 
     return max(fits)
 
 
-class Ulysses(Strategy):
+class Ulysses(UlyssesRing):
     """All-to-all heads <-> sequence over the whole world, local attention, all-to-all back."""
 
     name = "ulysses"
@@ -78,7 +107,7 @@ class Ulysses(Strategy):
         return [topology.world_size]
 
 
-class Ring(Strategy):
+class Ring(UlyssesRing):
     """K/V blocks rotate around all ranks; each step's compute overlaps the next shift."""
 
     name = "ring"
@@ -90,17 +119,18 @@ class Ring(Strategy):
         return [1]
 
 
-class USP(Strategy):
+class USP(UlyssesRing):
     """xDiT's hybrid: Ulysses inside a machine x Ring across machines."""
 
     name = "usp"
     order = "intra-first"
+    baseline = True
 
     def default_degree(self, topology: Topology, heads: int) -> int:
         return _largest_fitting(topology, self.order, topology.gpus_per_machine, heads)
 
 
-class TAS(Strategy):
+class TAS(UlyssesRing):
     """Topology-aware SP: Ulysses across machines (inter-first), Ring inside them.
 
     Default degree P_u = gcd(world, heads), reduced to the largest degree the topology can
@@ -114,7 +144,7 @@ class TAS(Strategy):
         return _largest_fitting(topology, self.order, math.gcd(topology.world_size, heads), heads)
 
 
-class Torus(TAS):
+class Torus(Strategy):
     """TAS's layout with the inter-machine all-to-all staged and overlapped (sf_attn.torus).
 
     Default torus group: the machines (P_u = gcd(machines, heads)), so every staged transfer
@@ -124,6 +154,7 @@ class Torus(TAS):
     """
 
     name = "torus"
+    order = "inter-first"
 
     def default_degree(self, topology: Topology, heads: int) -> int:
         return _largest_fitting(topology, self.order, math.gcd(topology.machines, heads), heads)
@@ -141,8 +172,15 @@ def register_strategy(strategy: Strategy) -> Strategy:
     return strategy
 
 
-def strategy_names() -> list[str]:
-    return [*sorted(_STRATEGIES), "auto"]
+def strategy_names(*, auto: bool = True) -> list[str]:
+    """Registered strategies in registration order (the baseline among them), then "auto"
+    (the planner) unless ``auto=False``."""
+    return [*_STRATEGIES, *(["auto"] if auto else [])]
+
+
+def baseline_strategy() -> str:
+    """The strategy every other is compared with: xDiT's USP."""
+    return next(name for name, s in _STRATEGIES.items() if s.baseline)
 
 
 def get_strategy(name: str) -> Strategy:
@@ -152,5 +190,7 @@ def get_strategy(name: str) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}") from None
 
 
-for _s in (Ulysses(), Ring(), USP(), TAS(), Torus()):
+# Registration order is the order of every table and the planner's preference among equal
+# costs: the baseline, then the topology-aware strategies, then the plain ones.
+for _s in (USP(), TAS(), Torus(), Ulysses(), Ring()):
     register_strategy(_s)

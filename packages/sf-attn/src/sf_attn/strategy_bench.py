@@ -3,7 +3,8 @@
 ``streamfusion bench attention`` calls :func:`run`. Inputs are built from one seed on every
 rank; each (strategy, transport) is timed over ``iters`` repetitions after a warm-up, in
 rounds that alternate the configurations so drift hits all alike. The figure is the median
-of the slowest rank's time per call; ratios are against USP on the same transport and
+of the slowest rank's time per call; ratios are against the baseline strategy (xDiT's USP)
+on the same transport and
 against gloo for the same strategy. Each configuration's output is also checked against
 single-process attention on the gathered inputs (max abs error reported).
 """
@@ -23,8 +24,9 @@ from sf_comm.launch import RankPool
 from .api import parallel_attention
 from .backends import attention_with_lse
 from .sharding import shard
+from .strategies import baseline_strategy, strategy_names
 
-STRATEGIES = ("ulysses", "ring", "usp", "tas")
+STRATEGIES = tuple(strategy_names(auto=False))  # every registered strategy, table order
 
 
 def _inputs(batch: int, seq: int, heads: int, dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -112,7 +114,7 @@ def run(
                 transport=transport,
                 median_s=m,
                 max_abs_err=errors[(strategy, transport)],
-                vs_usp=med.get(("usp", transport), float("nan")) / m,
+                vs_baseline=med.get((baseline_strategy(), transport), float("nan")) / m,
                 vs_gloo=med.get((strategy, "gloo"), float("nan")) / m,
             )
         )
@@ -120,11 +122,12 @@ def run(
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'strategy':<9} {'transport':<9} {'median ms':>10} {'USP/this':>9} {'gloo/this':>10} {'max |err|':>10}"
+    base = f"{baseline_strategy()}/this"
+    head = f"{'strategy':<9} {'transport':<9} {'median ms':>10} {base:>9} {'gloo/this':>10} {'max |err|':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['strategy']:<9} {r['transport']:<9} {r['median_s'] * 1e3:10.2f} {r['vs_usp']:8.2f}x "
+            f"{r['strategy']:<9} {r['transport']:<9} {r['median_s'] * 1e3:10.2f} {r['vs_baseline']:8.2f}x "
             f"{r['vs_gloo']:9.2f}x {r['max_abs_err']:10.2e}"
         )
     return "\n".join(lines)

@@ -49,7 +49,7 @@ def torus_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    ctx: sf_comm.Context,
+    ctx: sf_comm.CommContext,
     layout: Layout,
     seq_lens: Sequence[int],
     scale: float,

@@ -12,10 +12,10 @@ _require("sf-comm", "0.1.0", by="sf-compile")
 _require("sf-attn", "0.1.0", by="sf-compile")
 
 from .backend import streamfusion_backend  # noqa: E402
-from .layout import Shard, Split  # noqa: E402
 from .options import CompileOptions  # noqa: E402
 from .rules import UnsupportedOpError  # noqa: E402
-from .sharding import ShardReport, shard_graph  # noqa: E402
+from .token_layout import Shard, Split  # noqa: E402
+from .token_pass import ShardReport, shard_graph  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

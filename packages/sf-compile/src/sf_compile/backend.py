@@ -5,7 +5,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so after installin
     compiled = torch.compile(model, backend="streamfusion", options={"strategy": "auto"})
 
 needs no import. Every rank compiles the same graph; each rank's graph takes the full inputs,
-cuts its share of the tokens (:mod:`sf_compile.sharding`), runs attention through
+cuts its share of the tokens (:mod:`sf_compile.token_pass`), runs attention through
 ``sf_attn.parallel_attention`` and returns the full outputs, as the eager model does.
 
 With one rank (torch.distributed not initialised, or a world of one) the backend is the inner
@@ -29,10 +29,10 @@ from torch import fx
 import sf_comm
 
 from . import ops
-from .layout import Split
 from .options import CompileOptions
 from .rules import value_of
-from .sharding import ShardReport, shard_graph
+from .token_layout import Split
+from .token_pass import ShardReport, shard_graph
 
 __all__ = ["streamfusion_backend"]
 
@@ -42,15 +42,12 @@ _BARRIERS = itertools.count()
 COMPILE_TIMEOUT_ENV = "SF_COMPILE_TIMEOUT"  # seconds ranks wait for each other to compile
 
 
-def _context(opts: CompileOptions) -> sf_comm.Context | None:
+def _context(opts: CompileOptions) -> sf_comm.CommContext | None:
     if opts.ctx is not None:
         return opts.ctx
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
-    from sf_comm.launch import cached_context
-
-    ctx: sf_comm.Context = cached_context(opts.topology, opts.transport or "auto")
-    return ctx
+    return sf_comm.default_context(opts.topology, opts.transport or "auto")
 
 
 def _inner(opts: CompileOptions, mode: str | None) -> Callable[..., Any]:
@@ -114,7 +111,7 @@ def _dump(
     return path
 
 
-def _compiled_barrier(ctx: sf_comm.Context) -> None:
+def _compiled_barrier(ctx: sf_comm.CommContext) -> None:
     """Leave the backend together (Note [Compile barrier])."""
     timeout = float(os.environ.get(COMPILE_TIMEOUT_ENV, 1800))
     store = dist.distributed_c10d._get_default_store()

@@ -9,10 +9,10 @@
 Timed calls alternate between the two compiled models (A B B A A B ...), so drift in the
 machine's speed, and whatever the first call of a pair pays, hits both alike. Command line::
 
-    python -m sf_compile.bench world1 [--repeats 50] [--height 256 --width 256]
-    python -m sf_compile.bench world1 --dims flux1 --layers 1x2 --height 1024 --width 1024 \\
+    python -m sf_compile.compile_bench world1 [--repeats 50] [--height 256 --width 256]
+    python -m sf_compile.compile_bench world1 --dims flux1 --layers 1x2 --height 1024 --width 1024 \\
         --dtype bf16 --device cuda --json out/compile-1024.json   # FLUX.1-sized blocks, GPU
-    python -m sf_compile.bench overlap [--world 4] [--topology 2x2] [--inner eager]
+    python -m sf_compile.compile_bench overlap [--world 4] [--topology 2x2] [--inner eager]
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def flux_stack(
     try:
         from diffusers import FluxTransformer2DModel
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("sf_compile.bench needs diffusers (pip install diffusers)") from exc
+        raise ImportError(
+            "sf_compile.compile_bench needs diffusers (pip install diffusers)"
+        ) from exc
     config = dict(FLUX_DIMS[dims])
     preset_text = config.pop("text")
     text = preset_text if text is None else text
@@ -341,7 +343,7 @@ def _grid(height: int, width: int) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m sf_compile.bench", description=__doc__.split("\n")[0]
+        prog="python -m sf_compile.compile_bench", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="which", required=True)
     one = sub.add_parser("world1", help="streamfusion vs inductor, one process")

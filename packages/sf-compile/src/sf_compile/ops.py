@@ -4,7 +4,7 @@ Each op has a fake implementation, so Dynamo/AOT/Inductor trace around it and In
 it as an opaque call. Ops cannot take a :class:`sf_comm.Context` argument, so contexts are
 registered here and ops carry an integer key (:func:`register_context`).
 
-- ``streamfusion::gather(x, dim, length, prefix, ctx_key)``: a :class:`~sf_compile.layout.Shard`
+- ``streamfusion::gather(x, dim, length, prefix, ctx_key)``: a :class:`~sf_compile.token_layout.Shard`
   value back to the full tensor on every rank. Plain equivalent::
 
       full = cat([x[:prefix], *(split part of every rank, in rank order)], dim)
@@ -32,10 +32,10 @@ import sf_comm
 
 __all__ = ["context_for", "register_context"]
 
-_CONTEXTS: dict[int, sf_comm.Context] = {}
+_CONTEXTS: dict[int, sf_comm.CommContext] = {}
 
 
-def register_context(ctx: sf_comm.Context) -> int:
+def register_context(ctx: sf_comm.CommContext) -> int:
     """The key under which the ops find ``ctx`` (stable for the life of the process).
 
     Keys count up in registration order rather than being ``id(ctx)``: the key is a constant
@@ -50,7 +50,7 @@ def register_context(ctx: sf_comm.Context) -> int:
     return key
 
 
-def context_for(key: int) -> sf_comm.Context:
+def context_for(key: int) -> sf_comm.CommContext:
     """The context registered under ``key``.
 
     Raises:

@@ -23,7 +23,8 @@ class CompileOptions:
     Attributes:
         strategy: ``sf_attn.parallel_attention`` strategy: "auto", "ulysses", "ring", "usp",
             "tas".
-        ctx: the :class:`sf_comm.Context` to run on. Default: none when torch.distributed is
+        ctx: the context to run on (an :class:`sf_comm.Context`, or a part of one from
+            ``ctx.split``: any :class:`sf_comm.CommContext`). Default: none when torch.distributed is
             not initialised or has one rank (then the backend is the inner backend, unchanged),
             else one made by ``sf_comm.init(topology, transport)`` (cached per process).
         transport: transport for that context ("auto", "shm", "gloo", "nccl", ...); not
@@ -32,7 +33,7 @@ class CompileOptions:
         overlap: emit the overlapped attention schedule (:mod:`sf_compile.overlap`): V's
             exchange starts before Q and K are projected. "auto" (default): on for CUDA
             contexts, off on CPU, where a put is a memcpy by the sending core and the extra
-            exchange only costs (measured: ``python -m sf_compile.bench overlap``).
+            exchange only costs (measured: ``python -m sf_compile.compile_bench overlap``).
         inner_backend: the backend the rewritten graph goes to: "inductor" (default), any
             registered name ("eager", "aot_eager"), or a backend callable.
         inner_options: options for the inner backend (Inductor config keys for "inductor").
@@ -44,7 +45,7 @@ class CompileOptions:
     """
 
     strategy: str = "auto"
-    ctx: sf_comm.Context | None = None
+    ctx: sf_comm.CommContext | None = None
     transport: str | None = None
     topology: str | None = None
     overlap: bool | str = "auto"
@@ -71,9 +72,10 @@ class CompileOptions:
                 f"context to create), got ctx={self.ctx!r}, transport={self.transport!r}, "
                 f"topology={self.topology!r}"
             )
-        if self.ctx is not None and not isinstance(self.ctx, sf_comm.Context):
+        if self.ctx is not None and not isinstance(self.ctx, sf_comm.CommContext):
             raise ValueError(
-                f"CompileOptions.ctx must be an sf_comm.Context, got {type(self.ctx).__name__}"
+                "CompileOptions.ctx must be an sf_comm context (sf_comm.init or ctx.split), got "
+                f"{type(self.ctx).__name__}"
             )
         if not (isinstance(self.overlap, bool) or self.overlap == "auto"):
             raise ValueError(

@@ -5,11 +5,12 @@ Plain code (``streamfusion::attention``, what the non-overlapped graph runs)::
     q, k, v = proj_q(x), proj_k(x), proj_v(x)     # + norms / RoPE on q and k
     out = parallel_attention(q, k, v)             # all-to-all(q, k, v) -> ring -> all-to-all back
 
-Overlapped (same numbers, bit for bit: the same exchanges and the same ring)::
+Overlapped (same numbers, bit for bit: the same exchanges and the same ring), with the
+strategy's two phases (``begin``/``finish`` of :class:`sf_attn.strategies.UlyssesRing`)::
 
-    v = proj_v(x)                                  ; sent_v = ulysses_send([v])   # V first:
-    q, k = rope(norm(proj_q(x))), rope(norm(proj_k(x))); sent_qk = ulysses_send([q, k])  # no norm/RoPE
-    out = attention_overlapped(q, k, v, sent_qk, sent_v)   # wait -> ring -> exchange back
+    v = proj_v(x)                                  ; sent_v = strategy.begin([v])   # V first:
+    q, k = rope(norm(proj_q(x))), rope(norm(proj_k(x))); sent_qk = strategy.begin([q, k])  # no norm/RoPE
+    out = strategy.finish(sent_qk, sent_v)         # wait -> ring -> exchange back
 
     time ─►  compute: | proj V | proj Q, K, norms, RoPE | (wait) | ring blocks ... |
              link:             | V all-to-all ─────────►| Q,K all-to-all ─►|
@@ -22,7 +23,7 @@ first, during Q and K's norms and RoPE. Two exchanges instead of the plain op's 
 Q/K/V exchange: on links that move data while the device computes (NVLink, InfiniBand with
 one-sided puts) V's is hidden; where a put is a memcpy by the sending core (the CPU shm
 transport) there is nothing to hide it behind and the extra exchange only costs, hence
-``overlap="auto"`` turns it on for CUDA contexts only (measured in :mod:`sf_compile.bench`).
+``overlap="auto"`` turns it on for CUDA contexts only (measured in :mod:`sf_compile.compile_bench`).
 
 Only the Ulysses exchange has something to overlap with here; a strategy whose layout has
 Ulysses degree 1 (``ring``) or its own staged schedule (``torus``) keeps the plain op.
@@ -37,7 +38,6 @@ pending exchange per name.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any
 
@@ -46,54 +46,67 @@ from torch import fx
 
 import sf_attn
 import sf_comm
-from sf_attn.hybrid import hybrid_attention
 from sf_attn.layout import Layout
-from sf_attn.sharding import chunk_offsets, chunk_sizes
+from sf_attn.sharding import chunk_sizes
+from sf_attn.strategies import UlyssesRing
 
-from .layout import Shard
 from .ops import context_for
+from .token_layout import Shard
 
 __all__ = ["hoist_value_sends", "overlap_plan"]
 
-_PENDING: dict[tuple[int, str], sf_comm.Handle[list[torch.Tensor]]] = {}
+_PENDING: dict[tuple[int, str], sf_comm.Handle[torch.Tensor]] = {}
 _SLOTS = itertools.count()
 
 
 def overlap_plan(
-    ctx_key: int, strategy: str, heads: int, head_dim: int, dtype: torch.dtype, tokens: int
-) -> tuple[str, int] | None:
-    """(strategy, Ulysses degree) to overlap with, or None when there is nothing to overlap
-    (Ulysses degree 1, torus, or a world of one). ``auto`` is resolved now, with the same
-    planner call ``parallel_attention`` makes, so the choice is the one it would make."""
-    ctx = context_for(ctx_key)
-    degree = None
-    if strategy == "auto":
-        from sf_attn.planner import choose_strategy
-
-        strategy, degree = choose_strategy(
-            ctx.topology,
-            heads=heads,
-            seq_len=tokens,
-            head_dim=head_dim,
-            dtype=dtype,
-            one_sided=ctx.transport.one_sided,
-        )
-    if strategy == "torus":
+    ctx_key: int,
+    strategy: str,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    tokens: int,
+    text_len: int,
+) -> sf_attn.Resolution | None:
+    """The resolution to overlap with, or None when there is nothing to overlap (Ulysses
+    degree 1, a strategy without the two phases such as torus, or a world of one). It is
+    :func:`sf_attn.resolve`'s answer for the arguments ``parallel_attention`` passes, so the
+    plan compiled is the plan the plain op would run."""
+    how = sf_attn.resolve(
+        context_for(ctx_key),
+        seq_len=tokens,
+        heads=heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        batch=batch,
+        text_len=text_len,
+        strategy=strategy,
+    )
+    if not isinstance(how.strategy, UlyssesRing) or how.layout.p_u == 1:
         return None
-    layout = sf_attn.get_strategy(strategy).layout(ctx.topology, heads, degree)
-    return (strategy, layout.p_u) if layout.p_u > 1 else None
+    return how
 
 
-@functools.lru_cache(maxsize=64)
-def _layout(topology: sf_comm.Topology, strategy: str, heads: int, degree: int) -> Layout:
-    return sf_attn.get_strategy(strategy).layout(topology, heads, degree)
-
-
-def _ulysses(
-    ctx: sf_comm.Context, layout: Layout, heads: int
-) -> tuple[sf_comm.Group, list[int], list[int]]:
-    group = ctx.subgroup(layout.ulysses, "ulysses")
-    return group, chunk_sizes(heads, group.size), chunk_offsets(heads, group.size)
+def _phases(
+    ctx: sf_comm.CommContext, strategy: str, degree: int, x: torch.Tensor, length: int, prefix: int
+) -> tuple[UlyssesRing, Layout, list[int]]:
+    """The two-phase strategy, its layout and every rank's image tokens for ``x``'s layer."""
+    batch, _, heads, dim = x.shape
+    how = sf_attn.resolve(
+        ctx,
+        seq_len=length - prefix,
+        heads=heads,
+        head_dim=dim,
+        dtype=x.dtype,
+        batch=batch,
+        text_len=prefix,
+        strategy=strategy,
+        ulysses_degree=degree,
+    )
+    assert isinstance(how.strategy, UlyssesRing)
+    return how.strategy, how.layout, chunk_sizes(length - prefix, ctx.world_size)
 
 
 @torch.library.custom_op("streamfusion::ulysses_send", mutates_args=())
@@ -108,17 +121,12 @@ def ulysses_send(
     name: str,
 ) -> torch.Tensor:
     """Start one Ulysses all-to-all of the split tokens of ``xs`` (each [B, prefix + seq_local,
-    H, D], stacked); returns a token the matching ``attention_overlapped`` takes (the exchange
-    stays pending until then)."""
+    H, D], stacked): the strategy's ``begin``. Returns a token the matching
+    ``attention_overlapped`` takes (the exchange stays pending until then)."""
     ctx = context_for(ctx_key)
-    batch, _, heads, dim = xs[0].shape
-    layout = _layout(ctx.topology, strategy, heads, degree)
-    group, head_sizes, head_off = _ulysses(ctx, layout, heads)
-    seq_lens = chunk_sizes(length - prefix, ctx.world_size)
+    chosen, layout, seq_lens = _phases(ctx, strategy, degree, xs[0], length, prefix)
     img = torch.stack([x[:, prefix:] for x in xs])  # [len(xs), B, seq_local, H, D]
-    ins = [img[:, :, :, head_off[j] : head_off[j + 1]] for j in range(group.size)]
-    shapes = [(len(xs), batch, seq_lens[r], head_sizes[group.index], dim) for r in group.ranks]
-    _PENDING[(slot, name)] = sf_comm.all_to_all(ctx, group, ins, shapes)
+    _PENDING[(slot, name)] = chosen.begin(ctx, layout, img, seq_lens)
     return xs[0].new_zeros(())
 
 
@@ -152,45 +160,27 @@ def attention_overlapped(
     slot: int,
     backend: str,
 ) -> torch.Tensor:
-    """Finish what the sends started: the Ring part of the layout on the exchanged Q/K/V,
-    then the output back to [B, prefix + seq_local, H, D] (see the module docstring)."""
+    """Finish what the sends started (the strategy's ``finish``: the Ring on the exchanged
+    Q/K/V, then the output back to [B, prefix + seq_local, H, D]; see the module docstring)."""
     ctx = context_for(ctx_key)
-    batch, _, heads, dim = q.shape
-    layout = _layout(ctx.topology, strategy, heads, degree)
-    group, head_sizes, head_off = _ulysses(ctx, layout, heads)
-    seq_lens = chunk_sizes(length - prefix, ctx.world_size)
-    q_u, k_u = torch.cat(_PENDING.pop((slot, "qk")).wait(), dim=2)  # [B, seq_u, h_i, D] each
-    v_u = torch.cat(_PENDING.pop((slot, "v")).wait(), dim=2)[0]
-    # The exchanged tensors hold this Ulysses group's tokens for head group `group.index`:
-    # what remains is a ring over the ranks with the same heads, with Ulysses degree 1.
-    ring_only = Layout(tuple((r,) for r in range(ctx.world_size)), layout.ring)
-    seq_u = [
-        sum(seq_lens[r] for r in next(g for g in layout.ulysses if rank in g))
-        for rank in range(ctx.world_size)
-    ]
+    chosen, layout, seq_lens = _phases(ctx, strategy, degree, q, length, prefix)
+    q_u, k_u = _PENDING.pop((slot, "qk")).wait()  # [B, seq_u, heads_u, D] each
+    v_u = _PENDING.pop((slot, "v")).wait()[0]
     joint = None
-    mine = slice(head_off[group.index], head_off[group.index + 1])
     if prefix:
-        joint = (q[:, :prefix, mine], k[:, :prefix, mine], v[:, :prefix, mine])
-    out_u, text_out = hybrid_attention(
+        joint = tuple(t[:, :prefix].contiguous() for t in (q, k, v))
+    out, text_out = chosen.finish(
         q_u,
-        k_u,
-        v_u,
+        torch.stack([k_u, v_u]),
         ctx=ctx,
-        layout=ring_only,
-        seq_lens=seq_u,
-        scale=dim**-0.5 if scale is None else float(scale),
-        joint=None if joint is None else tuple(t.contiguous() for t in joint),  # type: ignore[arg-type]
+        layout=layout,
+        seq_lens=seq_lens,
+        heads=q.shape[2],
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        joint=joint,
         backend=backend,
     )
-    pieces = list(out_u.split([seq_lens[r] for r in group.ranks], dim=1))
-    back = [(batch, seq_lens[ctx.rank], head_sizes[j], dim) for j in range(group.size)]
-    out = torch.cat(sf_comm.all_to_all(ctx, group, pieces, back).wait(), dim=2)
-    if text_out is None:
-        return out
-    t_shapes = [(batch, prefix, head_sizes[j], dim) for j in range(group.size)]
-    text_out = torch.cat(sf_comm.all_gather(ctx, group, text_out, t_shapes).wait(), dim=2)
-    return torch.cat([text_out, out], dim=1)
+    return out if text_out is None else torch.cat([text_out, out], dim=1)
 
 
 @attention_overlapped.register_fake
@@ -223,13 +213,13 @@ def emit_overlapped(
     v: fx.Node,
     lay: Shard,
     scale: float | None,
-    plan: tuple[str, int],
+    plan: sf_attn.Resolution,
     ctx_key: int,
     backend: str,
 ) -> fx.Node:
     """Emit V's send right after V's producer, Q/K's after the later of theirs, and the
     finishing op here; returns the output in [B, prefix + seq_local, H, D]."""
-    strategy, degree = plan
+    strategy, degree = plan.name, plan.ulysses_degree
     slot = next(_SLOTS)
     order = {n: i for i, n in enumerate(graph.nodes)}
     bshd = {}

@@ -1,4 +1,4 @@
-"""What a propagation rule sees (:class:`Call`) and decides (:class:`Plan`), plus the helpers
+"""What a propagation rule sees (:class:`Call`) and decides (:class:`Decision`), plus the helpers
 every rule uses. The rules themselves: :mod:`sf_compile.rules`."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from .layout import Shard, Split
+from .token_layout import Shard, Split
 
 __all__ = [
     "Call",
     "Config",
-    "Plan",
+    "Decision",
     "Rewrite",
     "Rule",
     "UnsupportedOpError",
@@ -52,7 +52,7 @@ class Config:
 class Call:
     """One node seen by a rule: its tensor inputs (leaves of args/kwargs) and their layouts.
 
-    ``layouts[i]`` is a Layout, or a tuple of Layouts for a multi-output input (only
+    ``layouts[i]`` is a TokenLayout, or a tuple of Layouts for a multi-output input (only
     ``getitem`` consumes those).
     """
 
@@ -90,7 +90,7 @@ class Call:
 
 
 @dataclasses.dataclass(slots=True)
-class Plan:
+class Decision:
     """What a rule decided.
 
     Attributes:
@@ -112,7 +112,7 @@ class Plan:
     attention: str | None = None
 
 
-Rule = Callable[[Call], Plan]
+Rule = Callable[[Call], Decision]
 
 
 def value_of(node: Any) -> Any:
@@ -136,13 +136,13 @@ def whole_outputs(out_val: Any) -> Any:
     return None
 
 
-def replicated(call: Call) -> Plan:
+def replicated(call: Call) -> Decision:
     """Every input whole, output whole (the trivial plan)."""
     need = [lay if isinstance(lay, tuple) else None for lay in call.layouts]
-    return Plan(need, whole_outputs(value_of(call.node)))
+    return Decision(need, whole_outputs(value_of(call.node)))
 
 
-def gather_all(call: Call, reason: str, *, unsupported: bool = False) -> Plan:
+def gather_all(call: Call, reason: str, *, unsupported: bool = False) -> Decision:
     """Note [Gather fallback]: run the op on whole inputs."""
     plan = replicated(call)
     if any(isinstance(lay, Shard) for lay in call.layouts):

@@ -1,10 +1,10 @@
 """Token-dimension propagation rules, one per kind of op.
 
-A rule looks at one graph node and the layouts of its tensor inputs (:mod:`sf_compile.layout`)
-and returns a :class:`Plan`: the layout each input must be converted to (the pass inserts the
+A rule looks at one graph node and the layouts of its tensor inputs (:mod:`sf_compile.token_layout`)
+and returns a :class:`Decision`: the layout each input must be converted to (the pass inserts the
 slice or gather), the layout of the output, and how to rewrite arguments that hold sizes of the
 token dimension (``view(B, S, C)`` becomes ``view(B, S_local, C)``). Rules never touch the
-graph; the same rules also run *backwards* (:mod:`sf_compile.sharding` asks "which input
+graph; the same rules also run *backwards* (:mod:`sf_compile.token_pass` asks "which input
 layout gives this output layout?"), so each op's knowledge lives in one place.
 
 Supported (token dim carried through, see Note [Gather fallback] for the rest):
@@ -43,8 +43,16 @@ from typing import Any
 import torch
 from torch import fx
 
-from .layout import Shard
-from .plan import Call, Config, Plan, Rule, UnsupportedOpError, gather_all, replicated, value_of
+from .rule_types import (
+    Call,
+    Config,
+    Decision,
+    Rule,
+    UnsupportedOpError,
+    gather_all,
+    replicated,
+    value_of,
+)
 from .rules_attention import ATTENTION_OPS, attention
 from .rules_compute import (
     along_dim,
@@ -59,12 +67,13 @@ from .rules_compute import (
     size,
 )
 from .rules_shape import cat, expand, getitem, map_view, setitem, shuffle, splitting, stack, view
+from .token_layout import Shard
 
 __all__ = [
     "ATTENTION_OPS",
     "Call",
     "Config",
-    "Plan",
+    "Decision",
     "UnsupportedOpError",
     "attention_qkv",
     "elementwise",
@@ -251,13 +260,13 @@ def _module_rule(node: fx.Node, gm: fx.GraphModule) -> tuple[str, Any]:
     if isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
         trailing = len(tuple(mod.normalized_shape))
 
-        def norm(call: Call) -> Plan:
+        def norm(call: Call) -> Decision:
             lay = call.layouts[0]
             if not isinstance(lay, Shard):
                 return replicated(call)
             if lay.dim >= len(call.shape(0)) - trailing:
                 return gather_all(call, f"{type(mod).__name__} over the token dim")
-            return Plan([lay], lay)
+            return Decision([lay], lay)
 
         return type(mod).__name__, norm
     if isinstance(

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from .layout import Shard
 from .overlap import emit_overlapped, overlap_plan
-from .plan import Call, Plan, gather_all, value_of
+from .rule_types import Call, Decision, gather_all, value_of
+from .token_layout import Shard
 
 __all__ = ["ATTENTION_OPS", "attention"]
 
@@ -36,7 +36,7 @@ def _attention_args(call: Call) -> dict[str, Any]:
     return bound
 
 
-def attention(call: Call) -> Plan:
+def attention(call: Call) -> Decision:
     """SDPA in [B, H, S, D]: self-attention over split tokens -> ``streamfusion::attention``;
     replicated keys/values (cross-attention) -> the same SDPA on this rank's query rows."""
     bound = _attention_args(call)
@@ -87,12 +87,12 @@ def attention(call: Call) -> Plan:
     out: Any = q_lay
     if tuple_out:
         out = tuple([q_lay, q_lay.moved(seq_dim)] + [None] * (len(value_of(call.node)) - 2))
-    return Plan(need, out, gather_reason=reason, attention="local (keys/values whole)")
+    return Decision(need, out, gather_reason=reason, attention="local (keys/values whole)")
 
 
 def _parallel_attention(
     call: Call, lay: Shard, bound: dict[str, Any], need: list[Any], tuple_out: bool, q_index: int
-) -> Plan:
+) -> Decision:
     cfg = call.cfg
     scale = bound.get("scale")
     names = ATTENTION_OPS[call.name][0]
@@ -103,10 +103,12 @@ def _parallel_attention(
         plan = overlap_plan(
             cfg.ctx_key,
             cfg.strategy,
+            batch=batch_heads_seq_dim[0],
             heads=batch_heads_seq_dim[1],
             head_dim=batch_heads_seq_dim[3],
             dtype=q_val.dtype,
             tokens=lay.length - lay.prefix,
+            text_len=lay.prefix,
         )
 
     def emit(graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -150,5 +152,8 @@ def _parallel_attention(
     text = f", joint text {lay.prefix}" if lay.prefix else ""
     what = "streamfusion::attention"
     if plan is not None:
-        what = f"streamfusion::attention_overlapped ({plan[0]}, Ulysses degree {plan[1]}, V sent first)"
-    return Plan(need, out, emit=emit, attention=f"{what} ({lay.length} tokens{text})")
+        what = (
+            f"streamfusion::attention_overlapped ({plan.name}, Ulysses degree "
+            f"{plan.ulysses_degree}, V sent first)"
+        )
+    return Decision(need, out, emit=emit, attention=f"{what} ({lay.length} tokens{text})")

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 
-from .layout import Shard
-from .plan import (
+from .rule_types import (
     Call,
-    Plan,
+    Decision,
     Rule,
     first_split,
     gather_all,
@@ -19,6 +18,7 @@ from .plan import (
     value_of,
     whole_outputs,
 )
+from .token_layout import Shard
 
 __all__ = [
     "along_dim",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-def elementwise(call: Call) -> Plan:
+def elementwise(call: Call) -> Decision:
     """Broadcasting ops: the output carries tokens where any operand does; operands whose
     aligned dim has the full token length are sliced, size-1 dims broadcast."""
     out_val = value_of(call.node)
@@ -63,7 +63,7 @@ def elementwise(call: Call) -> Plan:
             need.append(target.moved(dim))  # e.g. a positional embedding: slice it
         else:
             need.append(None)  # not aligned with the tokens (dtype/device-only argument)
-    return Plan(need, target)
+    return Decision(need, target)
 
 
 # -- reductions and dim-wise ops ---------------------------------------------------------
@@ -80,7 +80,7 @@ def _dims_arg(call: Call, ndim: int) -> list[int] | None:
     return [norm_dim(d, ndim) for d in dims]
 
 
-def reduction(call: Call) -> Plan:
+def reduction(call: Call) -> Decision:
     """``sum``/``mean``/... keep the tokens unless they reduce over them (then gather)."""
     lay = first_split(call)
     if lay is None:
@@ -92,13 +92,13 @@ def reduction(call: Call) -> Plan:
     keepdim = bool(call.arg(2, "keepdim", False))
     out_dim = lay.dim if keepdim else lay.dim - sum(d < lay.dim for d in dims)
     need = [lay] + [None] * (len(call.inputs) - 1)
-    return Plan(need, lay.moved(out_dim))
+    return Decision(need, lay.moved(out_dim))
 
 
 def along_dim(dim_pos: int, default: int | None = None) -> Rule:
     """Ops that mix values along one dim (softmax, cumsum, normalize): fine off the token dim."""
 
-    def rule(call: Call) -> Plan:
+    def rule(call: Call) -> Decision:
         lay = first_split(call)
         if lay is None:
             return replicated(call)
@@ -106,12 +106,12 @@ def along_dim(dim_pos: int, default: int | None = None) -> Rule:
         dim = call.arg(dim_pos, "dim", default)
         if dim is None or norm_dim(dim, ndim) == lay.dim:
             return gather_all(call, f"{call.name} along the token dim needs all tokens")
-        return Plan([lay] + [None] * (len(call.inputs) - 1), lay)
+        return Decision([lay] + [None] * (len(call.inputs) - 1), lay)
 
     return rule
 
 
-def norm(call: Call) -> Plan:
+def norm(call: Call) -> Decision:
     """``layer_norm``/``rms_norm`` normalise the trailing ``normalized_shape`` dims."""
     lay = first_split(call)
     if lay is None:
@@ -121,20 +121,20 @@ def norm(call: Call) -> Plan:
     trailing = 1 if isinstance(normalized, int) else len(normalized)
     if lay.dim >= ndim - trailing:
         return gather_all(call, f"{call.name} normalises over the token dim")
-    return Plan([lay] + [None] * (len(call.inputs) - 1), lay)
+    return Decision([lay] + [None] * (len(call.inputs) - 1), lay)
 
 
-def group_norm(call: Call) -> Plan:
+def group_norm(call: Call) -> Decision:
     """``group_norm`` over [B, C, *]: normalises channels and every dim after them."""
     lay = first_split(call)
     if lay is None:
         return replicated(call)
     if lay.dim >= 1:
         return gather_all(call, "group_norm normalises over the token dim")
-    return Plan([lay] + [None] * (len(call.inputs) - 1), lay)
+    return Decision([lay] + [None] * (len(call.inputs) - 1), lay)
 
 
-def linear(call: Call) -> Plan:
+def linear(call: Call) -> Decision:
     """``linear(x, w, b)``: rows of ``x`` are independent; weights stay whole."""
     lay = first_split(call)
     if lay is None:
@@ -145,10 +145,10 @@ def linear(call: Call) -> Plan:
         return gather_all(call, "linear with a split weight", unsupported=True)
     if lay.dim == len(call.shape(0)) - 1:
         return gather_all(call, "linear contracts the token dim")
-    return Plan([lay] + [None] * (len(call.inputs) - 1), lay)
+    return Decision([lay] + [None] * (len(call.inputs) - 1), lay)
 
 
-def matmul(call: Call) -> Plan:
+def matmul(call: Call) -> Decision:
     """``a @ b`` with split ``a`` rows and whole ``b``; anything else needs all tokens."""
     if len(call.inputs) != 2 or isinstance(call.layouts[1], Shard):
         return gather_all(call, f"{call.name} over split tokens of its right operand")
@@ -158,21 +158,21 @@ def matmul(call: Call) -> Plan:
     nd_a = len(call.shape(0))
     if nd_a < 2 or lay.dim >= nd_a - 1:
         return gather_all(call, f"{call.name} contracts the token dim")
-    return Plan([lay, None], lay.moved(lay.dim + len(call.out_shape) - nd_a))
+    return Decision([lay, None], lay.moved(lay.dim + len(call.out_shape) - nd_a))
 
 
-def like_first(call: Call) -> Plan:
+def like_first(call: Call) -> Decision:
     """``x.type_as(other)``, ``x.to(other)``: elementwise in ``x``; ``other`` only lends its
     dtype/device, so it is used in whatever layout it has."""
     lay = call.layouts[0] if call.layouts else None
-    return Plan([lay, *call.layouts[1:]], lay if isinstance(lay, Shard) else None)
+    return Decision([lay, *call.layouts[1:]], lay if isinstance(lay, Shard) else None)
 
 
-def creation(call: Call) -> Plan:
+def creation(call: Call) -> Decision:
     """``x.new_zeros(sizes)`` and friends: ``x`` only lends dtype/device; sizes are full."""
-    return Plan(list(call.layouts), whole_outputs(value_of(call.node)))
+    return Decision(list(call.layouts), whole_outputs(value_of(call.node)))
 
 
-def size(call: Call) -> Plan:
+def size(call: Call) -> Decision:
     """``x.size()``/``x.shape``: sizes of the full tensor (constants in a static graph)."""
-    return Plan(list(call.layouts), None)
+    return Decision(list(call.layouts), None)

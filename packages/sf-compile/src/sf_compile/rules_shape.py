@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from .layout import Layout, Shard
-from .plan import (
+from .rule_types import (
     Call,
-    Plan,
+    Decision,
     Rewrite,
     first_split,
     gather_all,
@@ -22,6 +21,7 @@ from .plan import (
     replicated,
     value_of,
 )
+from .token_layout import Shard, TokenLayout
 
 __all__ = [
     "cat",
@@ -71,7 +71,7 @@ def _rewrite_sizes(local: list[int]) -> Rewrite:
     return rewrite
 
 
-def view(call: Call) -> Plan:
+def view(call: Call) -> Decision:
     """Reshapes that keep the token dim whole; ``view(B, S, C)`` gets ``S_local``."""
     lay = first_split(call)
     if lay is None:
@@ -91,10 +91,10 @@ def view(call: Call) -> Plan:
         local = list(call.out_shape)
         local[out_dim] = call.cfg.split.local_len(out)
         rewrite = _rewrite_sizes(local)
-    return Plan([lay], out, rewrite=rewrite)
+    return Decision([lay], out, rewrite=rewrite)
 
 
-def expand(call: Call) -> Plan:
+def expand(call: Call) -> Decision:
     """``expand(*sizes)``: the token dim keeps its size (-1), others broadcast."""
     lay = first_split(call)
     if lay is None:
@@ -104,7 +104,7 @@ def expand(call: Call) -> Plan:
     out_dim = lay.dim + len(call.out_shape) - len(call.shape(0))
     local = list(call.out_shape)
     local[out_dim] = -1
-    return Plan([lay], lay.moved(out_dim), rewrite=_rewrite_sizes(local))
+    return Decision([lay], lay.moved(out_dim), rewrite=_rewrite_sizes(local))
 
 
 _MARK = 7919  # a prime no real dim is likely to equal; checked below
@@ -118,7 +118,7 @@ def _apply_on_meta(node: fx.Node, x: torch.Tensor) -> torch.Tensor:
     return target(*args, **node.kwargs)
 
 
-def shuffle(call: Call) -> Plan:
+def shuffle(call: Call) -> Decision:
     """Dim-moving ops (permute, transpose, movedim, unsqueeze, squeeze): find where the token
     dim lands by running the op on a meta tensor whose token dim has a marker size."""
     lay = first_split(call)
@@ -133,14 +133,14 @@ def shuffle(call: Call) -> Plan:
     where = [i for i, s in enumerate(out.shape) if s == mark]
     if len(where) != 1:
         return gather_all(call, f"{call.name} does not keep the token dim", unsupported=True)
-    return Plan([lay], lay.moved(where[0]))
+    return Decision([lay], lay.moved(where[0]))
 
 
 # -- indexing, splitting, joining ---------------------------------------------------------
 
 
-def index_layout(lay: Shard, index: Any, ndim: int) -> tuple[Layout, Any] | str:
-    """Layout of ``x[index]`` for split ``x`` and the index to use on this rank's part, or why
+def index_layout(lay: Shard, index: Any, ndim: int) -> tuple[TokenLayout, Any] | str:
+    """TokenLayout of ``x[index]`` for split ``x`` and the index to use on this rank's part, or why
     the index needs all tokens. Indexing must keep the token dim whole, or cut it at the
     joint-text boundary (``x[:, :text]`` is replicated, ``x[:, text:]`` split)."""
     items = list(index) if isinstance(index, tuple) else [index]
@@ -152,7 +152,7 @@ def index_layout(lay: Shard, index: Any, ndim: int) -> tuple[Layout, Any] | str:
         items[at : at + 1] = [slice(None)] * (ndim - used)
     in_dim = out_dim = 0
     new_items: list[Any] = []
-    out: Layout = lay
+    out: TokenLayout = lay
     for it in items:
         if it is None:
             out_dim += 1
@@ -194,13 +194,13 @@ def _with_index(new_index: Any) -> Rewrite:
     return rewrite
 
 
-def getitem(call: Call) -> Plan:
+def getitem(call: Call) -> Decision:
     """Tuple element, or tensor indexing (see :func:`index_layout`)."""
     src, index = call.node.args[0], call.node.args[1]
     if call.layouts and isinstance(call.layouts[0], tuple):
         if not isinstance(index, int):
             return gather_all(call, "getitem with a non-int index of a tuple", unsupported=True)
-        return Plan(list(call.layouts), call.layouts[0][index])
+        return Decision(list(call.layouts), call.layouts[0][index])
     lay = first_split(call)
     if lay is None or not isinstance(src, fx.Node):
         return replicated(call)
@@ -210,10 +210,10 @@ def getitem(call: Call) -> Plan:
     if isinstance(found, str):
         return gather_all(call, found, unsupported=found.startswith("indexing with"))
     out, new_index = found
-    return Plan([lay], out, rewrite=_with_index(new_index))
+    return Decision([lay], out, rewrite=_with_index(new_index))
 
 
-def setitem(call: Call) -> Plan:
+def setitem(call: Call) -> Decision:
     """``x[index] = value`` (in place): ``x`` keeps its layout when the index keeps the tokens
     whole; ``value`` is sliced like an elementwise operand of the indexed region."""
     index = call.node.args[1]
@@ -234,10 +234,10 @@ def setitem(call: Call) -> Plan:
         dim = region.dim - (len(region_shape) - len(v_shape))
         if dim >= 0 and v_shape[dim] == region.length:
             need[iv] = region.moved(dim)
-    return Plan(need, None, rewrite=_with_index(new_index))
+    return Decision(need, None, rewrite=_with_index(new_index))
 
 
-def splitting(call: Call) -> Plan:
+def splitting(call: Call) -> Decision:
     """``split``/``split_with_sizes``/``chunk``/``unbind``: off the token dim every piece keeps
     the tokens; ``split_with_sizes([text, rest], token_dim)`` separates joint text."""
     lay = first_split(call)
@@ -249,7 +249,7 @@ def splitting(call: Call) -> Plan:
     dim = norm_dim(call.arg(dim_pos, "dim", 0), ndim)
     if dim != lay.dim:
         out_dim = lay.dim - (1 if call.name == "unbind" and dim < lay.dim else 0)
-        return Plan([lay], tuple(lay.moved(out_dim) for _ in pieces))
+        return Decision([lay], tuple(lay.moved(out_dim) for _ in pieces))
     sizes = (
         call.arg(1, "split_size") if call.name != "split_with_sizes" else call.arg(1, "split_sizes")
     )
@@ -269,11 +269,11 @@ def splitting(call: Call) -> Plan:
             key = "split_sizes" if "split_sizes" in kwargs else "split_size"
             return args, {**kwargs, key: type(sizes)(local)}
 
-        return Plan([lay], (None, Shard(dim, lay.length - lay.prefix)), rewrite=rewrite)
+        return Decision([lay], (None, Shard(dim, lay.length - lay.prefix)), rewrite=rewrite)
     return gather_all(call, f"{call.name} along the token dim")
 
 
-def cat(call: Call) -> Plan:
+def cat(call: Call) -> Decision:
     """``cat``: off the token dim, pieces line up; along it, whole (text) pieces followed by
     one split piece give a layout with a replicated prefix (MMDiT joint streams)."""
     if not any(isinstance(lay, Shard) for lay in call.layouts):
@@ -288,16 +288,16 @@ def cat(call: Call) -> Plan:
         ]
         if any(n is None for n in need):
             return gather_all(call, "cat of pieces with different token counts")
-        return Plan(need, first)
+        return Decision(need, first)
     *head, last = call.layouts
     if all(lay is None for lay in head) and isinstance(last, Shard):
         prefix = sum(call.shape(i)[dim] for i in range(len(head)))
         out = Shard(dim, prefix + last.length, prefix + last.prefix)
-        return Plan(list(call.layouts), out)
+        return Decision(list(call.layouts), out)
     return gather_all(call, "cat along the token dim after split pieces")
 
 
-def stack(call: Call) -> Plan:
+def stack(call: Call) -> Decision:
     """``stack``: every piece carries the same tokens; the token dim shifts past the new dim."""
     if not any(isinstance(lay, Shard) for lay in call.layouts):
         return replicated(call)
@@ -309,4 +309,4 @@ def stack(call: Call) -> Plan:
     ]
     if any(n is None for n in need):
         return gather_all(call, "stack of pieces with different token counts")
-    return Plan(need, first.moved(first.dim + (1 if dim <= first.dim else 0)))
+    return Decision(need, first.moved(first.dim + (1 if dim <= first.dim else 0)))

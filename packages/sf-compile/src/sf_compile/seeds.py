@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import fx
 
-from .layout import Layout, Shard
 from .rules import (
     ATTENTION_OPS,
     Call,
@@ -36,6 +35,7 @@ from .rules import (
     tensor_inputs,
     value_of,
 )
+from .token_layout import Shard, TokenLayout
 
 __all__ = ["find_seeds"]
 
@@ -100,7 +100,7 @@ def _seed_writers(
     stack: list[tuple[fx.Node, int | None, int, int]],
 ) -> None:
     """In-place writes into ``node`` (``out[..., ::2] = y``) also feed its tokens: follow
-    the written values back too (Note [In-place ops] in :mod:`sf_compile.sharding`)."""
+    the written values back too (Note [In-place ops] in :mod:`sf_compile.token_pass`)."""
     for user in node.users:
         if mutated_input(user) is not node:
             continue
@@ -108,7 +108,7 @@ def _seed_writers(
         if rule is None:
             continue
         inputs = tensor_inputs(user)
-        layouts: list[Layout] = [None] * len(inputs)
+        layouts: list[TokenLayout] = [None] * len(inputs)
         layouts[inputs.index(node)] = Shard(dim, length)
         try:
             plan = rule(Call(user, name, inputs, layouts, cfg))
@@ -138,7 +138,7 @@ def _seed_inputs(
         for j, size in enumerate(val.shape):
             if int(size) <= 1:
                 continue
-            layouts: list[Layout] = [None] * len(inputs)
+            layouts: list[TokenLayout] = [None] * len(inputs)
             layouts[i] = Shard(j, int(size))
             try:
                 plan = rule(Call(node, name, inputs, layouts, cfg))

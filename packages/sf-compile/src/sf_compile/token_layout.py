@@ -16,7 +16,7 @@ import dataclasses
 
 from sf_attn.sharding import chunk_offsets, chunk_sizes
 
-__all__ = ["Layout", "Shard", "Split"]
+__all__ = ["Shard", "Split", "TokenLayout"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ class Shard:
         return f"tokens on dim {self.dim} ({self.length}{text})"
 
 
-Layout = Shard | None  # None: replicated, the whole tensor on every rank
+TokenLayout = Shard | None  # None: replicated, the whole tensor on every rank
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

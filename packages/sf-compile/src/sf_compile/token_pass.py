@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import fx
 
-from .layout import Shard, Split
 from .overlap import hoist_value_sends
 from .rules import (
     Call,
@@ -50,6 +49,7 @@ from .rules import (
     value_of,
 )
 from .seeds import find_seeds
+from .token_layout import Shard, Split
 
 __all__ = ["ShardReport", "check_static", "shard_graph"]
 

@@ -11,16 +11,16 @@ _require("sf-comm", "0.1.0", by="sf-models")
 _require("sf-attn", "0.1.0", by="sf-models")
 
 from .cfg import CFGPlan, register_cfg_plan, supported_cfg_pipelines  # noqa: E402
-from .parallelize import (  # noqa: E402
-    SequenceParallelModel,
+from .parallelize import parallelize  # noqa: E402
+from .pipeline import ParallelPipeline  # noqa: E402
+from .plan import (  # noqa: E402
     SequenceParallelPlan,
     ShardState,
     get_plan,
-    parallelize,
     register_plan,
     supported_models,
 )
-from .pipeline import ParallelPipeline  # noqa: E402
+from .wrapper import SequenceParallelModel  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,34 +1,161 @@
-"""Swapping a model's attention processors for sequence-parallel ones (shared by the plans)."""
+"""Swapping a model's attention processors for sequence-parallel ones (shared by the plans).
+
+Every model's processor stands in for one diffusers processor class and computes what it
+computes, with the attention call over the rank-split sequence. The part they share lives in
+:class:`SequenceParallelProcessor`; a model's subclass holds only its own projections, RoPE
+and output layout (see :mod:`sf_models.flux` and the other model modules).
+"""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 import sf_attn
 
-from .parallelize import ShardState
+from .plan import ShardState
+
+__all__ = [
+    "SequenceParallelProcessor",
+    "project_out",
+    "project_qkv",
+    "split_tokens",
+    "swap_attention_processors",
+]
+
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class SequenceParallelProcessor:
-    """Base of the plans' attention processors.
+class SequenceParallelProcessor(abc.ABC):
+    """Base of the plans' attention processors: delegate, refuse, run the split attention.
+
+    Called like the processor it replaced (``inner``), it::
+
+        if not state.active:                         # Note [Inactive processors]
+            return inner(attn, hidden_states, ...)   # the original, unchanged
+        self.check(encoder_hidden_states, attention_mask)  # ValueError for what the plan cannot run
+        return self.forward(attn, hidden_states, ...)      # the model's subclass
+
+    and a subclass's :meth:`forward` is ``inner``'s computation with the attention call replaced
+    by :meth:`self_attention` (this rank's tokens over the whole split sequence) or
+    :meth:`joint_attention` (plus replicated text tokens).
+
+    Subclasses set :attr:`model_name`, :attr:`replaces` and :attr:`seq_len_key`, implement
+    :meth:`forward`, and override :meth:`check` where they refuse other arguments than a
+    mask, or take one.
 
     Args:
         state: the shared per-call state (context, strategy, input lengths).
         inner: the processor this one replaces; used while no parallel forward runs
-            (Note [Inactive processors] in :mod:`sf_models.parallelize`).
+            (Note [Inactive processors] in :mod:`sf_models.plan`).
     """
+
+    model_name: ClassVar[str]  # for messages, e.g. "Flux"
+    replaces: ClassVar[type]  # the diffusers processor class this one stands in for
+    seq_len_key: ClassVar[str]  # ShardState.lengths key of the split sequence's full length
 
     def __init__(self, state: ShardState, inner: Any) -> None:
         self.state = state
         self.inner = inner
 
+    # diffusers' attention modules filter keyword arguments by this signature, so it is the
+    # replaced processors' (Flux, CogVideoX, HunyuanVideo; Wan passes the same positionally).
+    # A processor replacing one with another signature overrides __call__ with that one.
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Any:
+        if not self.state.active:
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+        self.check(encoder_hidden_states, attention_mask)
+        return self.forward(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+        )
 
-def project_qkv(
-    attn: Any, x: torch.Tensor, *, added: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def check(
+        self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> None:
+        """Refuse what the model's plan cannot run; by default any attention mask.
+
+        Raises:
+            ValueError: naming the model and the argument.
+        """
+        if attention_mask is not None:
+            raise ValueError(
+                f"parallelize({self.model_name}): attention_mask is not supported under "
+                "sequence parallelism"
+            )
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Any,
+        attention_mask: Any,
+        rotary: Any,
+    ) -> Any:
+        """``inner``'s computation on this rank's tokens, during a parallel forward."""
+
+    @property
+    def seq_len(self) -> int:
+        """Full (unsplit) length of the split sequence in the current call."""
+        return self.state.lengths[self.seq_len_key]
+
+    def self_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's rows [B, seq_local, H * D] (in ``query``'s dtype) of the attention over
+        the whole split sequence, from its q, k, v [B, seq_local, H, D].
+
+        Equivalent plain code: ``sdpa(q, k, v)`` on the gathered sequence, flattened, then
+        this rank's chunk of rows.
+        """
+        state = self.state
+        out = sf_attn.parallel_attention(
+            query, key, value, ctx=state.ctx, strategy=state.strategy, seq_len=self.seq_len
+        )
+        assert isinstance(out, torch.Tensor)  # no joint: one tensor back
+        return out.flatten(2, 3).to(query.dtype)
+
+    def joint_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        text: QKV,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`self_attention` joined by replicated text tokens ``text`` = (q, k, v), each
+        [B, T, H, D]: (this rank's rows, the text rows [B, T, H * D]), in ``query``'s dtype.
+
+        Equivalent plain code: ``sdpa(cat([text, q]), cat([text, k]), cat([text, v]),
+        attn_mask=text keys masked by text_mask [B, T])`` on the gathered sequence.
+        """
+        state = self.state
+        out, text_out = sf_attn.parallel_attention(
+            query,
+            key,
+            value,
+            ctx=state.ctx,
+            strategy=state.strategy,
+            joint=text,
+            joint_mask=text_mask,
+            seq_len=self.seq_len,
+        )
+        return out.flatten(2, 3).to(query.dtype), text_out.flatten(2, 3).to(query.dtype)
+
+
+def project_qkv(attn: Any, x: torch.Tensor, *, added: bool = False) -> QKV:
     """Query, key, value [B, seq, H, D] of ``x`` [B, seq, C]: diffusers ``Attention``'s
     ``to_q/k/v`` projections, then its ``norm_q``/``norm_k`` where set.
 
@@ -52,22 +179,34 @@ def project_qkv(
     return query, key, value
 
 
+def split_tokens(qkv: QKV, n: int) -> tuple[QKV, QKV]:
+    """(q, k, v) [B, seq, H, D] cut along the sequence into their first ``n`` tokens and the
+    rest (views), e.g. a projected ``cat([text, image])`` stream into text and image."""
+    head = (qkv[0][:, :n], qkv[1][:, :n], qkv[2][:, :n])
+    tail = (qkv[0][:, n:], qkv[1][:, n:], qkv[2][:, n:])
+    return head, tail
+
+
+def project_out(attn: Any, x: torch.Tensor) -> torch.Tensor:
+    """diffusers ``Attention``'s output projection ``to_out`` (linear, then dropout)."""
+    return attn.to_out[1](attn.to_out[0](x))  # type: ignore[no-any-return]
+
+
 def swap_attention_processors(
     module: torch.nn.Module,
     state: ShardState,
     *,
-    model_name: str,
-    replaces: type,
-    processor: type,
+    processor: type[SequenceParallelProcessor],
     select: Callable[[str], bool] = lambda name: True,
 ) -> None:
-    """Replace every selected ``replaces`` processor by ``processor(state, old_processor)``.
+    """Replace every selected ``processor.replaces`` processor by ``processor(state, old)``.
+
+    With ``processor`` and ``select`` bound (``functools.partial``), this is a plan's
+    ``attach``.
 
     Args:
         module: the diffusers transformer (an AttentionMixin).
         state: the per-call state the new processors read.
-        model_name: for messages, e.g. "Flux".
-        replaces: the processor class the new processor knows how to stand in for.
         processor: the sequence-parallel processor class, built around the one it replaces.
         select: which processors (by their ``attn_processors`` name) to replace; the others
             stay (e.g. Wan's cross-attention, HunyuanVideo's token refiner).
@@ -78,6 +217,7 @@ def swap_attention_processors(
             another processor (IP-Adapter, fused QKV, custom).
     """
     model: Any = module
+    model_name, replaces = processor.model_name, processor.replaces
     if state.strategy != "auto":
         sf_attn.get_strategy(state.strategy).layout(
             state.ctx.topology, model.config.num_attention_heads

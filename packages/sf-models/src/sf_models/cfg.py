@@ -8,7 +8,8 @@ over the *cross group* (the ranks with the same place in each part), so every ra
 with both predictions and the pipeline's own guidance arithmetic runs unchanged.
 
 Pipelines run CFG in one of two ways, each described by a :class:`CFGPlan` (registered per
-pipeline class, like :class:`~sf_models.parallelize.SequenceParallelPlan` per model):
+pipeline class, like :class:`~sf_models.plan.SequenceParallelPlan` per model, and kept in
+the module of the model the pipeline is built on, e.g. :data:`sf_models.flux.FLUX_CFG_PLAN`):
 
 ``"batched"`` (SD3, CogVideoX): one transformer call on the batch ``[uncond; cond]``. Plain
 code and what runs on the rank of part ``p`` (batch ``2B``)::
@@ -55,15 +56,19 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 import sf_comm
 from sf_comm.split import part_layout
 
-from .parallelize import SequenceParallelModel, replace_outputs
+from .plan import registered_for
+from .wrapper import replace_outputs
 
 __all__ = [
     "CFGParallelModel",
     "CFGPlan",
+    "channels_first_output_shape",
     "check_cfg_topology",
     "get_cfg_plan",
+    "guidance_scale_above_one",
     "register_cfg_plan",
     "supported_cfg_pipelines",
+    "true_cfg",
 ]
 
 Mode = Literal["batched", "paired"]
@@ -124,9 +129,9 @@ def get_cfg_plan(pipe: Any) -> CFGPlan:
     Raises:
         ValueError: none registered; the message lists the supported pipelines.
     """
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in _CFG_PLANS:
-            return _CFG_PLANS[cls.__name__]
+    plan = registered_for(_CFG_PLANS, pipe)
+    if plan is not None:
+        return plan
     raise ValueError(
         f"cfg_parallel=True: no CFG-parallel plan for {type(pipe).__name__} (how its guidance "
         f"branches reach the transformer is not described); supported pipelines: "
@@ -154,14 +159,20 @@ def check_cfg_topology(topology: sf_comm.Topology) -> None:
         ) from None
 
 
-def _guidance_scale_above_one(args: Mapping[str, Any]) -> str | None:
+# -- the rules shared by the model modules' plans ----------------------------------------------
+
+
+def guidance_scale_above_one(args: Mapping[str, Any]) -> str | None:
+    """A :attr:`CFGPlan.check`: pipelines that guide when ``guidance_scale > 1``."""
     scale = args["guidance_scale"]
     if scale is not None and scale > 1:
         return None
     return f"guidance_scale={scale}: the pipeline runs classifier-free guidance only when it is > 1"
 
 
-def _true_cfg(args: Mapping[str, Any]) -> str | None:
+def true_cfg(args: Mapping[str, Any]) -> str | None:
+    """A :attr:`CFGPlan.check`: pipelines with true CFG (``true_cfg_scale`` and a negative
+    prompt)."""
     # Mirrors the pipelines' own rule: do_true_cfg = true_cfg_scale > 1 and has_neg_prompt.
     negative = args["negative_prompt"] is not None or (
         args["negative_prompt_embeds"] is not None
@@ -177,47 +188,11 @@ def _true_cfg(args: Mapping[str, Any]) -> str | None:
     )
 
 
-def _channels_last_shape(config: Any, hidden: torch.Size) -> tuple[int, ...]:
-    # Flux: tokens [B, seq, C_in] -> [B, seq, p * p * C_out]
-    channels = config.out_channels or config.in_channels
-    return (*hidden[:-1], config.patch_size**2 * channels)
-
-
-def _channels_first_shape(config: Any, hidden: torch.Size) -> tuple[int, ...]:
-    # Wan, HunyuanVideo: latent [B, C_in, F, H, W] -> [B, C_out, F, H, W]
+def channels_first_output_shape(config: Any, hidden: torch.Size) -> tuple[int, ...]:
+    """A :attr:`CFGPlan.output_shape` for latent video in and out (Wan, HunyuanVideo):
+    [B, C_in, F, H, W] -> [B, C_out, F, H, W]."""
     channels = config.out_channels or config.in_channels
     return (hidden[0], channels, *hidden[2:])
-
-
-register_cfg_plan(
-    "StableDiffusion3Pipeline",
-    CFGPlan(
-        mode="batched",
-        check=_guidance_scale_above_one,
-        batched_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
-    ),
-)
-register_cfg_plan(
-    "CogVideoXPipeline",
-    CFGPlan(
-        mode="batched",
-        check=_guidance_scale_above_one,
-        # ``ofs`` ([1], CogVideoX 1.5) and ``image_rotary_emb`` ([seq, dim]) are not batched.
-        batched_inputs=("hidden_states", "encoder_hidden_states", "timestep", "timestep_cond"),
-    ),
-)
-register_cfg_plan(
-    "FluxPipeline",
-    CFGPlan(mode="paired", check=_true_cfg, output_shape=_channels_last_shape),
-)
-register_cfg_plan(
-    "HunyuanVideoPipeline",
-    CFGPlan(mode="paired", check=_true_cfg, output_shape=_channels_first_shape),
-)
-register_cfg_plan(
-    "WanPipeline",
-    CFGPlan(mode="paired", check=_guidance_scale_above_one, output_shape=_channels_first_shape),
-)
 
 
 def _sample(out: Any) -> torch.Tensor:
@@ -234,22 +209,25 @@ class CFGParallelModel(torch.nn.Module):
 
     Args:
         model: the transformer parallelized on this rank's part (``parallelize(transformer,
-            ctx=sub_ctx)``).
+            ctx=sub_ctx)``, or ``torch.compile(transformer, backend="streamfusion")`` on it).
         plan: the pipeline's CFG plan.
         ctx: the whole job's context (the cross-group exchange runs on it).
         cross: the group joining the ranks with the same place in both parts, in part order.
         part: this rank's part: 0 computes the first branch (``[uncond; ...]`` half 0, or the
             first call of a pair), 1 the second.
+        forward: the plain transformer's ``forward``: its signature names the arguments of a
+            call (``model``'s own may take ``*args, **kwargs``).
     """
 
     def __init__(
         self,
-        model: SequenceParallelModel,
+        model: torch.nn.Module,
         plan: CFGPlan,
         *,
         ctx: sf_comm.Context,
         cross: sf_comm.Group,
         part: int,
+        forward: Callable[..., Any],
     ) -> None:
         super().__init__()
         self.module = model
@@ -257,7 +235,7 @@ class CFGParallelModel(torch.nn.Module):
         self.ctx = ctx
         self.cross = cross
         self.part = part
-        self._signature = inspect.signature(model.module.forward)
+        self._signature = inspect.signature(forward)
         self._armed = False  # paired: True while a ParallelPipeline call runs
         self._pending: tuple[inspect.BoundArguments, torch.Tensor] | None = None
 

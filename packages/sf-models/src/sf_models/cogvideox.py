@@ -6,7 +6,7 @@ configs) and ``forward`` cuts it into ``encoder_hidden_states`` (text) and ``hid
 (video tokens [B, F*h*w, D], frame-major). The plan shards ``hidden_states`` on its way into
 the first block (every later block gets the shard from the previous one) and gathers
 ``proj_out``'s output along dim 1 before the model's unpatchify (Note [Split inside the model]
-in :mod:`sf_models.parallelize`). Text stays replicated. Positional tables added inside
+in :mod:`sf_models.plan`). Text stays replicated. Positional tables added inside
 ``patch_embed`` act on the full grid before the split, so they are exact.
 
 Attention is swapped through diffusers' processor hook: :class:`CogVideoXSequenceParallelProcessor`
@@ -17,20 +17,30 @@ changes are the RoPE rows (Note [CogVideoX RoPE rows]) and the attention call::
     out = sdpa(q, k, v)                                        # original: all tokens local
     -> video_out, text_out = parallel_attention(q[:, T:], ..., joint=(q[:, :T], ...))
     out = to_out(cat([text_out, video_out]))                    # same rows as the original
+
+CFG parallel (:mod:`sf_models.cfg`): ``CogVideoXPipeline`` runs guidance as one transformer
+call on the batch ``[uncond; cond]`` (:data:`COGVIDEOX_CFG_PLAN`, "batched").
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from diffusers.models import attention_processor
 from diffusers.models.embeddings import apply_rotary_emb
 
-import sf_attn
+from ._swap import (
+    SequenceParallelProcessor,
+    project_out,
+    project_qkv,
+    split_tokens,
+    swap_attention_processors,
+)
+from .cfg import CFGPlan, guidance_scale_above_one, register_cfg_plan
+from .plan import SequenceParallelPlan, ShardState, register_plan
 
-from ._swap import SequenceParallelProcessor, project_qkv, swap_attention_processors
-from .parallelize import SequenceParallelPlan, ShardState, register_plan
-
-__all__ = ["COGVIDEOX_PLAN", "CogVideoXSequenceParallelProcessor"]
+__all__ = ["COGVIDEOX_CFG_PLAN", "COGVIDEOX_PLAN", "CogVideoXSequenceParallelProcessor"]
 
 _VIDEO = "transformer_blocks.0.hidden_states"  # ShardState.lengths key of the video token count
 
@@ -41,50 +51,30 @@ class CogVideoXSequenceParallelProcessor(SequenceParallelProcessor):
     (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
 
-    # Attention.forward filters keyword arguments by this signature: keep the names.
-    def __call__(
+    model_name = "CogVideoX"
+    replaces = attention_processor.CogVideoXAttnProcessor2_0
+    seq_len_key = _VIDEO
+
+    def forward(
         self,
         attn: attention_processor.Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.state
-        if not state.active:
-            return self.inner(  # type: ignore[no-any-return]
-                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
-        if attention_mask is not None:
-            raise ValueError(
-                "parallelize(CogVideoX): attention_mask is not supported under sequence parallelism"
-            )
         text_len = encoder_hidden_states.shape[1]
-        seq_len = state.lengths[_VIDEO]
-
         stream = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, T + N_local, C]
-        query, key, value = project_qkv(attn, stream)  # [B, T + N_local, H, D]
-
-        text_q, query = query[:, :text_len], query[:, text_len:]
-        text_k, key = key[:, :text_len], key[:, text_len:]
-        text_v, value = value[:, :text_len], value[:, text_len:]
-        if image_rotary_emb is not None:
-            rows = _local_rows(image_rotary_emb, state, seq_len)
+        # [B, T + N_local, H, D] -> text [B, T, H, D] and video [B, N_local, H, D]
+        text, (query, key, value) = split_tokens(project_qkv(attn, stream), text_len)
+        if rotary is not None:
+            rows = _local_rows(rotary, self.state, self.seq_len)
             query = apply_rotary_emb(query, rows, sequence_dim=1)  # type: ignore[arg-type, assignment]
             if not attn.is_cross_attention:
                 key = apply_rotary_emb(key, rows, sequence_dim=1)  # type: ignore[arg-type, assignment]
 
-        video_out, text_out = sf_attn.parallel_attention(
-            query,
-            key,
-            value,
-            ctx=state.ctx,
-            strategy=state.strategy,
-            joint=(text_q, text_k, text_v),
-            seq_len=seq_len,
-        )
-        out = torch.cat([text_out, video_out], dim=1).flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        video_out, text_out = self.joint_attention(query, key, value, text=text)
+        out = project_out(attn, torch.cat([text_out, video_out], dim=1))
         return out[:, text_len:], out[:, :text_len]
 
 
@@ -102,32 +92,24 @@ def _local_rows(
     return cos.tensor_split(ctx.world_size)[ctx.rank], sin.tensor_split(ctx.world_size)[ctx.rank]
 
 
-def _attach(module: torch.nn.Module, state: ShardState) -> None:
-    """Swap every ``CogVideoXAttnProcessor2_0`` for a :class:`CogVideoXSequenceParallelProcessor`.
-
-    Raises:
-        ValueError: a block uses another processor (fused QKV, custom), the model is already
-            parallelized, or ``state.strategy`` cannot split the model's heads on the
-            context's topology (sf_attn's message).
-    """
-    swap_attention_processors(
-        module,
-        state,
-        model_name="CogVideoX",
-        replaces=attention_processor.CogVideoXAttnProcessor2_0,
-        processor=CogVideoXSequenceParallelProcessor,
-    )
-
-
 COGVIDEOX_PLAN = SequenceParallelPlan(
     # Video tokens [B, F*h*w, D] after patch_embed split them from the text.
     split_module_inputs={"transformer_blocks.0": {"hidden_states": 1}},
     gather_module_outputs={"proj_out": 1},  # [B, F*h*w, p*p*C], before the unpatchify
     replicated_inputs={"encoder_hidden_states": 1},
     output_dims={},  # the output latent is already whole (gathered before unpatchify)
-    attach=_attach,
+    # Every CogVideoXAttnProcessor2_0 (fused QKV and custom processors are refused).
+    attach=partial(swap_attention_processors, processor=CogVideoXSequenceParallelProcessor),
 )
 register_plan("CogVideoXTransformer3DModel", COGVIDEOX_PLAN)
+
+COGVIDEOX_CFG_PLAN = CFGPlan(
+    mode="batched",
+    check=guidance_scale_above_one,
+    # ``ofs`` ([1], CogVideoX 1.5) and ``image_rotary_emb`` ([seq, dim]) are not batched.
+    batched_inputs=("hidden_states", "encoder_hidden_states", "timestep", "timestep_cond"),
+)
+register_cfg_plan("CogVideoXPipeline", COGVIDEOX_CFG_PLAN)
 
 
 # Note [CogVideoX RoPE rows]

@@ -20,20 +20,25 @@ single-stream blocks concatenate ``[text, image_local]`` before the processor. B
 one ``[text, image_local]`` stream, so one processor serves both: it cuts the stream at the
 text length (known from the block for dual-stream, from the call's ``encoder_hidden_states``
 for single-stream) and passes the replicated text part as ``joint=``.
+
+CFG parallel (:mod:`sf_models.cfg`): ``FluxPipeline``'s true classifier-free guidance calls
+the transformer twice per step, prompt then negative prompt (:data:`FLUX_CFG_PLAN`, "paired").
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Any
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux
 
-import sf_attn
+from ._swap import SequenceParallelProcessor, project_out, split_tokens, swap_attention_processors
+from .cfg import CFGPlan, register_cfg_plan, true_cfg
+from .plan import SequenceParallelPlan, register_plan
 
-from ._swap import SequenceParallelProcessor, swap_attention_processors
-from .parallelize import SequenceParallelPlan, ShardState, register_plan
-
-__all__ = ["FLUX_PLAN", "FluxSequenceParallelProcessor"]
+__all__ = ["FLUX_CFG_PLAN", "FLUX_PLAN", "FluxSequenceParallelProcessor"]
 
 
 class FluxSequenceParallelProcessor(SequenceParallelProcessor):
@@ -42,25 +47,18 @@ class FluxSequenceParallelProcessor(SequenceParallelProcessor):
     (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
 
-    # FluxAttention.forward filters keyword arguments by this signature: keep the names.
-    def __call__(
+    model_name = "Flux"
+    replaces = transformer_flux.FluxAttnProcessor
+    seq_len_key = "hidden_states"
+
+    def forward(
         self,
         attn: transformer_flux.FluxAttention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        state = self.state
-        if not state.active:
-            return self.inner(
-                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
-        if attention_mask is not None:
-            raise ValueError(
-                "parallelize(Flux): attention_mask is not supported under sequence parallelism"
-            )
-
         query, key, value, e_query, e_key, e_value = transformer_flux._get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
@@ -78,51 +76,23 @@ class FluxSequenceParallelProcessor(SequenceParallelProcessor):
             value = torch.cat([e_value, value], dim=1)
         else:
             # Single-stream block: hidden_states is already cat([text, image_local]).
-            text_len = state.lengths.get("encoder_hidden_states", 0)
-        if image_rotary_emb is not None:
+            text_len = self.state.lengths.get("encoder_hidden_states", 0)
+        if rotary is not None:
             # (cos, sin); diffusers annotates the argument as a 1-tuple.
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)  # type: ignore[arg-type]
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)  # type: ignore[arg-type]
 
-        image = (query[:, text_len:], key[:, text_len:], value[:, text_len:])
-        seq_len = state.lengths["hidden_states"]
+        text, image = split_tokens((query, key, value), text_len)
         if text_len:
-            joint = (query[:, :text_len], key[:, :text_len], value[:, :text_len])
-            img_out, text_out = sf_attn.parallel_attention(
-                *image, ctx=state.ctx, strategy=state.strategy, joint=joint, seq_len=seq_len
-            )
-            out = torch.cat([text_out, img_out], dim=1)
+            img_out, text_out = self.joint_attention(*image, text=text)
+            out = torch.cat([text_out, img_out], dim=1)  # [B, text + img_local, H * D]
         else:
-            result = sf_attn.parallel_attention(
-                *image, ctx=state.ctx, strategy=state.strategy, seq_len=seq_len
-            )
-            assert isinstance(result, torch.Tensor)  # no joint: one tensor back
-            out = result
-        out = out.flatten(2, 3).to(query.dtype)  # [B, text + img_local, H * D]
+            out = self.self_attention(*image)
 
         if encoder_hidden_states is None:
             return out
         text_part, image_part = out[:, :text_len], out[:, text_len:]
-        image_part = attn.to_out[1](attn.to_out[0](image_part.contiguous()))
-        text_part = attn.to_add_out(text_part.contiguous())
-        return image_part, text_part
-
-
-def _attach(module: torch.nn.Module, state: ShardState) -> None:
-    """Swap every ``FluxAttnProcessor`` for a :class:`FluxSequenceParallelProcessor`.
-
-    Raises:
-        ValueError: a block uses another processor (IP-Adapter, custom), the model is already
-            parallelized, or ``state.strategy`` cannot split the model's heads on the
-            context's topology (sf_attn's message).
-    """
-    swap_attention_processors(
-        module,
-        state,
-        model_name="Flux",
-        replaces=transformer_flux.FluxAttnProcessor,
-        processor=FluxSequenceParallelProcessor,
-    )
+        return project_out(attn, image_part.contiguous()), attn.to_add_out(text_part.contiguous())
 
 
 FLUX_PLAN = SequenceParallelPlan(
@@ -134,9 +104,21 @@ FLUX_PLAN = SequenceParallelPlan(
     output_dims={0: 1},  # sample [B, img, C]
     # Per-image-token residuals would need splitting too; not planned yet.
     unsupported_inputs=("controlnet_block_samples", "controlnet_single_block_samples"),
-    attach=_attach,
+    # Every FluxAttnProcessor (IP-Adapter and custom processors are refused).
+    attach=partial(swap_attention_processors, processor=FluxSequenceParallelProcessor),
 )
 register_plan("FluxTransformer2DModel", FLUX_PLAN)
+
+
+def _output_shape(config: Any, hidden: torch.Size) -> tuple[int, ...]:
+    # tokens [B, seq, C_in] -> [B, seq, p * p * C_out]
+    channels = config.out_channels or config.in_channels
+    return (*hidden[:-1], config.patch_size**2 * channels)
+
+
+# True CFG (a negative prompt): two transformer calls per step, cond then uncond.
+FLUX_CFG_PLAN = CFGPlan(mode="paired", check=true_cfg, output_shape=_output_shape)
+register_cfg_plan("FluxPipeline", FLUX_CFG_PLAN)
 
 
 # Note [Flux RoPE rows]

@@ -3,7 +3,7 @@
 HunyuanVideo takes the latent video [B, C, F, H, W]. The plan shards the output of
 ``x_embedder`` (video tokens [B, f*h*w, D], frame-major) and of ``rope`` (cos, sin, [f*h*w, D]
 for the full grid) along the token dim, and gathers ``proj_out``'s output along dim 1 before
-the model's unpatchify (Note [Split inside the model] in :mod:`sf_models.parallelize`). So
+the model's unpatchify (Note [Split inside the model] in :mod:`sf_models.plan`). So
 each rank's RoPE rows are exactly those of the tokens it holds.
 
 Text: ``context_embedder`` (the token refiner: self-attention over the prompt only, with its
@@ -23,6 +23,10 @@ plain-code equivalent is that processor; the one change is the attention call::
 Image-to-video with ``image_condition_type="token_replace"`` treats the first frame's tokens
 specially (``num_tokens`` of them, at the front of the sequence); the plan rewrites that count
 to this rank's share of them (Note [HunyuanVideo first-frame tokens]).
+
+CFG parallel (:mod:`sf_models.cfg`): ``HunyuanVideoPipeline``'s true classifier-free guidance
+calls the transformer twice per step, prompt then negative prompt
+(:data:`HUNYUANVIDEO_CFG_PLAN`, "paired").
 """
 
 from __future__ import annotations
@@ -33,13 +37,20 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_hunyuan_video as hunyuan
 
-import sf_attn
 from sf_attn.sharding import chunk_offsets
 
-from ._swap import SequenceParallelProcessor, project_qkv, swap_attention_processors
-from .parallelize import SequenceParallelPlan, ShardState, register_plan, rewrite_arguments_hook
+from ._hooks import rewrite_arguments_hook
+from ._swap import (
+    SequenceParallelProcessor,
+    project_out,
+    project_qkv,
+    split_tokens,
+    swap_attention_processors,
+)
+from .cfg import CFGPlan, channels_first_output_shape, register_cfg_plan, true_cfg
+from .plan import SequenceParallelPlan, ShardState, register_plan
 
-__all__ = ["HUNYUANVIDEO_PLAN", "HunyuanVideoSequenceParallelProcessor"]
+__all__ = ["HUNYUANVIDEO_CFG_PLAN", "HUNYUANVIDEO_PLAN", "HunyuanVideoSequenceParallelProcessor"]
 
 _VIDEO = "x_embedder"  # ShardState.lengths key of the video token count
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
@@ -51,56 +62,50 @@ class HunyuanVideoSequenceParallelProcessor(SequenceParallelProcessor):
     (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
 
-    # Attention.forward filters keyword arguments by this signature: keep the names.
-    def __call__(
+    model_name = "HunyuanVideo"
+    replaces = hunyuan.HunyuanVideoAttnProcessor2_0
+    seq_len_key = _VIDEO
+
+    def check(
+        self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> None:
+        """The prompt mask is kept (Note [HunyuanVideo prompt mask]); the text is needed."""
+        if encoder_hidden_states is None:
+            raise ValueError("parallelize(HunyuanVideo): blocks must pass the text tokens")
+
+    def forward(
         self,
         attn: Any,  # diffusers' Attention
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.state
-        if not state.active:
-            return self.inner(  # type: ignore[no-any-return]
-                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
-        if encoder_hidden_states is None:
-            raise ValueError("parallelize(HunyuanVideo): blocks must pass the text tokens")
         video_len = hidden_states.shape[1]
         text_len = encoder_hidden_states.shape[1]
         dual_stream = attn.add_q_proj is not None
 
         # Single-stream blocks project [video, text] with one set of weights, dual-stream ones
         # the text with its own (add_*_proj, norm_added_*): split after projecting either way.
-        stream = (
-            hidden_states if dual_stream else torch.cat([hidden_states, encoder_hidden_states], 1)
-        )
-        query, key, value = project_qkv(attn, stream)  # [B, N_local (+ T), H, D]
         if dual_stream:
-            text_q, text_k, text_v = project_qkv(attn, encoder_hidden_states, added=True)
+            query, key, value = project_qkv(attn, hidden_states)  # [B, N_local, H, D]
+            text = project_qkv(attn, encoder_hidden_states, added=True)
         else:
-            text_q, query = query[:, video_len:], query[:, :video_len]
-            text_k, key = key[:, video_len:], key[:, :video_len]
-            text_v, value = value[:, video_len:], value[:, :video_len]
-        if image_rotary_emb is not None:  # rows of this rank's tokens (x_embedder/rope split)
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type, assignment]
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type, assignment]
+            stream = torch.cat([hidden_states, encoder_hidden_states], 1)
+            (query, key, value), text = split_tokens(project_qkv(attn, stream), video_len)
+        if rotary is not None:  # rows of this rank's tokens (x_embedder/rope split)
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)  # type: ignore[arg-type, assignment]
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)  # type: ignore[arg-type, assignment]
 
-        video_out, text_out = sf_attn.parallel_attention(
+        video_out, text_out = self.joint_attention(
             query,
             key,
             value,
-            ctx=state.ctx,
-            strategy=state.strategy,
-            joint=(text_q, text_k, text_v),
-            joint_mask=_text_key_mask(attention_mask, video_len, text_len),
-            seq_len=state.lengths[_VIDEO],
+            text=text,
+            text_mask=_text_key_mask(attention_mask, video_len, text_len),
         )
-        video_out = video_out.flatten(2, 3).to(query.dtype)
-        text_out = text_out.flatten(2, 3).to(query.dtype)
         if getattr(attn, "to_out", None) is not None:
-            video_out = attn.to_out[1](attn.to_out[0](video_out))
+            video_out = project_out(attn, video_out)
         if getattr(attn, "to_add_out", None) is not None:
             text_out = attn.to_add_out(text_out)
         return video_out, text_out
@@ -156,8 +161,6 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
     swap_attention_processors(
         module,
         state,
-        model_name="HunyuanVideo",
-        replaces=hunyuan.HunyuanVideoAttnProcessor2_0,
         processor=HunyuanVideoSequenceParallelProcessor,
         select=lambda name: name.startswith(_BLOCK_LISTS),
     )
@@ -178,6 +181,11 @@ HUNYUANVIDEO_PLAN = SequenceParallelPlan(
     attach=_attach,
 )
 register_plan("HunyuanVideoTransformer3DModel", HUNYUANVIDEO_PLAN)
+
+HUNYUANVIDEO_CFG_PLAN = CFGPlan(
+    mode="paired", check=true_cfg, output_shape=channels_first_output_shape
+)
+register_cfg_plan("HunyuanVideoPipeline", HUNYUANVIDEO_CFG_PLAN)
 
 
 # Note [HunyuanVideo prompt mask]

@@ -4,7 +4,10 @@
 config with random weights (seeded, so every rank and the single-process reference hold the
 same model), or loaded with ``from_pretrained`` from a local directory. A few flow-matching
 Euler steps run once in a single process and once per strategy on the rank pool, from the
-same noise; the final latents are compared.
+same noise; the final latents are compared. With classifier-free guidance split over the two
+halves of the ranks (``cfg_parallel``), the model is wrapped like ``FluxPipeline``'s
+transformer (:class:`sf_models.cfg.CFGParallelModel`, :data:`sf_models.flux.FLUX_CFG_PLAN`),
+so the same :func:`cfg_velocity` code runs in one process and on the ranks.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ from typing import Any
 
 import torch
 
+import sf_attn
 import sf_comm
 from sf_comm.launch import RankPool
 from sf_comm.trace import WallTracer, timeline_png, tracing, write_chrome
+
+from .cfg import CFGParallelModel, check_cfg_topology
+from .flux import FLUX_CFG_PLAN
+from .parallelize import parallelize
 
 SMALL_FLUX = dict(
     patch_size=1,
@@ -109,30 +117,6 @@ def cfg_velocity(model: Any, inputs: dict[str, torch.Tensor], cfg_scale: float) 
     return velocity
 
 
-def cfg_parallel_velocity(
-    model: Any,
-    inputs: dict[str, torch.Tensor],
-    cfg_scale: float,
-    ctx: Any,
-    cross: sf_comm.Group,
-    branch: int,
-) -> Velocity:
-    """:func:`cfg_velocity` with the two branches on the two halves of the job.
-
-    Half 0 runs the conditional branch, half 1 the unconditional one, each with sequence
-    parallelism inside its half (``model`` is parallelized on the half's sub-context); one
-    all-gather over the cross group per step brings both to every rank.
-    """
-    mine = _branch_inputs(inputs, negative=branch == 1)
-
-    def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(**{**mine, "hidden_states": latents}, timestep=t).sample
-        v, u = sf_comm.all_gather(ctx, cross, out.contiguous()).wait()
-        return u + cfg_scale * (v - u)
-
-    return velocity
-
-
 @torch.no_grad()
 def denoise(
     velocity: Velocity, latents: torch.Tensor, steps: int, tracer: Any = None
@@ -155,6 +139,24 @@ def denoise(
     return latents, times
 
 
+def attention_plan(
+    ctx: Any, model: Any, inputs: dict[str, torch.Tensor], dtype: torch.dtype
+) -> sf_attn.Resolution:
+    """What ``strategy="auto"`` runs in the model's attention layers: :func:`sf_attn.resolve`
+    with the arguments its processors pass (the same object, so the plan printed is the plan
+    run)."""
+    cfg = model.config
+    return sf_attn.resolve(
+        ctx,
+        seq_len=inputs["hidden_states"].shape[1],
+        heads=cfg.num_attention_heads,
+        head_dim=cfg.attention_head_dim,
+        dtype=dtype,
+        batch=inputs["hidden_states"].shape[0],
+        text_len=inputs["encoder_hidden_states"].shape[1],
+    )
+
+
 def _rank_job(
     ctx: sf_comm.Context,
     strategy: str,
@@ -168,43 +170,36 @@ def _rank_job(
     cfg_parallel: bool,
     compile_inner: str | None = None,
 ) -> dict[str, Any]:
-    from sf_attn.planner import choose_strategy
-
-    from .parallelize import parallelize
-
     model = build_model(config, dtype)
     inputs = make_inputs(model, height, width, text, dtype)
     sp_ctx: Any = ctx
     if cfg_parallel:
         sp_ctx, cross = ctx.split(2)
-        branch = sp_ctx.index
-    cfg = model.config
-    chosen = choose_strategy(
-        sp_ctx.topology,
-        heads=cfg.num_attention_heads,
-        seq_len=inputs["hidden_states"].shape[1],
-        head_dim=cfg.attention_head_dim,
-        dtype=dtype,
-        one_sided=ctx.transport.one_sided,
-    )
+    chosen = attention_plan(sp_ctx, model, inputs, dtype)
+    sp: Any
     if compile_inner:  # the one-line path: torch.compile with the streamfusion backend
         options = {"ctx": sp_ctx, "strategy": strategy, "inner_backend": compile_inner}
         sp = torch.compile(model, backend="streamfusion", dynamic=False, options=options)
     else:
         sp = parallelize(model, ctx=sp_ctx, strategy=strategy)
-    if cfg_parallel:
-        velocity = cfg_parallel_velocity(sp, inputs, cfg_scale, ctx, cross, branch)
-    else:
-        velocity = cfg_velocity(sp, inputs, cfg_scale)
+    if cfg_parallel:  # half 0 runs the prompt's branch, half 1 the negative prompt's
+        sp = CFGParallelModel(
+            sp, FLUX_CFG_PLAN, ctx=ctx, cross=cross, part=sp_ctx.index, forward=model.forward
+        )
+        sp.begin_call()
     ctx.barrier()
     before = ctx.transport.stats.snapshot()
     tracer = WallTracer()
-    latents, times = denoise(velocity, inputs["hidden_states"], steps, tracer=tracer)
+    latents, times = denoise(
+        cfg_velocity(sp, inputs, cfg_scale), inputs["hidden_states"], steps, tracer=tracer
+    )
+    if cfg_parallel:
+        sp.end_call()
     sent = ctx.transport.stats - before
     return {
         "latents": latents if ctx.rank == 0 else None,
         "step_s": times,
-        "plan": chosen,
+        "plan": (chosen.name, chosen.ulysses_degree),
         "bytes_sent": sum(sent.bytes_sent.values()) / steps,
         "trace": tracer.to_chrome(ctx.rank),
     }
@@ -244,9 +239,7 @@ def run(
     if cfg_parallel:
         if cfg_scale <= 1:
             raise ValueError("cfg_parallel needs classifier-free guidance: pass cfg_scale > 1")
-        from sf_comm.split import part_layout
-
-        part_layout(topo, 2)  # fails fast, naming what would work
+        check_cfg_topology(topo)  # fails fast, naming what would work
     model = build_model(config, dtype)
     inputs = make_inputs(model, height, width, text, dtype)
     reference, ref_times = denoise(

@@ -39,7 +39,8 @@ import torch
 import sf_comm
 
 from .cfg import CFGParallelModel, CFGPlan, check_cfg_topology, get_cfg_plan
-from .parallelize import SequenceParallelModel, get_plan, parallelize
+from .plan import get_plan
+from .wrapper import SequenceParallelModel, parallelize_transformer
 
 __all__ = ["DECODE_ON", "DecodeOn", "ParallelPipeline", "parallelize_pipeline"]
 
@@ -271,17 +272,19 @@ def parallelize_pipeline(
         transformer = getattr(pipe, name)
         wrapper: torch.nn.Module
         if cfg_plan is None:
-            wrapper = parallelize(transformer, ctx=ctx, strategy=strategy)
+            wrapper = parallelize_transformer(transformer, ctx=ctx, strategy=strategy)
         else:
             try:
-                model = parallelize(transformer, ctx=sub, strategy=strategy)
+                model = parallelize_transformer(transformer, ctx=sub, strategy=strategy)
             except ValueError as exc:
                 raise ValueError(
                     f"cfg_parallel=True: each half of topology {ctx.topology.shape[0]}x"
                     f"{ctx.topology.shape[1]} runs sequence parallelism on "
                     f"{sub.topology.shape[0]}x{sub.topology.shape[1]}: {exc}"
                 ) from exc
-            wrapper = CFGParallelModel(model, cfg_plan, ctx=ctx, cross=cross, part=sub.index)
+            wrapper = CFGParallelModel(
+                model, cfg_plan, ctx=ctx, cross=cross, part=sub.index, forward=transformer.forward
+            )
             cfg_models.append(wrapper)
         wrapper.register_forward_pre_hook(check, with_kwargs=True)
         # Plain attribute set: DiffusionPipeline.__setattr__ would re-register the component

@@ -4,7 +4,7 @@ SD3 takes the latent [B, C, H, W] and patchifies inside ``forward``; ``pos_embed
 ``PatchEmbed``: conv + cropped 2-D sin-cos table for the whole grid) returns the image tokens
 [B, img, D]. The plan shards that output along dim 1 and gathers ``proj_out``'s output
 [B, img, p*p*C] along dim 1, so the model's own unpatchify sees every token (Note [Split
-inside the model] in :mod:`sf_models.parallelize`). Text tokens (``encoder_hidden_states``,
+inside the model] in :mod:`sf_models.plan`). Text tokens (``encoder_hidden_states``,
 after ``context_embedder``) stay replicated. SD3 has no RoPE: the positional table is added
 inside ``pos_embed`` on the full grid, before the split, so it is exact.
 
@@ -19,21 +19,29 @@ the one change is the attention call::
 The SD3.5 second attention (``attn2``, image tokens only, ``encoder_hidden_states=None``) is
 the same call without ``joint``. The last block is ``context_pre_only``: like the original,
 its text output is computed and then dropped by the block.
+
+CFG parallel (:mod:`sf_models.cfg`): ``StableDiffusion3Pipeline`` runs guidance as one
+transformer call on the batch ``[uncond; cond]`` (:data:`SD3_CFG_PLAN`, "batched").
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from diffusers.models import attention_processor
 
-import sf_attn
+from ._swap import (
+    SequenceParallelProcessor,
+    project_out,
+    project_qkv,
+    swap_attention_processors,
+)
+from .cfg import CFGPlan, guidance_scale_above_one, register_cfg_plan
+from .plan import SequenceParallelPlan, register_plan
 
-from ._swap import SequenceParallelProcessor, project_qkv, swap_attention_processors
-from .parallelize import SequenceParallelPlan, ShardState, register_plan
-
-__all__ = ["SD3_PLAN", "SD3SequenceParallelProcessor"]
+__all__ = ["SD3_CFG_PLAN", "SD3_PLAN", "SD3SequenceParallelProcessor"]
 
 _IMAGE = "pos_embed"  # ShardState.lengths key of the image token count
 
@@ -43,6 +51,10 @@ class SD3SequenceParallelProcessor(SequenceParallelProcessor):
 
     (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
     """
+
+    model_name = "SD3"
+    replaces = attention_processor.JointAttnProcessor2_0
+    seq_len_key = _IMAGE
 
     # Attention.forward filters keyword arguments by this signature: keep JointAttnProcessor2_0's.
     def __call__(
@@ -54,60 +66,30 @@ class SD3SequenceParallelProcessor(SequenceParallelProcessor):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        state = self.state
-        if not state.active:
+        if not self.state.active:
             return self.inner(
                 attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
             )
-        if attention_mask is not None:
-            raise ValueError(
-                "parallelize(SD3): attention_mask is not supported under sequence parallelism"
-            )
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
 
+    def forward(
+        self,
+        attn: attention_processor.Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: None,
+        rotary: None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         query, key, value = project_qkv(attn, hidden_states)  # [B, img_local, H, D]
-        seq_len = state.lengths[_IMAGE]
 
         if encoder_hidden_states is None:  # SD3.5 attn2: image tokens only
-            out = sf_attn.parallel_attention(
-                query, key, value, ctx=state.ctx, strategy=state.strategy, seq_len=seq_len
-            )
-            assert isinstance(out, torch.Tensor)  # no joint: one tensor back
-            out = out.flatten(2, 3).to(query.dtype)
-            return attn.to_out[1](attn.to_out[0](out))
+            return project_out(attn, self.self_attention(query, key, value))
 
-        # [B, text, H, D] each
-        text_query, text_key, text_value = project_qkv(attn, encoder_hidden_states, added=True)
-        img_out, text_out = sf_attn.parallel_attention(
-            query,
-            key,
-            value,
-            ctx=state.ctx,
-            strategy=state.strategy,
-            joint=(text_query, text_key, text_value),
-            seq_len=seq_len,
-        )
-        img_out = img_out.flatten(2, 3).to(query.dtype)
-        text_out = text_out.flatten(2, 3).to(query.dtype)
+        text = project_qkv(attn, encoder_hidden_states, added=True)  # [B, text, H, D] each
+        img_out, text_out = self.joint_attention(query, key, value, text=text)
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
-        return attn.to_out[1](attn.to_out[0](img_out)), text_out
-
-
-def _attach(module: torch.nn.Module, state: ShardState) -> None:
-    """Swap every ``JointAttnProcessor2_0`` for an :class:`SD3SequenceParallelProcessor`.
-
-    Raises:
-        ValueError: a block uses another processor (IP-Adapter, fused QKV, custom), the model
-            is already parallelized, or ``state.strategy`` cannot split the model's heads on
-            the context's topology (sf_attn's message).
-    """
-    swap_attention_processors(
-        module,
-        state,
-        model_name="SD3",
-        replaces=attention_processor.JointAttnProcessor2_0,
-        processor=SD3SequenceParallelProcessor,
-    )
+        return project_out(attn, img_out), text_out
 
 
 SD3_PLAN = SequenceParallelPlan(
@@ -117,6 +99,14 @@ SD3_PLAN = SequenceParallelPlan(
     output_dims={},  # the output latent is already whole (gathered before unpatchify)
     # Per-image-token residuals would need splitting too; not planned yet.
     unsupported_inputs=("block_controlnet_hidden_states",),
-    attach=_attach,
+    # Every JointAttnProcessor2_0 (IP-Adapter, fused QKV and custom processors are refused).
+    attach=partial(swap_attention_processors, processor=SD3SequenceParallelProcessor),
 )
 register_plan("SD3Transformer2DModel", SD3_PLAN)
+
+SD3_CFG_PLAN = CFGPlan(
+    mode="batched",
+    check=guidance_scale_above_one,
+    batched_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+)
+register_cfg_plan("StableDiffusion3Pipeline", SD3_CFG_PLAN)

@@ -1,7 +1,7 @@
 """``streamfusion simulate``: per-step latency of a whole DiT step for every strategy.
 
-Costs one denoising step of a real model's architecture (:mod:`sf_attn.models_table`) on a
-topology preset with :func:`sf_attn.step.simulate_step` (no devices needed) and prints, per
+Costs one denoising step of a real model's architecture (:mod:`sf_attn.sim.models`) on a
+topology preset with :func:`sf_attn.sim.step.simulate_step` (no devices needed) and prints, per
 strategy and for ``auto``, the step latency, the speedup over USP, and the lower bound
 ``max(compute/P, unavoidable comm)``. ``--json`` prints the same as JSON, ``--plot`` draws
 latency against the number of machines (1..8). ``--calibration`` prints the simulator's
@@ -18,8 +18,15 @@ import os
 import sys
 from typing import Any
 
-from .cli import UsageError, number_above, out_file, pixels_per_token, positive_int
-from .cli import main as cli_main
+from ._cli_args import (
+    UsageError,
+    command_parser,
+    number_above,
+    out_file,
+    pixels_per_token,
+    positive_int,
+    run_command,
+)
 
 # Native size of each model when --height/--width/--frames are not given.
 _DEFAULT_SIZE = {
@@ -37,10 +44,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``simulate`` on the ``streamfusion`` sub-command parsers; returns its parser.
 
     The handler is set with ``set_defaults(fn=run)``: ``args.fn(args)`` returns the exit code,
-    or raises ValueError (UsageError for bad options), which :func:`sf_models.cli.main` prints
-    as one line.
+    or raises ValueError (UsageError for bad options), which
+    :func:`sf_models._cli_args.run_command` prints as one line.
     """
-    from sf_attn.models_table import MODELS
+    from sf_attn.sim.models import MODELS
 
     p = subparsers.add_parser(
         "simulate",
@@ -91,7 +98,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _size(args: argparse.Namespace) -> tuple[int, int, int]:
-    from sf_attn.models_table import get_model
+    from sf_attn.sim.models import get_model
 
     cfg = get_model(args.model)
     height, width, frames = _DEFAULT_SIZE[args.model]
@@ -121,7 +128,7 @@ def check(args: argparse.Namespace) -> None:
     Raises:
         UsageError: naming the option, the value and what is allowed.
     """
-    from sf_attn.models_table import MODELS, get_model
+    from sf_attn.sim.models import MODELS, get_model
 
     cfg = get_model(args.model)
     video = ", ".join(name for name in sorted(MODELS) if get_model(name).is_video)
@@ -156,8 +163,8 @@ def check(args: argparse.Namespace) -> None:
 
 
 def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> str:
-    """The ``streamfusion simulate`` table for a :class:`sf_attn.step.StepResult`."""
-    from sf_attn.models_table import get_model
+    """The ``streamfusion simulate`` table for a :class:`sf_attn.sim.step.StepResult`."""
+    from sf_attn.sim.models import get_model
 
     cfg = get_model(result.model)
     topo = result.topology
@@ -204,7 +211,7 @@ def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> s
 
 
 def format_calibration(rows: Any) -> str:
-    from sf_attn.step import XDIT_PIPELINE_OVERHEAD_S, XDIT_STEPS
+    from sf_attn.sim.calibration import XDIT_PIPELINE_OVERHEAD_S, XDIT_STEPS
 
     lines = [
         f"FLUX.1-dev 1024x1024, {XDIT_STEPS} steps, 4x H100 (h100-ib preset, one machine), "
@@ -228,7 +235,7 @@ def plot(args: argparse.Namespace, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sf_attn.step import simulate_step
+    from sf_attn.sim.step import simulate_step
 
     height, width, frames = _size(args)
     machines = list(PLOT_MACHINES)
@@ -267,7 +274,8 @@ def plot(args: argparse.Namespace, path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``streamfusion simulate`` handler; returns the exit code."""
-    from sf_attn.step import simulate_step, xdit_flux_calibration
+    from sf_attn.sim.calibration import xdit_flux_calibration
+    from sf_attn.sim.step import simulate_step
 
     if args.calibration:
         print(format_calibration(xdit_flux_calibration()))
@@ -294,8 +302,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``simulate`` on its own (``python -m sf_models.simulate_cmd ...``)."""
-    return cli_main(["simulate", *(sys.argv[1:] if argv is None else argv)])
+    """Run ``simulate`` on its own (``python -m sf_models.simulate_cmd ...``): the same
+    command as ``streamfusion simulate ...``."""
+    parser, commands = command_parser(None)
+    add_parser(commands)
+    return run_command(parser, ["simulate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

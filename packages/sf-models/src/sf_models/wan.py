@@ -4,7 +4,7 @@ Wan takes the latent video [B, C, F, H, W]; ``forward`` patchifies it inline (co
 into video tokens [B, f*h*w, D], frame-major. The plan shards ``hidden_states`` on its way
 into the first block and the output of ``rope`` ((cos, sin), each [1, f*h*w, 1, D] for the
 full grid) along the token dim, and gathers ``proj_out``'s output along dim 1 before the
-model's unpatchify (Note [Split inside the model] in :mod:`sf_models.parallelize`). So each
+model's unpatchify (Note [Split inside the model] in :mod:`sf_models.plan`). So each
 rank's RoPE rows are exactly those of the tokens it holds. Wan 2.2 TI2V passes a per-token
 ``timestep`` [B, f*h*w]; it is sharded the same way (Note [Wan per-token timestep]).
 
@@ -20,6 +20,9 @@ plain-code equivalent::
 Cross-attention (``attn2``) keeps diffusers' own processor: its queries are this rank's video
 tokens and its keys/values the full replicated text (and image) tokens, so running it on the
 shard is already exact, local attention with no communication.
+
+CFG parallel (:mod:`sf_models.cfg`): ``WanPipeline`` calls the transformer twice per step,
+prompt then negative prompt (:data:`WAN_CFG_PLAN`, "paired").
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from diffusers.models.transformers import transformer_wan as wan
 
 import sf_attn
 
-from ._swap import SequenceParallelProcessor, swap_attention_processors
-from .parallelize import SequenceParallelPlan, ShardState, register_plan, rewrite_arguments_hook
+from ._hooks import rewrite_arguments_hook
+from ._swap import SequenceParallelProcessor, project_out, swap_attention_processors
+from .cfg import CFGPlan, channels_first_output_shape, guidance_scale_above_one, register_cfg_plan
+from .plan import SequenceParallelPlan, ShardState, register_plan
 
-__all__ = ["WAN_PLAN", "WanSequenceParallelProcessor"]
+__all__ = ["WAN_CFG_PLAN", "WAN_PLAN", "WanSequenceParallelProcessor"]
 
 _VIDEO = "blocks.0.hidden_states"  # ShardState.lengths key of the video token count
 
@@ -52,45 +57,40 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class WanSequenceParallelProcessor(SequenceParallelProcessor):
     """``WanAttnProcessor`` for self-attention (``attn1``) over the rank-split video sequence.
 
-    (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`.)
+    (Arguments: see :class:`sf_models._swap.SequenceParallelProcessor`; ``WanAttention``
+    passes its ``rotary_emb`` positionally, as the fifth argument.)
     """
 
-    def __call__(
-        self,
-        attn: wan.WanAttention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        state = self.state
-        if not state.active:
-            return self.inner(  # type: ignore[no-any-return]
-                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
+    model_name = "Wan"
+    replaces = wan.WanAttnProcessor
+    seq_len_key = _VIDEO
+
+    def check(
+        self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> None:
+        """Self-attention only: neither text tokens nor a mask."""
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(
                 "parallelize(Wan): the self-attention processor got encoder_hidden_states or an "
                 "attention_mask, which Wan's self-attention never passes"
             )
+
+    def forward(
+        self,
+        attn: wan.WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: None,
+        attention_mask: None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         query, key, value = wan._get_qkv_projections(attn, hidden_states, None)  # type: ignore[arg-type]
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, N_local, H, D]
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:  # rows of this rank's tokens (rope output split)
-            query = _rotate(query, *rotary_emb)
-            key = _rotate(key, *rotary_emb)
-        out = sf_attn.parallel_attention(
-            query,
-            key,
-            value,
-            ctx=state.ctx,
-            strategy=state.strategy,
-            seq_len=state.lengths[_VIDEO],
-        )
-        assert isinstance(out, torch.Tensor)  # no joint: one tensor back
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))  # type: ignore[no-any-return]
+        if rotary is not None:  # rows of this rank's tokens (rope output split)
+            query = _rotate(query, *rotary)
+            key = _rotate(key, *rotary)
+        return project_out(attn, self.self_attention(query, key, value))
 
 
 def _timestep_hook(model: Any, state: ShardState) -> Any:
@@ -127,8 +127,6 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
     swap_attention_processors(
         module,
         state,
-        model_name="Wan",
-        replaces=wan.WanAttnProcessor,
         processor=WanSequenceParallelProcessor,
         select=lambda name: name.endswith(".attn1.processor"),
     )
@@ -144,6 +142,11 @@ WAN_PLAN = SequenceParallelPlan(
     attach=_attach,
 )
 register_plan("WanTransformer3DModel", WAN_PLAN)
+
+WAN_CFG_PLAN = CFGPlan(
+    mode="paired", check=guidance_scale_above_one, output_shape=channels_first_output_shape
+)
+register_cfg_plan("WanPipeline", WAN_CFG_PLAN)
 
 
 # Note [Wan per-token timestep]

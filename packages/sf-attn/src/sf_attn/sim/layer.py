@@ -1,8 +1,8 @@
 """The simulator: the strategies' own code, run on meta tensors against a modelled clock.
 
 ``simulate(strategy, topology, ...)`` builds a :class:`SimContext` for one representative
-rank (rank 0, which holds the largest shard), runs ``parallel_attention`` with meta tensors
-(shapes only, no data) and a :class:`VirtualTracer` installed. Every collective the strategy
+rank (rank 0, which holds the largest shard), runs the strategy's ``execute`` with meta
+tensors (shapes only, no data) and a :class:`VirtualTracer` installed. Every collective the strategy
 issues and every attention block / merge it computes is costed as it happens, so the
 simulated schedule is exactly the executed one (same stages, same order, same overlap).
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -73,7 +73,6 @@ class VirtualTracer(Tracer):
         self.cost = cost or CostModel()
         self.now = 0.0  # where the compute stream (the program) is
         self.link_free = {"intra": 0.0, "inter": 0.0}
-        self.pending_shape: tuple[int, int, int] | None = None
 
     def _bandwidth(self, link: str) -> float:
         topo = self.topology
@@ -99,14 +98,16 @@ class VirtualTracer(Tracer):
     def comm_end(self, token: Any) -> None:
         self.now = max(self.now, float(token))
 
-    def compute_start(self, name: str, flops: float, nbytes: int) -> Any:
-        return (name, flops, nbytes)
+    def compute_start(
+        self, name: str, flops: float, nbytes: int, shape: tuple[int, ...] = ()
+    ) -> Any:
+        return (name, flops, nbytes, shape)
 
     def compute_end(self, token: Any) -> None:
-        name, flops, nbytes = token
+        name, flops, nbytes, shape = token
         c = self.cost
-        if name == "attn" and self.pending_shape is not None:
-            sq, sk, rows = self.pending_shape
+        if name == "attn" and len(shape) == 3:
+            sq, sk, rows = shape
             kv_eff = sk / (sk + c.block_half) if sk else 1.0
             work = flops
             if c.q_tile and flops:
@@ -143,7 +144,7 @@ class SimTransport(Transport):
 
 
 class SimContext:
-    """A :class:`sf_comm.Context` look-alike for one rank of a topology, with no processes."""
+    """One rank of a modelled topology, with no processes (an :class:`sf_comm.CommContext`)."""
 
     def __init__(self, topology: Topology, rank: int = 0) -> None:
         self.topology = topology
@@ -168,6 +169,18 @@ class SimContext:
 
     def barrier(self, axis: str = "world") -> None:
         pass
+
+    def call(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self.transport.call(name)
+
+    def close(self) -> None:
+        """Nothing to release: no processes, no memory."""
+
+    def __enter__(self) -> SimContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -216,17 +229,18 @@ def simulate(
     Raises:
         ValueError: as :func:`sf_attn.parallel_attention` for impossible degrees/heads.
     """
-    from .api import parallel_attention
-    from .sharding import chunk_sizes
-    from .strategies import get_strategy
+    from ..sharding import chunk_sizes
+    from ..strategies import get_strategy
 
     if strategy == "auto":
         raise ValueError("simulate needs a concrete strategy; use sf_attn.plan to rank them")
-    layout = get_strategy(strategy).layout(topology, heads, ulysses_degree)
+    chosen = get_strategy(strategy)
+    layout = chosen.layout(topology, heads, ulysses_degree)
     ctx = SimContext(topology)
-    local = chunk_sizes(seq_len, topology.world_size)[0]
+    seq_lens = chunk_sizes(seq_len, topology.world_size)
     q, k, v = (
-        torch.empty(batch, local, heads, head_dim, dtype=dtype, device="meta") for _ in range(3)
+        torch.empty(batch, seq_lens[0], heads, head_dim, dtype=dtype, device="meta")
+        for _ in range(3)
     )
     joint = None
     if text_len:
@@ -235,16 +249,16 @@ def simulate(
             for _ in range(3)
         )
     tracer = VirtualTracer(topology, one_sided=one_sided, cost=cost)
-    with tracing(tracer), _block_shapes(tracer):
-        parallel_attention(
+    with tracing(tracer):
+        chosen.execute(
             q,
             k,
             v,
-            ctx=ctx,  # type: ignore[arg-type]  # SimContext quacks like Context
-            strategy=strategy,
-            joint=joint,  # type: ignore[arg-type]
-            seq_len=seq_len,
-            ulysses_degree=layout.p_u,
+            ctx=ctx,
+            layout=layout,
+            seq_lens=seq_lens,
+            scale=head_dim**-0.5,
+            joint=joint,
         )
     return SimResult(
         strategy=strategy,
@@ -253,19 +267,3 @@ def simulate(
         breakdown=tracer.busy(),
         events=tuple(tracer.events),
     )
-
-
-@contextlib.contextmanager
-def _block_shapes(tracer: VirtualTracer) -> Iterator[None]:
-    """Tells the virtual tracer each attention block's (seq_q, seq_k, batch * heads) for the
-    efficiency term."""
-    from . import backends
-
-    def hook(seq_q: int, seq_k: int, rows: int) -> None:
-        tracer.pending_shape = (seq_q, seq_k, rows)
-
-    saved, backends._block_shape_hook = backends._block_shape_hook, hook
-    try:
-        yield
-    finally:
-        backends._block_shape_hook = saved

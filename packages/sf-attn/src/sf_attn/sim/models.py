@@ -1,4 +1,4 @@
-"""Architecture numbers of the public DiTs, for the step simulator (:mod:`sf_attn.step`).
+"""Architecture numbers of the public DiTs, for the step simulator (:mod:`sf_attn.sim.step`).
 
 Only what costs time under sequence parallelism is recorded: the self-attention shape
 (heads x head_dim, joint text length), and per block kind the GEMM weights every image/video

@@ -4,12 +4,12 @@
 (one denoising step, one sample) for every strategy and for ``auto``:
 
     step = sum over blocks of
-             self-attention      sf_attn.simulate(strategy, ...) with the block's shape
+             self-attention      sf_attn.sim.layer.simulate(strategy, ...) with the block's shape
            + split compute       GEMMs, norms, modulation of this rank's tokens (1/P of them)
            + replicated compute  the text tokens every rank repeats (they are not sharded)
            + cross-attention     local: this rank's queries x the replicated text (Wan)
 
-The self-attention term is the simulator's (:mod:`sf_attn.simulate`: the strategy's own code
+The self-attention term is the simulator's (:mod:`sf_attn.sim.layer`: the strategy's own code
 on meta tensors, links, overlap). The rest is Note [Step cost]. Every strategy shards the
 tokens the same way, so only the attention term differs between strategies; that is why
 ``auto`` plans the attention layer alone with :func:`sf_attn.planner.plan_for` (per layer:
@@ -23,7 +23,7 @@ elementwise (norms, adaLN modulation, gates, residuals, RoPE, the MLP activation
 bound: ``(hidden_passes * hidden + ffn_passes * ffn) * itemsize`` bytes per token per block
 at the device's memory bandwidth. ``block_overhead`` is a fixed time per block (kernel
 launches and gaps that compilation does not remove). The calibration that set these is in
-docs/simulator.md (:func:`xdit_flux_calibration`).
+docs/simulator.md (:func:`sf_attn.sim.calibration.xdit_flux_calibration`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,9 @@ import torch
 
 from sf_comm import Topology
 
-from .models_table import DiTConfig, get_model
-from .simulate import CostModel, simulate
-from .strategies import get_strategy
-
-STRATEGIES = ("usp", "ulysses", "ring", "tas", "torus")  # table order: the baseline first
+from ..strategies import baseline_strategy, get_strategy, strategy_names
+from .layer import CostModel, simulate
+from .models import DiTConfig, get_model
 
 # Achievable device-memory bandwidth of an elementwise kernel, bytes/s, ~80 % of the HBM
 # peak (A100 80GB 2.04 TB/s, H100 SXM 3.35 TB/s, H200 4.8 TB/s). Topologies not listed
@@ -134,7 +132,7 @@ class StepResult:
     comm_bound_s: float
 
     def speedup_over_usp(self, name: str) -> float | None:
-        usp, mine = self.strategies.get("usp"), self.strategies.get(name)
+        usp, mine = self.strategies.get(baseline_strategy()), self.strategies.get(name)
         if usp is None or mine is None:
             return None
         return usp.latency_s / mine.latency_s
@@ -362,11 +360,11 @@ def simulate_step(
     """Per-step latency of ``model`` at ``height`` x ``width`` (x ``frames``) on ``topology``.
 
     Args:
-        model: a :mod:`sf_attn.models_table` name ("flux", "sd3", "cogvideox",
+        model: a :mod:`sf_attn.sim.models` name ("flux", "sd3", "cogvideox",
             "hunyuanvideo", "wan") or a :class:`DiTConfig`.
         topology: e.g. ``Topology.preset("p4de", machines=4)``.
         height, width, frames: the output size in pixels (frames: 1 for image models).
-        strategy: one name, several, or None for all of ``STRATEGIES`` plus "auto".
+        strategy: one name, several, or None for every registered strategy and "auto".
         one_sided: cost the transfers as one-sided puts (False: two-sided send/recv).
         dtype, batch: activations' dtype and the samples per step.
         text: "replicated" (StreamFusion: the joint text tokens are on every rank and every
@@ -394,13 +392,13 @@ def simulate_step(
     Raises:
         ValueError: unknown model or strategy, or a size/frame count the model cannot make.
     """
-    from .planner import plan_for
+    from ..planner import plan_for
 
     cfg = get_model(model) if isinstance(model, str) else model
     cost = cost or StepCost()
     tokens = cfg.tokens(height, width, frames)
     if strategy is None:
-        names: list[str] = [*STRATEGIES, "auto"]
+        names: list[str] = strategy_names()
     elif isinstance(strategy, str):
         names = [strategy]
     else:
@@ -472,7 +470,7 @@ def step_latency(
     """One strategy's step at a given Ulysses degree (``simulate_step`` uses the defaults).
 
     Raises:
-        ValueError: as :func:`sf_attn.simulate` (degree or heads the strategy cannot split).
+        ValueError: as :func:`sf_attn.sim.layer.simulate` (degree or heads the strategy cannot split).
     """
     cfg = get_model(model) if isinstance(model, str) else model
     w = _make_work(
@@ -488,101 +486,10 @@ def step_latency(
     )
 
 
-# -- calibration -------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CalibrationRow:
-    """One published configuration and the simulator's prediction of it."""
-
-    label: str
-    gpus: int
-    strategy: str
-    ulysses_degree: int
-    published_s: float
-    predicted_s: float
-    fitted: bool  # used to set the constants (False: held out, a check)
-
-    @property
-    def error(self) -> float:
-        return self.predicted_s / self.published_s - 1.0
-
-
-# xDiT docs/performance/flux.md: FLUX.1-dev, 1024x1024 px, 28 steps, bf16, torch.compile,
-# end-to-end seconds on 4x H100 (one machine, NVLink).
-XDIT_FLUX_H100: tuple[tuple[str, int, str, int, float, bool], ...] = (
-    ("1 GPU", 1, "ulysses", 1, 4.30, True),
-    ("Ulysses-4", 4, "ulysses", 4, 1.63, True),
-    ("Ring-4", 4, "ring", 1, 1.98, True),
-    ("Ulysses-2 x Ring-2", 4, "usp", 2, 1.80, True),
-    ("Ulysses-2", 2, "ulysses", 2, 2.68, False),
-    ("Ring-2", 2, "ring", 1, 2.60, False),
-)
-XDIT_STEPS = 28
-# Outside the 28 transformer calls: T5-XXL + CLIP text encoding, VAE decode of a 1024 px
-# image, scheduler and launch: an estimate, not fitted (it is the same for every row).
-XDIT_PIPELINE_OVERHEAD_S = 0.12
-# Fitted (with StepCost.gemm_eff, block_overhead and CostModel.handshake) to the four rows
-# marked fitted above; see docs/simulator.md.
-XDIT_BLOCK_OVERHEAD_S = 50e-6  # per attention block (CostModel.attn_overhead)
-XDIT_MERGE_OVERHEAD_S = 40e-6  # per merge (CostModel.merge_overhead)
-XDIT_MERGE_BW = 1.0e12  # bytes/s of the unfused float32 merge (CostModel.mem_bw)
-
-
-def xdit_cost() -> StepCost:
-    """:class:`StepCost` for xDiT's implementation: the defaults plus its ring loop's overheads.
-
-    xDiT's ring attention (yunchang) runs each ring step from Python: a flash-attention call
-    with its own log-sum-exp bookkeeping, then an unfused float32 merge (several elementwise
-    kernels where StreamFusion's merge is one). Those per-block and per-merge costs were
-    fitted to the published numbers (Note [Step cost], docs/simulator.md); everything else is
-    the default (shared) constants.
-    """
-    base = StepCost()
-    xdit_attention = dataclasses.replace(
-        base.attention,
-        attn_overhead=XDIT_BLOCK_OVERHEAD_S,
-        merge_overhead=XDIT_MERGE_OVERHEAD_S,
-        mem_bw=XDIT_MERGE_BW,
-    )
-    return dataclasses.replace(base, attention=xdit_attention)
-
-
-def xdit_flux_calibration(cost: StepCost | None = None) -> list[CalibrationRow]:
-    """Predicted vs published end-to-end FLUX.1-dev latency on H100s (xDiT, see docs).
-
-    Each prediction is ``XDIT_STEPS * step + XDIT_PIPELINE_OVERHEAD_S`` with the step on
-    ``Topology.preset("h100-ib")`` cut to one machine of ``gpus`` GPUs, text sharded (as
-    xDiT does for Flux), two-sided transfers (NCCL).
-    """
-    cost = cost or xdit_cost()
-    rows = []
-    for label, gpus, strategy, degree, published, fitted in XDIT_FLUX_H100:
-        topo = Topology.preset("h100-ib", 1).replace(gpus_per_machine=gpus)
-        step = step_latency(
-            "flux",
-            topo,
-            height=1024,
-            width=1024,
-            strategy=strategy,
-            ulysses_degree=degree,
-            one_sided=False,
-            text="sharded",
-            cost=cost,
-        )
-        predicted = XDIT_STEPS * step.latency_s + XDIT_PIPELINE_OVERHEAD_S
-        rows.append(CalibrationRow(label, gpus, strategy, degree, published, predicted, fitted))
-    return rows
-
-
 __all__ = [
-    "STRATEGIES",
-    "XDIT_FLUX_H100",
-    "CalibrationRow",
     "StepCost",
     "StepResult",
     "StrategyStep",
     "simulate_step",
     "step_latency",
-    "xdit_flux_calibration",
 ]

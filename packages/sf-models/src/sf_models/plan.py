@@ -1,0 +1,219 @@
+"""Sequence-parallel plans: how one diffusers transformer class runs with its tokens split.
+
+A model is described by a declarative :class:`SequenceParallelPlan` (which forward inputs
+are split along which dim, which are replicated, which outputs are gathered, and how its
+attention is swapped) registered under the model's class name with :func:`register_plan`.
+Adding a model is one module holding its plan and one :func:`register_plan` line (see
+:mod:`sf_models.flux`), imported by :mod:`sf_models.parallelize`, which is what makes the
+registry complete (the package imports it, so any ``import sf_models...`` does).
+
+Equivalent plain code (what every rank computes, up to floating-point rounding)::
+
+    out = model(**inputs)                      # the original model on the full inputs
+
+What runs on each rank (:class:`sf_models.wrapper.SequenceParallelModel`)::
+
+    for name, dim in plan.split_inputs:  inputs[name] = shard(inputs[name], ctx, dim)
+    out_local = model(**inputs)                # attention: parallel_attention over the shards
+    for index, dim in plan.output_dims:  out[index] = gather(out_local[index], ctx, dim)
+
+Models that patchify inside ``forward`` (latent [B, C, (F,) H, W] in, the same out) are split
+on the token sequence *inside* the model instead, by hooks on named submodules (Note [Split
+inside the model])::
+
+    tokens = patch_embed(latent)                         # full, on every rank
+    tokens = shard(tokens, ctx, 1)                       # split_module_outputs / _inputs
+    ...blocks on the shard...
+    out = gather(proj_out(tokens), ctx, 1)               # gather_module_outputs
+    latent_out = unpatchify(out)                         # full, on every rank
+
+Contract with the attention processors a plan installs (Note [Inactive processors]): the
+processors read the per-call :class:`ShardState` that the wrapper fills in before each
+forward, and delegate to the processor they replaced while no parallel forward is running,
+so the wrapped module called directly still computes the original model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import torch
+
+import sf_comm
+
+__all__ = [
+    "Attach",
+    "SequenceParallelPlan",
+    "ShardState",
+    "get_plan",
+    "register_plan",
+    "registered_for",
+    "supported_models",
+]
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ShardState:
+    """Per-model state shared by the wrapper, its hooks and its attention processors.
+
+    Attributes:
+        ctx: the communication context.
+        strategy: the ``sf_attn.parallel_attention`` strategy name.
+        active: True only while a parallel forward runs (Note [Inactive processors]).
+        lengths: full (unsplit) length of every split or replicated input along its plan dim,
+            for the current call, e.g. ``{"hidden_states": 35, "encoder_hidden_states": 6}``;
+            a split submodule output is keyed by the submodule's name (``"rope"``) and a split
+            submodule input by ``"<submodule>.<argument>"`` (``"blocks.0.hidden_states"``).
+    """
+
+    ctx: sf_comm.CommContext
+    strategy: str
+    active: bool = False
+    lengths: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+Attach = Callable[[torch.nn.Module, ShardState], None]
+
+
+def _check_module_inputs(value: Mapping[str, Mapping[str, int]]) -> None:
+    for module, dims in value.items():
+        if not isinstance(module, str) or not isinstance(dims, Mapping):
+            raise ValueError(
+                "SequenceParallelPlan.split_module_inputs must map submodule name -> "
+                f"{{argument: dim}}; got {module!r}: {dims!r}"
+            )
+        _check_dims(f"split_module_inputs[{module!r}]", dims, str)
+
+
+def _check_dims(field: str, value: Mapping[Any, int], key_type: type) -> None:
+    for key, dim in value.items():
+        if not isinstance(key, key_type) or not isinstance(dim, int):
+            raise ValueError(
+                f"SequenceParallelPlan.{field} must map {key_type.__name__} -> int dim; got {key!r}: {dim!r}"
+            )
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True, slots=True)
+class SequenceParallelPlan:
+    """How one model class runs sequence-parallel.
+
+    Attributes:
+        split_inputs: forward argument name -> dim it is sharded along (``sf_attn.shard``).
+        replicated_inputs: forward argument name -> its sequence dim; kept whole on every rank,
+            only its length is recorded in :attr:`ShardState.lengths` (e.g. text tokens).
+        output_dims: output position (index into the returned tuple / ``ModelOutput``) -> dim
+            it is gathered along (``sf_attn.gather``).
+        unsupported_inputs: forward arguments that must be None (e.g. sequence-shaped extras
+            the plan does not shard yet); anything else raises ValueError at call time.
+        split_module_inputs: submodule name -> {forward argument: dim}: while a parallel forward
+            runs, those arguments of that submodule are sharded on their way in (e.g.
+            ``{"blocks.0": {"hidden_states": 1}}``). Note [Split inside the model].
+        split_module_outputs: submodule name -> dim: that submodule's output (a tensor, or a
+            tuple of tensors such as RoPE ``(cos, sin)``: each one) is sharded along dim.
+        gather_module_outputs: submodule name -> dim: that submodule's output is gathered
+            along dim (e.g. ``{"proj_out": 1}`` before an unpatchify).
+        attach: ``attach(model, state)`` swaps the model's attention for a sequence-parallel
+            one that reads ``state``; it validates the model (heads vs strategy) and raises
+            ValueError for what it cannot run.
+    """
+
+    split_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    replicated_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    output_dims: Mapping[int, int] = dataclasses.field(default_factory=lambda: {0: 1})
+    unsupported_inputs: tuple[str, ...] = ()
+    split_module_inputs: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
+    split_module_outputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    gather_module_outputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    attach: Attach
+
+    def __post_init__(self) -> None:
+        if not (self.split_inputs or self.split_module_inputs or self.split_module_outputs):
+            raise ValueError(
+                "SequenceParallelPlan.split_inputs is empty and so are split_module_inputs and "
+                "split_module_outputs; at least one input must be split"
+            )
+        _check_dims("split_inputs", self.split_inputs, str)
+        _check_dims("replicated_inputs", self.replicated_inputs, str)
+        _check_dims("output_dims", self.output_dims, int)
+        _check_module_inputs(self.split_module_inputs)
+        _check_dims("split_module_outputs", self.split_module_outputs, str)
+        _check_dims("gather_module_outputs", self.gather_module_outputs, str)
+        both = sorted(set(self.split_inputs) & set(self.replicated_inputs))
+        if both:
+            raise ValueError(f"SequenceParallelPlan: inputs {both} are both split and replicated")
+        if not callable(self.attach):
+            raise ValueError(f"SequenceParallelPlan.attach must be callable, got {self.attach!r}")
+        # Frozen plans are shared by every model of a class: make the maps read-only too.
+        for name in (
+            "split_inputs",
+            "replicated_inputs",
+            "output_dims",
+            "split_module_outputs",
+            "gather_module_outputs",
+        ):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        module_inputs = {m: MappingProxyType(dict(d)) for m, d in self.split_module_inputs.items()}
+        object.__setattr__(self, "split_module_inputs", MappingProxyType(module_inputs))
+
+
+_PLANS: dict[str, SequenceParallelPlan] = {}
+
+
+def register_plan(class_name: str, plan: SequenceParallelPlan) -> None:
+    """Register ``plan`` for models whose class (or a base class) is named ``class_name``."""
+    _PLANS[class_name] = plan
+
+
+def supported_models() -> list[str]:
+    """Class names that :func:`sf_models.parallelize` accepts."""
+    return sorted(_PLANS)
+
+
+def get_plan(model: torch.nn.Module) -> SequenceParallelPlan:
+    """The plan registered for ``model``'s class (or the nearest registered base class).
+
+    Raises:
+        ValueError: no plan is registered; the message lists the supported classes.
+    """
+    plan = registered_for(_PLANS, model)
+    if plan is not None:
+        return plan
+    raise ValueError(
+        f"parallelize: no sequence-parallel plan for {type(model).__name__}; "
+        f"supported models: {supported_models()}"
+    )
+
+
+def registered_for(registry: Mapping[str, T], obj: object) -> T | None:
+    """``registry``'s entry for ``obj``'s class, or for its nearest base class, by class name
+    (plans are registered by name so that modules need not import the classes)."""
+    for cls in type(obj).__mro__:
+        if cls.__name__ in registry:
+            return registry[cls.__name__]
+    return None
+
+
+# Note [Inactive processors]
+# parallelize() swaps processors on the caller's model object instead of deep-copying it
+# (a copy would double the weights' memory). So that the caller's model keeps computing the
+# original function when called on its own (e.g. as the single-process reference, or by
+# code that still holds it), every installed processor checks ``state.active`` and hands
+# the call to the processor it replaced unless the wrapper's forward is running.
+
+
+# Note [Split inside the model]
+# Flux takes token-shaped inputs, so the wrapper can split them. SD3, CogVideoX, HunyuanVideo
+# and Wan take a latent image/video and patchify inside forward(), adding positional
+# embeddings that depend on the whole grid; splitting the latent itself would change those
+# embeddings and would not give tensor_split-sized token chunks. Their plans instead name
+# submodules whose outputs (or inputs) are the token sequence right after patch embedding,
+# which every rank computes in full (a cheap, replicated convolution), and shard it there;
+# the last per-token layer (``proj_out``) is gathered so the model's own unpatchify sees the
+# full sequence. RoPE tables computed from the full grid are sharded the same way, so each
+# rank holds exactly the rows of its own tokens. The hooks are no-ops outside a parallel
+# forward (Note [Inactive processors]) and must sit on submodules that run once per forward.
