@@ -27,7 +27,6 @@ from ._common import (
     compare,
     count_pairs,
     error_messages,
-    shard_lengths,
 )
 
 BATCH, GRID, TEXT = 2, (5, 7), 6  # 35 image tokens: uneven over 2 and 4 ranks
@@ -96,17 +95,16 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     rank attending the full image sequence (processor falling back to local attention on
     gathered tokens), or image queries computed twice across ranks.
 
-    Full attention per layer is (text + image) queries x (text + image) keys x heads. The
-    image-query pairs must be computed exactly once in total and about 1/world on each rank
-    (within one token's share, as 35 tokens do not split evenly); the replicated text queries
-    add at most the full text-query work on any rank.
-    """
-    assert TEXT not in shard_lengths(IMG)  # text queries are told apart by their length
+    Full attention per layer is (text + image) queries x (text + image) keys x heads. Every
+    pair, text queries included (each text row has one owner), must be computed exactly once
+    in total and about 1/world on each rank (within a few rows' share, as 35 tokens do not
+    split evenly).
+    """  # text queries are told apart by their length
     seq = TEXT + IMG
     full_image = LAYERS * BATCH * IMG * seq * HEADS
     full_text = LAYERS * BATCH * TEXT * seq * HEADS
     counts = ranks(4).run(
-        count_pairs, strategy, TEXT, make_model, make_inputs, topology="2x2", transport="shm"
+        count_pairs, strategy, make_model, make_inputs, topology="2x2", transport="shm"
     )
     assert_work_split(counts, full_video=full_image, full_text=full_text, tokens=IMG)
 

@@ -108,6 +108,6 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     """
     full_video = LAYERS * BATCH * HEADS * TOKENS * TOKENS
     counts = ranks(4).run(
-        count_pairs, strategy, -1, make_model, make_inputs, topology="2x2", transport="shm"
+        count_pairs, strategy, make_model, make_inputs, topology="2x2", transport="shm"
     )
     assert_work_split(counts, full_video=full_video, full_text=0, tokens=TOKENS)

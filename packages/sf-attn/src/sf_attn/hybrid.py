@@ -21,15 +21,14 @@ back, the compiler's overlap schedule apart.
     time ─►   compute: | blk 0 | blk 1 | ... | blk P_r-1 |
               ring:    | shift→1 | shift→2 | ...          (overlapped with compute)
 
-Joint (MMDiT) text tokens are replicated on every rank: their K/V are one extra block merged
-once per query (never once per rank), and text queries are computed against every block by
-the ranks of a Ring group and merged in block order, so every rank returns bit-identical text
-output (Note [Canonical text merge]).
+Joint (MMDiT) text tokens ride inside these kernels: their K/V join the first block, their
+queries are split among the Ring group and stacked on the image queries, and one all-gather
+assembles the text output (Note [Text rows owned once] in :mod:`sf_attn.joint`). Per rank
+and layer: P_r attention kernels and P_r - 1 merges, text or not.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -37,49 +36,9 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
+from .joint import KV, Accumulator, fold_text_keys, gather_text, my_text_rows
 from .layout import Layout
-from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
-
-
-def _empty_acc(
-    batch: int, seq: int, heads: int, dim: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    acc_o = torch.zeros(batch, seq, heads, dim, dtype=torch.float32, device=device)
-    acc_lse = torch.full((batch, heads, seq), -math.inf, dtype=torch.float32, device=device)
-    return acc_o, acc_lse
-
-
-def _text_output(
-    ctx: sf_comm.CommContext,
-    ug: sf_comm.Group,
-    text_q: torch.Tensor,
-    text_k: torch.Tensor,
-    text_v: torch.Tensor,
-    parts: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-    *,
-    joint_mask: torch.Tensor | None,
-    scale: float,
-    backend: str,
-    head_sizes: Sequence[int],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The text queries' output (Note [Canonical text merge]: the text block first, then
-    ``parts``, the partials against the sharded blocks, in the order given), with every head
-    group gathered over the Ulysses group ``ug``."""
-    t_o, t_lse = attention_with_lse(
-        text_q, text_k, text_v, scale=scale, key_mask=joint_mask, backend=backend
-    )
-    t_acc_o, t_acc_lse = t_o.float(), t_lse.clone()
-    for part in parts:
-        assert part is not None
-        merge_attention_(t_acc_o, t_acc_lse, *part)
-    text_out = t_acc_o.to(dtype)
-    if ug.size > 1:
-        batch, text, _, dim = text_out.shape
-        t_shapes = [(batch, text, head_sizes[j], dim) for j in range(ug.size)]
-        text_out = torch.cat(sf_comm.all_gather(ctx, ug, text_out, t_shapes).wait(), dim=2)
-    return text_out
 
 
 def scatter_heads(
@@ -110,7 +69,7 @@ def scatter_heads(
 
 def ring_and_return(
     q_u: torch.Tensor,
-    kv: torch.Tensor,
+    kv: KV,
     *,
     ctx: sf_comm.CommContext,
     layout: Layout,
@@ -123,9 +82,13 @@ def ring_and_return(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Phase 2 (``finish``): the Ring over the exchanged tokens, then the output back.
 
+    One attention kernel per ring step, text tokens included (Note [Text rows owned once] in
+    :mod:`sf_attn.joint`).
+
     Args:
         q_u: [batch, seq_u, heads_u, dim], this rank's queries after :func:`scatter_heads`.
-        kv: [2, batch, seq_u, heads_u, dim], its keys and values (contiguous).
+        kv: [2, batch, seq_u, heads_u, dim], its keys and values, contiguous (with Ring
+            degree 1 also a pair (k, v): nothing rotates).
         heads: the layer's head count (all head groups).
         joint: replicated text (tq, tk, tv) with all ``heads``, or None.
         The rest as :func:`hybrid_attention`.
@@ -135,63 +98,50 @@ def ring_and_return(
     """
     ug = ctx.subgroup(layout.ulysses, "ulysses")
     rg = ctx.subgroup(layout.ring, "ring")
-    batch, seq_u, h_i, dim = q_u.shape
+    batch, _, h_i, dim = q_u.shape
     p_u, p_r, i = ug.size, rg.size, ug.index
     head_sizes = chunk_sizes(heads, p_u)
     head_off = chunk_offsets(heads, p_u)
 
-    text_q = text_kv = None
+    queries, rows, text_kv = q_u, 0, None
     if joint is not None:
         tq, tk, tv = (t[:, :, head_off[i] : head_off[i + 1]] for t in joint)
-        text_q, text_kv = tq, (tk, tv)
+        mine = my_text_rows(tq.shape[1], rg)
+        rows = mine.stop - mine.start
+        queries = torch.cat([tq[:, mine], q_u], dim=1)  # [batch, rows + seq_u, h_i, dim]
+        text_kv = (tk, tv)
 
     # The Ring over the ranks that hold the same heads: KV blocks rotate, outputs merge.
     block_len = [
         sum(seq_lens[r] for r in next(g for g in layout.ulysses if rank in g)) for rank in rg.ranks
     ]
-    acc_o, acc_lse = _empty_acc(batch, seq_u, h_i, dim, q_u.device)
-    text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * p_r
-    holder = rg.index  # ring member whose KV block we hold
+    acc = Accumulator()
     for step in range(p_r):
         pending = None
         if step < p_r - 1:
             src = (rg.index - step - 1) % p_r
+            assert isinstance(kv, torch.Tensor), "a rotating block is one stacked tensor"
             pending = sf_comm.ring_shift(
                 ctx, rg, kv, out_shape=(2, batch, block_len[src], h_i, dim)
             )
-        merge_attention_(
-            acc_o, acc_lse, *attention_with_lse(q_u, kv[0], kv[1], scale=scale, backend=backend)
+        keys, values, mask = kv[0], kv[1], None
+        if step == 0 and text_kv is not None:
+            keys, values, mask = fold_text_keys(text_kv, kv, joint_mask)
+        acc.add(
+            *attention_with_lse(queries, keys, values, scale=scale, key_mask=mask, backend=backend)
         )
-        if text_q is not None:
-            text_parts[holder] = attention_with_lse(
-                text_q, kv[0], kv[1], scale=scale, backend=backend
-            )
         if pending is not None:
             kv = pending.wait()
-            holder = (holder - 1) % p_r
 
+    out_all = acc.result(q_u.dtype)
     text_out = None
-    if text_q is not None and text_kv is not None:
-        tk, tv = text_kv
-        block = attention_with_lse(q_u, tk, tv, scale=scale, key_mask=joint_mask, backend=backend)
-        merge_attention_(acc_o, acc_lse, *block)
-        # Note [Canonical text merge]: text block first, then ring blocks in member order.
-        text_out = _text_output(
-            ctx,
-            ug,
-            text_q,
-            tk,
-            tv,
-            text_parts,
-            joint_mask=joint_mask,
-            scale=scale,
-            backend=backend,
-            head_sizes=head_sizes,
-            dtype=q_u.dtype,
+    if joint is not None:
+        text_out = gather_text(
+            ctx, layout, out_all[:, :rows], text_len=joint[0].shape[1], heads=heads
         )
+    out_u = out_all[:, rows:]
 
     # Ulysses back: Ulysses-group sequence, heads group i -> own sequence chunk, all heads.
-    out_u = acc_o.to(q_u.dtype)
     if p_u == 1:
         return out_u, text_out
     seq_local = seq_lens[ctx.rank]
@@ -233,10 +183,15 @@ def hybrid_attention(
     Returns:
         (out [batch, seq_local, heads, head_dim], text out [batch, text, heads, head_dim] or None)
     """
-    qkv = scatter_heads(ctx, layout, torch.stack([q, k, v]), seq_lens).wait()
+    kv: KV
+    if layout.p_u == 1:  # nothing to exchange: q stays, k/v stacked only if they rotate
+        q_u, kv = q, torch.stack([k, v]) if layout.p_r > 1 else (k, v)
+    else:
+        qkv = scatter_heads(ctx, layout, torch.stack([q, k, v]), seq_lens).wait()
+        q_u, kv = qkv[0], qkv[1:]  # a leading-dim slice of a contiguous tensor: contiguous
     return ring_and_return(
-        qkv[0],
-        qkv[1:].contiguous(),
+        q_u,
+        kv,
         ctx=ctx,
         layout=layout,
         seq_lens=seq_lens,

@@ -24,6 +24,7 @@ import torch
 from sf_comm import Handle, Topology
 
 from .hybrid import hybrid_attention, ring_and_return, scatter_heads
+from .joint import KV
 from .layout import Layout, make_layout, possible_ulysses_degrees
 from .torus import torus_attention
 
@@ -81,7 +82,7 @@ class UlyssesRing(Strategy):
         :func:`sf_attn.hybrid.scatter_heads`."""
         return scatter_heads(ctx, layout, xs, seq_lens)
 
-    def finish(self, q_u: torch.Tensor, kv: torch.Tensor, **kwargs: Any) -> Any:
+    def finish(self, q_u: torch.Tensor, kv: KV, **kwargs: Any) -> Any:
         """The Ring and the exchange back on what :meth:`begin` delivered; see
         :func:`sf_attn.hybrid.ring_and_return`."""
         return ring_and_return(q_u, kv, **kwargs)

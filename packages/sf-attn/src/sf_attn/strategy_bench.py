@@ -6,17 +6,23 @@ rounds that alternate the configurations so drift hits all alike. The figure is 
 of the slowest rank's time per call; ratios are against the baseline strategy (xDiT's USP)
 on the same transport and
 against gloo for the same strategy. Each configuration's output is also checked against
-single-process attention on the gathered inputs (max abs error reported).
+single-process attention on the gathered inputs (max abs error reported). The ``sdpa`` row
+is the stock single-device path: one ``F.scaled_dot_product_attention`` call over the
+whole [text, image] sequence in one process; ``sdpa/this`` is the speed against it (at
+world size 1, what the engine's own overhead costs).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import sf_comm
 from sf_comm.launch import RankPool
@@ -29,31 +35,61 @@ from .strategies import baseline_strategy, strategy_names
 STRATEGIES = tuple(strategy_names(auto=False))  # every registered strategy, table order
 
 
-def _inputs(batch: int, seq: int, heads: int, dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def _inputs(
+    batch: int, seq: int, heads: int, dim: int, dtype: torch.dtype, text: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """q, k, v [batch, seq, heads, dim] and joint text (tq, tk, tv) or None, from one seed."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, seq, heads, dim, generator=g).to(dtype) for _ in range(3)]
+    qkv = [torch.randn(batch, seq, heads, dim, generator=g).to(dtype) for _ in range(3)]
+    joint = [torch.randn(batch, text, heads, dim, generator=g).to(dtype) for _ in range(3)]
+    return qkv, joint if text else None
+
+
+def _sdpa_call(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, text: int
+) -> Callable[[], torch.Tensor]:
+    """One ``F.scaled_dot_product_attention`` over the whole [text, image] sequence, as the
+    stock single-device path runs it ([batch, heads, seq, dim])."""
+    (q, k, v), joint = _inputs(*shape, dtype, text)
+    full = [torch.cat([t, x], dim=1) if joint else x for t, x in zip(joint or [q] * 3, (q, k, v))]
+    q_, k_, v_ = (x.transpose(1, 2) for x in full)
+    return lambda: F.scaled_dot_product_attention(q_, k_, v_)
 
 
 def _time(
-    ctx: sf_comm.Context,
+    ctx: sf_comm.CommContext,
     strategy: str,
     shape: tuple[int, int, int, int],
     dtype: torch.dtype,
+    text: int,
     iters: int,
-    reference: torch.Tensor | None,
+    reference: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> dict[str, Any]:
+    """Per-call seconds of the slowest rank; ``strategy="sdpa"``: one SDPA call on rank 0."""
     batch, seq, heads, dim = shape
-    q, k, v = (shard(t, ctx) for t in _inputs(batch, seq, heads, dim, dtype))
-    out = parallel_attention(q, k, v, ctx=ctx, strategy=strategy, seq_len=seq)  # warm-up
-    assert isinstance(out, torch.Tensor)
+    (q, k, v), joint = _inputs(batch, seq, heads, dim, dtype, text)
+    call: Callable[[], Any] = lambda: None  # noqa: E731 - ranks other than 0 for "sdpa"
+    if strategy != "sdpa":
+        shards = [shard(t, ctx) for t in (q, k, v)]
+        j = (joint[0], joint[1], joint[2]) if joint else None
+        call = functools.partial(
+            parallel_attention, *shards, ctx=ctx, strategy=strategy, seq_len=seq, joint=j
+        )
+    elif ctx.rank == 0:
+        call = _sdpa_call(shape, dtype, text)
+    out: Any = call()  # warm-up
     err = float("nan")
-    if reference is not None:
-        err = (out.float() - shard(reference, ctx).float()).abs().max().item()
+    if reference is not None and strategy != "sdpa":
+        img, txt = out if joint else (out, None)
+        ref_txt, ref_img = reference
+        err = (img.float() - shard(ref_img, ctx).float()).abs().max().item()
+        if txt is not None:
+            err = max(err, (txt.float() - ref_txt.float()).abs().max().item())
     times = []
     for _ in range(iters):
         ctx.barrier()
         t0 = time.perf_counter()
-        parallel_attention(q, k, v, ctx=ctx, strategy=strategy, seq_len=seq)
+        call()
         times.append(time.perf_counter() - t0)
     worst = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -62,10 +98,15 @@ def _time(
     return {"times": worst.tolist(), "err": errs.item()}
 
 
-def reference_output(shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """Single-process attention on the full inputs (the value every strategy must equal)."""
-    q, k, v = _inputs(*shape, dtype)
-    return attention_with_lse(q, k, v)[0]
+def reference_output(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, text: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-process attention over [text, image] (the value every strategy must equal):
+    (text rows, image rows)."""
+    (q, k, v), joint = _inputs(*shape, dtype, text)
+    full = [torch.cat([t, x], dim=1) if joint else x for t, x in zip(joint or [q] * 3, (q, k, v))]
+    out = attention_with_lse(*full)[0]
+    return out[:, :text], out[:, text:]
 
 
 def run(
@@ -78,34 +119,39 @@ def run(
     iters: int = 5,
     rounds: int = 2,
     pool: RankPool | None = None,
+    text: int = 0,
 ) -> list[dict[str, Any]]:
-    """Time every (strategy, transport); one row each with median seconds, ratios and error."""
-    reference = reference_output(shape, dtype)
+    """Time every (strategy, transport) and one single-process SDPA call over the whole
+    sequence (the stock path); one row each with median seconds, ratios and error."""
+    reference = reference_output(shape, dtype, text)
     own = pool is None
     pool = pool or RankPool(world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"})
     samples: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], float] = {}
+    configs = [(s, t) for t in transports for s in strategies] + [("sdpa", transports[0])]
     try:
         for _ in range(rounds):
-            for transport in transports:
-                for strategy in strategies:
-                    res = pool.run(
-                        _time,
-                        strategy,
-                        shape,
-                        dtype,
-                        iters,
-                        reference,
-                        topology=topology,
-                        transport=transport,
-                        timeout=900,
-                    )[0]
-                    samples.setdefault((strategy, transport), []).extend(res["times"])
-                    errors[(strategy, transport)] = res["err"]
+            for strategy, transport in configs:
+                res = pool.run(
+                    _time,
+                    strategy,
+                    shape,
+                    dtype,
+                    text,
+                    iters,
+                    reference,
+                    topology=topology,
+                    transport=transport,
+                    timeout=900,
+                )[0]
+                key = (strategy, "-" if strategy == "sdpa" else transport)
+                samples.setdefault(key, []).extend(res["times"])
+                errors[key] = res["err"]
     finally:
         if own:
             pool.close()
     med = {key: statistics.median(v) for key, v in samples.items()}
+    sdpa = med[("sdpa", "-")]
     rows = []
     for (strategy, transport), m in med.items():
         rows.append(
@@ -116,6 +162,7 @@ def run(
                 max_abs_err=errors[(strategy, transport)],
                 vs_baseline=med.get((baseline_strategy(), transport), float("nan")) / m,
                 vs_gloo=med.get((strategy, "gloo"), float("nan")) / m,
+                vs_sdpa=sdpa / m,
             )
         )
     return rows
@@ -123,11 +170,15 @@ def run(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     base = f"{baseline_strategy()}/this"
-    head = f"{'strategy':<9} {'transport':<9} {'median ms':>10} {base:>9} {'gloo/this':>10} {'max |err|':>10}"
+    head = (
+        f"{'strategy':<9} {'transport':<9} {'median ms':>10} {base:>9} {'gloo/this':>10} "
+        f"{'sdpa/this':>10} {'max |err|':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['strategy']:<9} {r['transport']:<9} {r['median_s'] * 1e3:10.2f} {r['vs_baseline']:8.2f}x "
-            f"{r['vs_gloo']:9.2f}x {r['max_abs_err']:10.2e}"
+            f"{r['strategy']:<9} {r['transport']:<9} {r['median_s'] * 1e3:10.2f} "
+            f"{r['vs_baseline']:8.2f}x {r['vs_gloo']:9.2f}x {r['vs_sdpa']:9.2f}x "
+            f"{r['max_abs_err']:10.2e}"
         )
     return "\n".join(lines)

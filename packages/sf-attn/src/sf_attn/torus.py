@@ -24,11 +24,13 @@ equal the Ring's. Only the last compute step and the last push are exposed.
 Note [Torus stage order]: pulls are ``shift(offset=-(s+1))`` collectives on the torus group
 (every member sends the head group of member ``t-(s+1)`` and receives from ``t+s+1``), so
 every member issues the same collectives in the same order, as the transports require.
-Joint text tokens follow Note [Canonical text merge] of :mod:`sf_attn.hybrid`.
+Joint text tokens join the stationary block (keys) and the local chunk (this rank's share of
+the text rows), Note [Text rows owned once] in :mod:`sf_attn.joint`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,12 +38,20 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
-from .hybrid import _empty_acc, _text_output
+from .joint import fold_text_keys, gather_text, my_text_rows
 from .layout import Layout
 from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
 
 Acc = tuple[torch.Tensor, torch.Tensor]  # (out, lse)
+
+
+def _empty_acc(
+    batch: int, seq: int, heads: int, dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    acc_o = torch.zeros(batch, seq, heads, dim, dtype=torch.float32, device=device)
+    acc_lse = torch.full((batch, heads, seq), -math.inf, dtype=torch.float32, device=device)
+    return acc_o, acc_lse
 
 
 def torus_attention(
@@ -85,35 +95,47 @@ def torus_attention(
     kv_own = torch.stack([k, v])  # [2, batch, seq_local, heads, dim]
     kv_t = kv_own[:, :, :, heads_of(t)].contiguous()  # KV[t, t]: never moves
     # All Q chunks of head group t live in one buffer, remote chunks first in member order
-    # t+1, ..., t+n-1, then the local chunk t: one attention call per KV block covers them
-    # all, and the remote prefix can finish (and be pushed) before the local chunk.
+    # t+1, ..., t+n-1, then the local chunk t, then this rank's text rows (Note [Text rows
+    # owned once]): one attention call per KV block covers them all, and the remote prefix
+    # can finish (and be pushed) before the local chunk.
     slots = [(t + 1 + i) % n for i in range(n - 1)] + [t]
     start = {}
     pos = 0
     for member in slots:
         start[member] = pos
         pos += lens[member]
-    total, remote = pos, pos - lens[t]
+    remote = pos - lens[t]
+    stationary: tuple[torch.Tensor, torch.Tensor | None] = (kv_t, None)
+    text_rows = slice(pos, pos)
+    mine_q = None
+    if joint is not None:
+        mine = my_text_rows(joint[0].shape[1], rg)
+        mine_q = joint[0][:, mine, heads_of(t)]
+        text_rows = slice(pos, pos + mine.stop - mine.start)
+        text_kv = (joint[1][:, :, heads_of(t)], joint[2][:, :, heads_of(t)])
+        # the text keys join the stationary block, which every Q chunk meets exactly once
+        k_t, v_t, mask_t = fold_text_keys(text_kv, kv_t, joint_mask)
+        stationary = (torch.stack([k_t, v_t]), mask_t)
+    total = text_rows.stop
 
     def rows(member: int) -> slice:
+        if member == t:  # the local chunk and the text rows finish together
+            return slice(start[t], total)
         return slice(start[member], start[member] + lens[member])
 
     q_all = torch.empty(
         batch, total, h_t, dim, dtype=q.dtype, device=q.device
-    )  # [batch, seq_u, h_t, dim]
-    q_all[:, rows(t)] = q[:, :, heads_of(t)]
+    )  # [batch, seq_u + text rows, h_t, dim]
+    q_all[:, start[t] : start[t] + lens[t]] = q[:, :, heads_of(t)]
+    if mine_q is not None:
+        q_all[:, text_rows] = mine_q
     acc_o, acc_lse = _empty_acc(batch, total, h_t, dim, q.device)
-    text_q = text_kv = None
-    if joint is not None:
-        text_q = joint[0][:, :, heads_of(t)].contiguous()
-        text_kv = torch.stack([joint[1][:, :, heads_of(t)], joint[2][:, :, heads_of(t)]])
-    text_parts: dict[tuple[int, int], Acc] = {}  # (ring member, torus member) -> partial
 
     def merge_rows(sl: slice, kv: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         o, lse = attend(q_all[:, sl], kv, mask)
         merge_attention_(acc_o[:, sl], acc_lse[:, :, sl], o, lse)
 
-    # Q stages: stationary KV[t, t] against each Q chunk as it arrives.
+    # Q stages: stationary KV[t, t] (and the text keys) against each Q chunk as it arrives.
     blocks: list[torch.Tensor | None] = [None] * n  # KV[t+j, t] as received
     blocks[0] = kv_t
     for s in range(n):
@@ -122,12 +144,7 @@ def torus_attention(
             pending = pull(q, s + 1)
         elif n > 1:
             pending = pull(kv_own, 1)
-        chunk = rows((t + s) % n)
-        merge_rows(chunk, kv_t)
-        if text_kv is not None:
-            merge_rows(chunk, text_kv, joint_mask)
-        if s == 0 and text_q is not None:
-            text_parts[(rg.index, t)] = attend(text_q, kv_t)
+        merge_rows(rows((t + s) % n), *stationary)
         if pending is not None:
             got = pending.wait()
             if s < n - 1:
@@ -141,7 +158,6 @@ def torus_attention(
         pending = pull(kv_own, j + 1) if 1 <= j < n - 1 else None
         cur = blocks[j]
         assert cur is not None
-        holder = rg.index
         for r in range(p_r):
             shift = None
             if r < p_r - 1:
@@ -162,32 +178,18 @@ def torus_attention(
                     merge_rows(rows(t), cur)
                 else:
                     merge_rows(slice(0, total), cur)
-                if text_q is not None:
-                    text_parts[(holder, (t + j) % n)] = attend(text_q, cur)
             if shift is not None:
                 cur = shift.wait()
-                holder = (holder - 1) % p_r
         if pending is not None:
             blocks[j + 1] = pending.wait()
 
     out = torch.empty(batch, lens[t], heads, dim, dtype=q.dtype, device=q.device)
-    out[:, :, heads_of(t)] = acc_o[:, rows(t)].to(q.dtype)
+    out[:, :, heads_of(t)] = acc_o[:, start[t] : start[t] + lens[t]].to(q.dtype)
     for d, handle in zip(range(1, n), pushes):
         out[:, :, heads_of(t - d)] = handle.wait()
 
     text_out = None
-    if text_q is not None and text_kv is not None:
-        text_out = _text_output(
-            ctx,
-            ug,
-            text_q,
-            text_kv[0],
-            text_kv[1],
-            [text_parts[key] for key in sorted(text_parts)],  # Note [Canonical text merge]
-            joint_mask=joint_mask,
-            scale=scale,
-            backend=backend,
-            head_sizes=hs,
-            dtype=q.dtype,
-        )
+    if joint is not None:
+        tile = acc_o[:, text_rows].to(q.dtype)
+        text_out = gather_text(ctx, layout, tile, text_len=joint[0].shape[1], heads=heads)
     return out, text_out

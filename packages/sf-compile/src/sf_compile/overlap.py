@@ -171,7 +171,7 @@ def attention_overlapped(
         joint = tuple(t[:, :prefix].contiguous() for t in (q, k, v))
     out, text_out = chosen.finish(
         q_u,
-        torch.stack([k_u, v_u]),
+        torch.stack([k_u, v_u]) if layout.p_r > 1 else (k_u, v_u),  # only rotating KV stacks
         ctx=ctx,
         layout=layout,
         seq_lens=seq_lens,

@@ -145,10 +145,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         _check_heads(abench.STRATEGIES, topo, args.heads, "--heads")
         shape = (args.batch, args.seq, args.heads, args.head_dim)
-        rows = abench.run(world, str(topo), shape, _DTYPES[args.dtype], iters=args.iters)
+        rows = abench.run(
+            world, str(topo), shape, _DTYPES[args.dtype], iters=args.iters, text=args.text
+        )
         print(
-            f"attention {shape} {args.dtype} on {world} CPU ranks, topology {topo}; "
-            "median of the slowest rank per call"
+            f"attention {shape} + {args.text} joint text tokens, {args.dtype}, on {world} CPU "
+            f"ranks, topology {topo}; median of the slowest rank per call"
         )
         print(abench.format_table(rows))
     if args.json:
@@ -340,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(bench, seq=4096, heads=24)
     bench.add_argument(
         "--sizes-mb", type=sizes_mb, default="0.0625,1,16,64", help="comm: message sizes in MB"
+    )
+    bench.add_argument(
+        "--text", type=nonneg_int, default=0, help="attention: joint text tokens (MMDiT)"
     )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(fn=_cmd_bench)

@@ -1,0 +1,87 @@
+"""Tier 2: how many attention kernels and merges a layer costs each rank, text included.
+
+Counted from the trace every rank records (``sf_comm.trace``: one "attn" span per kernel
+call, one "merge" span per merge). The bounds are the hot path's contract: one kernel per KV
+block the strategy visits plus at most one, whatever the joint text length (Note [Text rows
+owned once] in sf_attn.joint). Torus still pays one kernel per Q stage on top of its KV
+blocks (its stages are not yet restructured), so its bound is world + torus group size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sf_attn
+import sf_comm
+from sf_comm.trace import WallTracer, tracing
+
+
+def _count(ctx: sf_comm.Context, strategy: str, text: int) -> dict[str, int]:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 96, 8, 16, generator=g) for _ in range(3))
+    shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
+    joint = tuple(torch.randn(1, text, 8, 16, generator=g) for _ in range(3)) if text else None
+    how = sf_attn.resolve(
+        ctx, seq_len=96, heads=8, head_dim=16, dtype=torch.float32, text_len=text, strategy=strategy
+    )
+    with tracing(WallTracer()) as tracer:
+        sf_attn.parallel_attention(*shards, ctx=ctx, strategy=strategy, joint=joint, seq_len=96)
+    names = [e.name for e in tracer.events if e.track == "compute"]
+    return {
+        "attn": names.count("attn"),
+        "merge": names.count("merge"),
+        "p_u": how.ulysses_degree,
+        "p_r": how.ring_degree,
+    }
+
+
+def _bound(strategy: str, topology: sf_comm.Topology, p_u: int) -> int:
+    world, machines, gpus = topology.world_size, topology.machines, topology.gpus_per_machine
+    return {
+        "ulysses": 2,
+        "ring": world + 1,
+        "usp": machines + 1,
+        "tas": gpus + 1,
+        "torus": world + p_u,
+    }[strategy]
+
+
+@pytest.mark.parametrize(
+    "topology",
+    [
+        "2x2",
+        pytest.param("4x2", marks=pytest.mark.slow),
+        pytest.param("2x4", marks=pytest.mark.slow),
+    ],
+)
+def test_one_kernel_per_block_text_included(ranks, topology: str) -> None:
+    """Catches joint text costing extra kernels and merges per block (text queries against
+    every block and text keys as a block of their own: ring launched 18 kernels for 8 blocks
+    on 4x2) and strategies that split blocks more finely than their layout needs."""
+    topo = sf_comm.Topology.parse(topology)
+    pool = ranks(topo.world_size)
+    for strategy in sf_attn.strategy_names(auto=False):
+        for text in (0, 7):
+            counts = pool.run(_count, strategy, text, topology=topology, transport="shm")
+            for rank, c in enumerate(counts):
+                limit = _bound(strategy, topo, c["p_u"])
+                assert c["attn"] <= limit, (strategy, text, rank, c, limit)
+                if strategy != "torus":  # one kernel per ring step, merged as they come
+                    assert c["attn"] == c["p_r"] and c["merge"] == c["p_r"] - 1, (
+                        strategy,
+                        text,
+                        rank,
+                        c,
+                    )
+
+
+def _world_one(ctx: sf_comm.Context) -> dict[str, int]:
+    return _count(ctx, "ulysses", 7)
+
+
+def test_world_of_one_is_one_kernel(ranks) -> None:
+    """Catches a single process paying blocks and merges for joint text (4 kernels and 3
+    merges where one attention call over [text, image] does)."""
+    (c,) = ranks(1).run(_world_one, topology="1x1", transport="shm")
+    assert c["attn"] == 1 and c["merge"] == 0, c
