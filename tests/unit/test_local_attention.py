@@ -233,8 +233,8 @@ def test_bad_dtypes_and_masks_are_named():
 
 
 def test_register_backend_plugs_in_and_orders():
-    """Catches a registry where a new backend cannot be preferred over built-ins, duplicate
-    names silently overwrite, or unregistering leaves the order changed."""
+    """Catches a registry where a new backend cannot be placed before built-ins or named,
+    duplicate names silently overwrite, or unregistering leaves the order changed."""
     before = registered_backends()
     calls = []
 
@@ -248,7 +248,7 @@ def test_register_backend_plugs_in_and_orders():
         assert registered_backends().index("custom") == before.index("cpu-flash")
         q, k, v = _qkv(SHAPES[1], torch.float32)
         assert available_backends(q, k, v)[0] == "custom"
-        _check_against_reference(q, k, v, "auto")
+        _check_against_reference(q, k, v, "custom")
         assert calls == [1 / math.sqrt(40)]
         with pytest.raises(ValueError, match="already registered"):
             register_backend(custom)
@@ -257,6 +257,67 @@ def test_register_backend_plugs_in_and_orders():
     finally:
         unregister_backend("custom")
     assert registered_backends() == before
+
+
+def _wrong(q, k, v, scale, key_mask):
+    out, lse = reference_attention(q, k, v, scale=scale, key_mask=key_mask, dtype=torch.float32)
+    return out + 0.01, lse  # fast enough, and wrong by far more than float32 allows
+
+
+def _slow(q, k, v, scale, key_mask):
+    import time
+
+    time.sleep(0.02)
+    return reference_attention(q, k, v, scale=scale, key_mask=key_mask, dtype=torch.float32)
+
+
+def test_auto_takes_the_fastest_correct_kernel(monkeypatch, caplog):
+    """Catches ``auto`` taking a kernel by registration order (a kernel broken in this build
+    would be used if it came first) or a slower one when a faster correct one exists, and a
+    forced kernel (SF_ATTN_BACKEND) being ignored (Note [Kernel choice by measurement])."""
+    import logging
+
+    from sf_attn.backends import choose_kernel
+
+    monkeypatch.delenv("SF_ATTN_BACKEND", raising=False)
+    wrong = AttentionBackend(name="wrong-first", fn=_wrong, devices=frozenset({"cpu"}))
+    slow = AttentionBackend(name="slow-right", fn=_slow, devices=frozenset({"cpu"}))
+    register_backend(wrong, before="cpu-flash")
+    register_backend(slow, before="cpu-flash")
+    try:
+        q, k, v = _qkv(SHAPES[1], torch.float32)
+        with caplog.at_level(logging.INFO, logger="sf_attn.backends"):
+            assert choose_kernel(q, None).name == "cpu-flash"
+        assert "wrong-first rejected (wrong result)" in caplog.text
+        assert "slow-right" in caplog.text and "cpu-flash" in caplog.text
+        _check_against_reference(q, k, v, "auto")
+        monkeypatch.setenv("SF_ATTN_BACKEND", "slow-right")
+        assert choose_kernel(q, None).name == "slow-right"
+        monkeypatch.setenv("SF_ATTN_BACKEND", "no-such-kernel")
+        with pytest.raises(ValueError, match="SF_ATTN_BACKEND='no-such-kernel'"):
+            choose_kernel(q, None)
+    finally:
+        unregister_backend("wrong-first")
+        unregister_backend("slow-right")
+
+
+def test_auto_without_a_correct_fast_kernel_takes_the_correct_one(monkeypatch):
+    """Catches a correctness gate that lets a wrong kernel through when it is the only other
+    choice: with the CPU flash op gone, ``auto`` must take the slow correct kernel."""
+    from sf_attn.backends import choose_kernel
+
+    monkeypatch.delenv("SF_ATTN_BACKEND", raising=False)
+    flash = unregister_backend("cpu-flash")
+    register_backend(AttentionBackend(name="wrong", fn=_wrong, devices=frozenset({"cpu"})))
+    register_backend(AttentionBackend(name="slow-right", fn=_slow, devices=frozenset({"cpu"})))
+    try:
+        q, _, _ = _qkv(SHAPES[1], torch.float32)
+        assert choose_kernel(q, None).name == "slow-right"
+    finally:
+        unregister_backend("wrong")
+        unregister_backend("slow-right")
+        register_backend(flash, before="meta")
+    assert "cpu-flash" in registered_backends()
 
 
 @settings(max_examples=30, deadline=None)

@@ -167,3 +167,25 @@ def test_planner_never_predicts_slower_than_usp(
     )
     assert plan.predicted_s <= plan.baseline_s
     assert plan.predicted_s == min(c.latency_s for c in plan.candidates)
+
+
+def test_counters_from_a_trace() -> None:
+    """Catches counters that count compute spans of the wrong kind, add overlapping
+    transfers twice, or call communication "exposed" while compute hides it."""
+    from sf_comm.trace import Event, WallTracer
+
+    tracer = WallTracer()
+    tracer.events = [
+        Event("compute", "attn", 0.0, 1.0),
+        Event("compute", "merge", 1.0, 1.2),
+        Event("compute", "attn", 2.0, 3.0),
+        Event("intra", "shift+1", 0.5, 1.5, nbytes=100),  # 1.2-1.5 exposed
+        Event("intra", "shift+1", 1.4, 1.6, nbytes=50),  # overlaps the first: busy 0.5-1.6
+        Event("inter", "all_to_all", 1.8, 2.5, nbytes=7),  # 1.8-2.0 exposed
+    ]
+    c = tracer.counters()
+    assert (c.kernels, c.merges) == (2, 1)
+    assert c.bytes == {"inter": 7, "intra": 150}
+    assert c.busy_s["intra"] == pytest.approx(1.1) and c.busy_s["inter"] == pytest.approx(0.7)
+    assert c.exposed_comm_s == pytest.approx(0.4 + 0.2)
+    assert c.span_s == pytest.approx(3.0)

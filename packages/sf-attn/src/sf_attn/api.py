@@ -9,6 +9,7 @@ import torch
 
 import sf_comm
 
+from .backends import agree_on_kernel
 from .resolution import resolve
 from .sharding import chunk_sizes
 from .strategies import get_strategy, strategy_names
@@ -188,6 +189,10 @@ def parallel_attention(
                 f"joint_mask must be [batch={q.shape[0]}, text={text_len}], got {tuple(joint_mask.shape)}"
             )
     seq_lens = _agree_on_shapes(ctx, q, text_len, seq_len, strategy, ulysses_degree)
+    if backend == "auto":  # every rank runs the same kernels (Note [Kernel choice by ...])
+        agree_on_kernel(ctx, q, masked=False)
+        if joint_mask is not None:
+            agree_on_kernel(ctx, q, masked=True)
     how = resolve(
         ctx,
         seq_len=sum(seq_lens),

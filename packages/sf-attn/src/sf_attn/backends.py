@@ -4,10 +4,29 @@ Entry point: :func:`attention_with_lse`. Every sequence-parallel strategy comput
 attention with it and combines the blocks with :func:`sf_attn.merge.merge_attention`, which is
 why the log-sum-exp (LSE) is part of the result.
 
-Backends are tried in registration order by ``backend="auto"``; each one states what it can run
-(devices, dtypes, head_dim, key-mask support, whether its library/GPU is present), so a backend
-that cannot run some inputs is skipped rather than failing inside a kernel. The built-in ones
-live in :mod:`sf_attn.kernels` (registered when ``sf_attn`` is imported).
+Each backend states what it can run (devices, dtypes, head_dim, key-mask support, whether
+its library/GPU is present), so one that cannot run some inputs is never called on them;
+``backend="auto"`` measures the ones that can (Note [Kernel choice by measurement]). The
+built-in ones live in :mod:`sf_attn.kernels` (registered when ``sf_attn`` is imported).
+
+Note [Kernel choice by measurement]
+    The first time a class of inputs is seen (device, dtype, head_dim, with a key mask or
+    not), ``auto`` runs every registered kernel that can run it on a small probe, rejects any
+    whose output differs from float64 attention by more than the dtype's tolerance (a kernel
+    that is wrong in this torch build or on this device is never used, whatever its speed),
+    and keeps the fastest of the rest; the choice is cached for the process and logged in
+    one line. ``SF_ATTN_BACKEND=name`` (or ``backend=name``) forces one. The plain float
+    reference and the simulator's meta kernel are not measured: they run only when named or
+    when nothing else can.
+
+    Ranks must run the same kernel (replicated results such as text outputs are assembled
+    from several ranks, and kernels round differently), so ``parallel_attention`` agrees
+    once per class and job (:func:`agree_on_kernel`): every rank measures, the times are gathered, and
+    the kernel with the best slowest-rank time wins on every rank.
+
+    On the H200 here (torch 2.11, bf16, with the log-sum-exp) cuDNN ran 1.9x faster than
+    FlashAttention-2 at the same error (results/, REFERENCES.md); on CPU the flash op is the
+    only measured kernel, so nothing is timed there.
 
 Note [Fully masked rows]
     A query row whose keys are all masked has an empty softmax. The contract is out = 0 and
@@ -24,19 +43,28 @@ Note [Fully masked rows]
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+import sf_comm
 from sf_comm import trace
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AttentionBackend",
+    "agree_on_kernel",
     "attention_with_lse",
     "available_backends",
+    "choose_kernel",
     "reference_attention",
     "register_backend",
     "registered_backends",
@@ -68,6 +96,9 @@ class AttentionBackend:
         max_head_dim: Largest head_dim it accepts, or None for no limit.
         supports_key_mask: Whether it takes ``key_mask``.
         device_check: Extra check (library installed, GPU capability), or None.
+        measured: Whether ``auto`` measures it against the others (Note [Kernel choice by
+            measurement]); False for references that run only when named or when nothing
+            else can.
     """
 
     name: str
@@ -77,6 +108,7 @@ class AttentionBackend:
     max_head_dim: int | None = None
     supports_key_mask: bool = True
     device_check: DeviceCheck | None = None
+    measured: bool = True
 
     def why_not(self, q: Tensor, key_mask: Tensor | None) -> str | None:
         """Returns None if this backend can run inputs like ``q``/``key_mask``, else the reason."""
@@ -94,7 +126,9 @@ class AttentionBackend:
         return None
 
 
-_REGISTRY: dict[str, AttentionBackend] = {}  # insertion order is the order "auto" tries
+# insertion order: table order, and "auto"'s order where nothing is measured (a tie, or
+# only unmeasured kernels can run)
+_REGISTRY: dict[str, AttentionBackend] = {}
 
 
 def register_backend(
@@ -104,8 +138,8 @@ def register_backend(
 
     Args:
         backend: The backend to add.
-        before: Name of a registered backend that ``backend`` should be tried before by
-            ``backend="auto"``; None appends it (tried last).
+        before: Name of a registered backend that ``backend`` should come before in the
+            registry's order; None appends it.
         replace: Allow replacing a registered backend of the same name (it keeps its place
             unless ``before`` is given).
 
@@ -118,6 +152,7 @@ def register_backend(
         )
     if before is not None and before not in _REGISTRY:
         raise ValueError(f"before={before!r} is not a registered backend: {list(_REGISTRY)}")
+    _forget_choices()
     if before is None or before == backend.name:
         _REGISTRY[backend.name] = backend
         return
@@ -137,18 +172,19 @@ def unregister_backend(name: str) -> AttentionBackend:
     """
     if name not in _REGISTRY:
         raise ValueError(f"{name!r} is not a registered attention backend: {list(_REGISTRY)}")
+    _forget_choices()
     return _REGISTRY.pop(name)
 
 
 def registered_backends() -> list[str]:
-    """Names of all registered backends, in the order ``backend="auto"`` tries them."""
+    """Names of all registered backends, in registration order."""
     return list(_REGISTRY)
 
 
 def available_backends(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None
 ) -> list[str]:
-    """Names of the backends that can run these inputs, in ``auto`` preference order.
+    """Names of the backends that can run these inputs, in registration order.
 
     Raises:
         ValueError, TypeError: If the inputs are malformed (see :func:`attention_with_lse`).
@@ -324,13 +360,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> None:
 
 def _resolve(backend: str, q: Tensor, key_mask: Tensor | None) -> AttentionBackend:
     if backend == "auto":
-        reasons = []
-        for entry in _REGISTRY.values():
-            why = entry.why_not(q, key_mask)
-            if why is None:
-                return entry
-            reasons.append(f"{entry.name}: {why}")
-        raise ValueError("no attention backend can run these inputs: " + "; ".join(reasons))
+        return choose_kernel(q, key_mask)
     if backend not in _REGISTRY:
         raise ValueError(
             f"unknown attention backend {backend!r}; registered: {list(_REGISTRY)} or 'auto'"
@@ -359,3 +389,168 @@ def _additive_mask(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
         zeros = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
         return zeros.masked_fill(~key_mask, -math.inf)
     return key_mask.to(dtype)
+
+
+# ---- kernel choice (Note [Kernel choice by measurement]) ------------------------------------
+
+# Max |out - float64 reference| a kernel may show on the probe (unit-scale random inputs;
+# outputs are averages of unit-scale values): a few ulps of the dtype at that scale.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+_PROBE = {"cuda": (1, 1024, 8), "cpu": (1, 256, 4)}  # batch, tokens, heads of the probe
+_REPEATS = 5
+
+Class = tuple[str, int | None, torch.dtype, int, bool]  # device, index, dtype, head_dim, mask
+_TIMES: dict[Class, dict[str, float]] = {}  # probe seconds per kernel (inf: rejected)
+_CHOSEN: dict[Class, str] = {}
+_AGREED: set[Class] = set()
+
+
+def _input_class(q: Tensor, masked: bool) -> Class:
+    return (q.device.type, q.device.index, q.dtype, q.shape[-1], masked)
+
+
+def _forced() -> str | None:
+    """The kernel ``SF_ATTN_BACKEND`` names, if set."""
+    return os.environ.get("SF_ATTN_BACKEND") or None
+
+
+def choose_kernel(q: Tensor, key_mask: Tensor | None) -> AttentionBackend:
+    """The kernel ``backend="auto"`` runs for inputs like ``q``/``key_mask`` on this process
+    (Note [Kernel choice by measurement]).
+
+    Raises:
+        ValueError: no registered kernel can run these inputs (each one's reason listed), or
+            ``SF_ATTN_BACKEND`` names one that cannot.
+    """
+    kernels = _REGISTRY
+    name = _forced()
+    if name is not None:
+        if name not in kernels:
+            raise ValueError(
+                f"SF_ATTN_BACKEND={name!r} is not a registered attention backend: {list(kernels)}"
+            )
+        return kernels[name]
+    key = _input_class(q, key_mask is not None)
+    if key not in _CHOSEN:
+        times = _probe_times(q, key_mask)
+        _CHOSEN[key] = _fastest(times) or _first_runnable(q, key_mask)
+    return kernels[_CHOSEN[key]]
+
+
+def _probe_times(q: Tensor, key_mask: Tensor | None) -> dict[str, float]:
+    """Probe seconds of every measured kernel that can run this class (inf where its result
+    is wrong); measured once per class and process."""
+    key = _input_class(q, key_mask is not None)
+    if key in _TIMES:
+        return _TIMES[key]
+    candidates = [
+        entry
+        for entry in _REGISTRY.values()
+        if entry.measured and entry.why_not(q, key_mask) is None
+    ]
+    times: dict[str, float] = {}
+    if len(candidates) == 1:
+        times[candidates[0].name] = 0.0  # nothing to choose between
+    elif candidates:
+        times = _measure(candidates, q, key_mask is not None)
+        ranked = ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in sorted(times.items(), key=_by_time))
+        log.info(
+            "sf_attn: attention kernels for %s %s head_dim=%d%s: %s",
+            q.device,
+            str(q.dtype).removeprefix("torch."),
+            q.shape[-1],
+            " masked" if key_mask is not None else "",
+            ranked.replace(" inf ms", " rejected (wrong result)"),
+        )
+    _TIMES[key] = times
+    return times
+
+
+def agree_on_kernel(ctx: sf_comm.CommContext, q: Tensor, masked: bool) -> None:
+    """Make every rank of ``ctx`` run the same kernel for this class (collective, once per
+    class): the kernel whose slowest-rank probe time is the best (Note [Kernel choice by
+    measurement]). A no-op with ``SF_ATTN_BACKEND`` set or for a world of one."""
+    key = _input_class(q, masked)
+    if _forced() is not None or key in _AGREED:
+        return
+    mask = torch.ones(1, 1, dtype=torch.bool, device=q.device) if masked else None
+    probe = q.new_empty(1, 1, 1, q.shape[-1])
+    times = _probe_times(probe, mask)
+    names = list(_REGISTRY)  # the same list on every rank (same registrations)
+    mine = torch.tensor([times.get(n, math.inf) for n in names], dtype=torch.float64)
+    if ctx.world_size > 1:
+        with trace.untraced():  # one-time set-up, not part of any layer's schedule
+            table = sf_comm.all_gather(ctx, ctx.group("world"), mine.to(ctx.device)).wait()
+        mine = torch.stack(table).cpu().max(dim=0).values
+    best = min(range(len(names)), key=lambda i: float(mine[i]))
+    if math.isfinite(float(mine[best])):
+        _CHOSEN[key] = names[best]
+    else:  # no measured kernel runs everywhere: the registry order decides, as before
+        _CHOSEN[key] = _first_runnable(probe, mask)
+    _AGREED.add(key)
+
+
+def _measure(candidates: list[AttentionBackend], like: Tensor, masked: bool) -> dict[str, float]:
+    batch, seq, heads = _PROBE.get(like.device.type, _PROBE["cuda"])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, seq, heads, like.shape[-1], generator=g).to(like.device, like.dtype)
+        for _ in range(3)
+    )
+    mask = None
+    if masked:  # a quarter of the keys masked, no row empty
+        mask = (torch.arange(seq) % 4 != 3).expand(batch, seq).to(like.device)
+    ref, _ = reference_attention(q, k, v, key_mask=mask, dtype=torch.float64)
+    scale = like.shape[-1] ** -0.5
+    times = {}
+    for entry in candidates:
+        try:
+            out, _ = entry.fn(q, k, v, scale, mask)
+            wrong = float((out.double() - ref).abs().max()) > TOLERANCE[like.dtype]
+        except Exception as exc:  # a kernel that fails on the probe is as good as wrong
+            log.warning("sf_attn: attention kernel %s failed its probe: %s", entry.name, exc)
+            wrong = True
+        times[entry.name] = math.inf if wrong else _seconds(entry, q, k, v, scale, mask)
+    return times
+
+
+def _seconds(
+    entry: AttentionBackend, q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None
+) -> float:
+    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+    best = math.inf
+    for _ in range(_REPEATS):
+        sync()
+        start = time.perf_counter()
+        entry.fn(q, k, v, scale, mask)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _forget_choices() -> None:
+    """The registry changed: measure again (collectively again, in parallel_attention)."""
+    _TIMES.clear()
+    _CHOSEN.clear()
+    _AGREED.clear()
+
+
+def _by_time(item: tuple[str, float]) -> Any:
+    return item[1]
+
+
+def _fastest(times: dict[str, float]) -> str | None:
+    finite = {n: t for n, t in times.items() if math.isfinite(t)}
+    return min(finite, key=finite.__getitem__) if finite else None
+
+
+def _first_runnable(q: Tensor, key_mask: Tensor | None) -> str:
+    """The first registered kernel that can run these inputs (what ``auto`` took before
+    kernels were measured); ValueError listing every kernel's reason if none can."""
+    reasons = []
+    for entry in _REGISTRY.values():
+        why = entry.why_not(q, key_mask)
+        if why is None:
+            return entry.name
+        reasons.append(f"{entry.name}: {why}")
+    raise ValueError("no attention backend can run these inputs: " + "; ".join(reasons))

@@ -12,8 +12,9 @@ Built in, in the order ``backend="auto"`` tries them:
 ``reference``      plain math in float32 (float64 for float64 inputs), any device, mask
 =================  =====================================================================
 
-``sdpa-cudnn`` sits after ``sdpa-efficient`` so ``auto`` never reaches it: cuDNN's SDPA has had
-correctness problems in some PyTorch releases, so it is used only when named.
+``auto`` measures the kernels that can run a class of inputs and takes the fastest correct
+one (Note [Kernel choice by measurement] in :mod:`sf_attn.backends`): cuDNN's SDPA, which
+has had correctness problems in some PyTorch releases, is used where it passes the probe.
 
 Note [Non-finite inputs] (measured on torch 2.13, CPU with AVX-512; q, k, v in float32,
 bfloat16 and float64, against ``F.scaled_dot_product_attention`` with the math and the
@@ -262,8 +263,8 @@ for _backend in (
     ),
     AttentionBackend(name="cpu-flash", fn=_cpu_flash, devices=frozenset({"cpu"})),
     # Shapes only: the simulator runs strategies on meta tensors (sf_attn.sim.layer).
-    AttentionBackend(name="meta", fn=_meta, devices=frozenset({"meta"})),
-    AttentionBackend(name="reference", fn=_reference),
+    AttentionBackend(name="meta", fn=_meta, devices=frozenset({"meta"}), measured=False),
+    AttentionBackend(name="reference", fn=_reference, measured=False),
 ):
     register_backend(_backend)
 del _backend

@@ -9,7 +9,9 @@ against gloo for the same strategy. Each configuration's output is also checked 
 single-process attention on the gathered inputs (max abs error reported). The ``sdpa`` row
 is the stock single-device path: one ``F.scaled_dot_product_attention`` call over the
 whole [text, image] sequence in one process; ``sdpa/this`` is the speed against it (at
-world size 1, what the engine's own overhead costs).
+world size 1, what the engine's own overhead costs). ``kernels``, ``merges`` and ``exposed
+ms`` come from one more, traced, call: the most any rank launched, and the longest any rank
+waited on communication with no compute running (:meth:`sf_comm.trace.Tracer.counters`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 import sf_comm
 from sf_comm.launch import RankPool
+from sf_comm.trace import Counters, WallTracer, tracing
 
 from .api import parallel_attention
 from .backends import attention_with_lse
@@ -95,7 +98,10 @@ def _time(
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     errs = torch.tensor([err], dtype=torch.float64)
     dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-    return {"times": worst.tolist(), "err": errs.item()}
+    ctx.barrier()
+    with tracing(WallTracer()) as tracer:  # one more call, traced: what it costs each rank
+        call()
+    return {"times": worst.tolist(), "err": errs.item(), "counters": tracer.counters()}
 
 
 def reference_output(
@@ -128,11 +134,12 @@ def run(
     pool = pool or RankPool(world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"})
     samples: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], float] = {}
+    counted: dict[tuple[str, str], list[Counters]] = {}
     configs = [(s, t) for t in transports for s in strategies] + [("sdpa", transports[0])]
     try:
         for _ in range(rounds):
             for strategy, transport in configs:
-                res = pool.run(
+                every = pool.run(
                     _time,
                     strategy,
                     shape,
@@ -143,10 +150,11 @@ def run(
                     topology=topology,
                     transport=transport,
                     timeout=900,
-                )[0]
+                )
                 key = (strategy, "-" if strategy == "sdpa" else transport)
-                samples.setdefault(key, []).extend(res["times"])
-                errors[key] = res["err"]
+                samples.setdefault(key, []).extend(every[0]["times"])
+                errors[key] = every[0]["err"]
+                counted[key] = [res["counters"] for res in every]
     finally:
         if own:
             pool.close()
@@ -163,6 +171,9 @@ def run(
                 vs_baseline=med.get((baseline_strategy(), transport), float("nan")) / m,
                 vs_gloo=med.get((strategy, "gloo"), float("nan")) / m,
                 vs_sdpa=sdpa / m,
+                kernels=max(c.kernels for c in counted[(strategy, transport)]),
+                merges=max(c.merges for c in counted[(strategy, transport)]),
+                exposed_comm_s=max(c.exposed_comm_s for c in counted[(strategy, transport)]),
             )
         )
     return rows
@@ -172,13 +183,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     base = f"{baseline_strategy()}/this"
     head = (
         f"{'strategy':<9} {'transport':<9} {'median ms':>10} {base:>9} {'gloo/this':>10} "
-        f"{'sdpa/this':>10} {'max |err|':>10}"
+        f"{'sdpa/this':>10} {'max |err|':>10} {'kernels':>7} {'merges':>6} {'exposed ms':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['strategy']:<9} {r['transport']:<9} {r['median_s'] * 1e3:10.2f} "
             f"{r['vs_baseline']:8.2f}x {r['vs_gloo']:9.2f}x {r['vs_sdpa']:9.2f}x "
-            f"{r['max_abs_err']:10.2e}"
+            + (
+                f"{'-':>10} {'1':>7} {'0':>6} {'-':>10}"  # one stock call, nothing to trace
+                if r["strategy"] == "sdpa"
+                else f"{r['max_abs_err']:10.2e} {r['kernels']:>7} {r['merges']:>6} "
+                f"{r['exposed_comm_s'] * 1e3:10.2f}"
+            )
         )
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import torch
 
 import sf_comm
 from sf_comm.launch import RankPool
-from sf_comm.trace import WallTracer, timeline_png, tracing, write_chrome
+from sf_comm.trace import Counters, WallTracer, timeline_png, tracing, write_chrome
 
 from .api import parallel_attention
 from .sharding import shard
@@ -25,8 +25,9 @@ def record(
     dtype: torch.dtype,
     ulysses_degree: int | None,
     warmup: int = 1,
-) -> list[dict[str, Any]]:
-    """One traced call of ``parallel_attention`` on this rank (after ``warmup`` untraced)."""
+) -> tuple[list[dict[str, Any]], Counters]:
+    """One traced call of ``parallel_attention`` on this rank (after ``warmup`` untraced):
+    its Chrome events and its counters."""
     batch, seq, heads, dim = shape
     g = torch.Generator().manual_seed(0)
     q, k, v = (
@@ -41,7 +42,7 @@ def record(
         parallel_attention(
             q, k, v, ctx=ctx, strategy=strategy, seq_len=seq, ulysses_degree=ulysses_degree
         )
-    return tracer.to_chrome(ctx.rank)
+    return tracer.to_chrome(ctx.rank), tracer.counters()
 
 
 def run(
@@ -53,12 +54,13 @@ def run(
     dtype: torch.dtype,
     out: str,
     ulysses_degree: int | None = None,
-) -> tuple[str, str]:
-    """Trace ``strategy`` on a pool of CPU ranks; returns (json path, png path)."""
+) -> tuple[str, str, list[Counters]]:
+    """Trace ``strategy`` on a pool of CPU ranks; returns (json path, png path, every rank's
+    counters)."""
     world = sf_comm.Topology.parse(topology).world_size
     os.makedirs(out, exist_ok=True)
     with RankPool(world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"}) as pool:
-        traces = pool.run(
+        recorded = pool.run(
             record,
             strategy,
             shape,
@@ -68,7 +70,8 @@ def run(
             transport=transport,
             timeout=600,
         )
+    traces = [events for events, _ in recorded]
     stem = os.path.join(out, f"trace-{strategy}-{topology}")
     write_chrome(stem + ".json", traces)
     timeline_png(stem + ".png", traces, title=f"{strategy} on {topology} ({transport}), {shape}")
-    return stem + ".json", stem + ".png"
+    return stem + ".json", stem + ".png", [counters for _, counters in recorded]

@@ -83,6 +83,27 @@ class Tracer(abc.ABC):
     def span(self) -> float:
         return max((e.end for e in self.events), default=0.0)
 
+    def counters(self) -> Counters:
+        """What the traced code cost this rank: kernels, merges, bytes and busy time per
+        link, and the communication time no compute overlapped (see :class:`Counters`)."""
+        links = [e for e in self.events if e.track != "compute"]
+        compute = [(e.start, e.end) for e in self.events if e.track == "compute"]
+        names = [e.name for e in self.events if e.track == "compute"]
+        tracks = sorted({e.track for e in links})
+        return Counters(
+            kernels=names.count("attn"),
+            merges=names.count("merge"),
+            bytes={t: sum(e.nbytes for e in links if e.track == t) for t in tracks},
+            busy_s={
+                t: _length(_union([(e.start, e.end) for e in links if e.track == t]))
+                for t in tracks
+            },
+            exposed_comm_s=_length(
+                _minus(_union([(e.start, e.end) for e in links]), _union(compute))
+            ),
+            span_s=self.span(),
+        )
+
     def to_chrome(self, rank: int = 0) -> list[dict[str, Any]]:
         """Chrome/Perfetto trace events (``chrome://tracing``, ui.perfetto.dev)."""
         tids = {"compute": 0, "intra": 1, "inter": 2}
@@ -106,6 +127,77 @@ class Tracer(abc.ABC):
                 }
             )
         return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Counters:
+    """A rank's cost of the traced code (:meth:`Tracer.counters`).
+
+    Attributes:
+        kernels: attention kernel calls; merges: online-softmax merges.
+        bytes: bytes over each link ("intra", "inter"), the larger direction.
+        busy_s: seconds each link had a transfer in flight.
+        exposed_comm_s: seconds a transfer was in flight while no compute ran: the
+            communication the schedule did not hide (with wall-clock traces, waiting time).
+        span_s: first event to last.
+    """
+
+    kernels: int
+    merges: int
+    bytes: dict[str, int]
+    busy_s: dict[str, float]
+    exposed_comm_s: float
+    span_s: float
+
+
+def format_counters(per_rank: Sequence[Counters]) -> str:
+    """One line per rank: kernels, merges, MB and busy ms per link, exposed communication."""
+    head = (
+        f"{'rank':>4} {'kernels':>7} {'merges':>6} {'intra MB':>9} {'inter MB':>9} "
+        f"{'intra busy ms':>13} {'inter busy ms':>13} {'exposed comm ms':>15} {'span ms':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for rank, c in enumerate(per_rank):
+        lines.append(
+            f"{rank:>4} {c.kernels:>7} {c.merges:>6} {c.bytes.get('intra', 0) / 1e6:9.2f} "
+            f"{c.bytes.get('inter', 0) / 1e6:9.2f} {c.busy_s.get('intra', 0) * 1e3:13.2f} "
+            f"{c.busy_s.get('inter', 0) * 1e3:13.2f} {c.exposed_comm_s * 1e3:15.2f} "
+            f"{c.span_s * 1e3:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+Interval = tuple[float, float]
+
+
+def _union(spans: Sequence[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _minus(spans: Sequence[Interval], cut: Sequence[Interval]) -> list[Interval]:
+    """``spans`` (disjoint, sorted) without the parts covered by ``cut`` (same)."""
+    out = []
+    for start, end in spans:
+        pos = start
+        for c0, c1 in cut:
+            if c1 <= pos or c0 >= end:
+                continue
+            if c0 > pos:
+                out.append((pos, c0))
+            pos = max(pos, c1)
+        if pos < end:
+            out.append((pos, end))
+    return out
+
+
+def _length(spans: Sequence[Interval]) -> float:
+    return sum(end - start for start, end in spans)
 
 
 class WallTracer(Tracer):
@@ -155,6 +247,18 @@ def tracing(tracer: Tracer) -> Iterator[Tracer]:
     previous, _ACTIVE = _ACTIVE, tracer
     try:
         yield tracer
+    finally:
+        _ACTIVE = previous
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Hide the block from the active tracer: one-time set-up (a kernel choice agreed across
+    ranks) is not part of the schedule a trace shows or the counters count."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, None
+    try:
+        yield
     finally:
         _ACTIVE = previous
 

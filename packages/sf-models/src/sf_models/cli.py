@@ -226,6 +226,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from sf_attn import tracerun
+    from sf_comm.trace import format_counters
 
     _, topo = _world_and_topology(args)
     if args.strategy == "auto" and args.ulysses_degree is not None:
@@ -235,7 +236,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     option = "--heads" if args.ulysses_degree is None else "--ulysses-degree"
     _check_heads((args.strategy,), topo, args.heads, option, args.ulysses_degree)
     shape = (args.batch, args.seq, args.heads, args.head_dim)
-    json_path, png_path = tracerun.run(
+    json_path, png_path, counters = tracerun.run(
         strategy=args.strategy,
         topology=str(topo),
         transport=args.transport,
@@ -248,6 +249,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         f"traced {args.strategy} on {topo} ({args.transport}), {shape}: {json_path} (chrome://tracing "
         f"or ui.perfetto.dev), {png_path}"
     )
+    print(format_counters(counters))
     return 0
 
 
