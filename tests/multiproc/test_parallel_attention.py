@@ -39,6 +39,18 @@ def _inputs(seed: int, batch: int, seq: int, heads: int, dim: int, text: int, dt
     return qkv, txt
 
 
+def _text_mask(seed: int, batch: int, text: int, kind: str) -> torch.Tensor | None:
+    """A mask over the text keys: bool (about a third masked) or additive (some -inf)."""
+    if kind == "none" or not text:
+        return None
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = torch.rand(batch, text, generator=g) > 0.35
+    if kind == "bool":
+        return keep
+    bias = torch.randn(batch, text, generator=g)
+    return bias.masked_fill(~keep, float("-inf"))
+
+
 def _check(
     ctx: sf_comm.Context,
     strategy: str,
@@ -50,21 +62,34 @@ def _check(
     text: int,
     dtype: torch.dtype,
     pass_len: bool,
+    layout: str = "replicated",
+    mask_kind: str = "none",
 ) -> float:
     (q, k, v), txt = _inputs(seed, batch, seq, heads, dim, text, dtype)
+    mask = _text_mask(seed, batch, text, mask_kind)
     shards = [sf_attn.shard(t, ctx) for t in (q, k, v)]
+    sharded = layout == "sharded"
     result = sf_attn.parallel_attention(
         *shards,
         ctx=ctx,
         strategy=strategy,
-        joint=tuple(txt) if txt else None,
+        joint=(tuple(sf_attn.shard(t, ctx) for t in txt) if sharded else tuple(txt))
+        if txt
+        else None,
+        joint_mask=sf_attn.shard(mask, ctx) if sharded and mask is not None else mask,
+        text=layout,
         seq_len=seq if pass_len else None,
+        text_len=text if pass_len and sharded else None,
     )
     if txt:
         fq, fk, fv = (torch.cat([t, i], dim=1) for t, i in zip(txt, (q, k, v)))
     else:
         fq, fk, fv = q, k, v
-    ref, _ = reference_attention(fq, fk, fv)
+    full_mask = None
+    if mask is not None:
+        open_ = torch.ones(batch, seq, dtype=torch.bool)
+        full_mask = torch.cat([mask, open_ if mask.dtype == torch.bool else 0.0 * open_], dim=1)
+    ref, _ = reference_attention(fq, fk, fv, key_mask=full_mask)
     ref_img = sf_attn.shard(ref[:, text:], ctx)
     out = result[0] if txt else result
     assert out.dtype == dtype and out.shape == ref_img.shape
@@ -73,10 +98,12 @@ def _check(
     err = (out.double() - ref_img).abs().max().item() if out.numel() else 0.0
     if txt:
         txt_out = result[1]
-        torch.testing.assert_close(txt_out.double(), ref[:, :text], atol=tol, rtol=tol)
-        # identical on every rank, bit for bit
-        every = sf_comm.all_gather(ctx, ctx.group("world"), txt_out).wait()
-        assert all(torch.equal(every[0], t) for t in every), "text output differs across ranks"
+        ref_text = sf_attn.shard(ref[:, :text], ctx) if sharded else ref[:, :text]
+        assert txt_out.shape == ref_text.shape
+        torch.testing.assert_close(txt_out.double(), ref_text, atol=tol, rtol=tol)
+        if not sharded:  # replicated: identical on every rank, bit for bit
+            every = sf_comm.all_gather(ctx, ctx.group("world"), txt_out).wait()
+            assert all(torch.equal(every[0], t) for t in every), "text output differs across ranks"
     return err
 
 
@@ -92,6 +119,8 @@ def _shape_strategy(world: int):
         topo=st.sampled_from(TOPOLOGIES[world]),
         strategy=st.sampled_from(STRATEGIES),
         pass_len=st.booleans(),
+        layout=st.sampled_from(["replicated", "sharded"]),
+        mask_kind=st.sampled_from(["none", "none", "bool", "additive"]),
     )
 
 
@@ -101,14 +130,17 @@ def test_every_strategy_matches_single_process(ranks, world: int, transport: str
     """Catches any strategy that drops, duplicates or misroutes a block, a head or a text token.
 
     Property-based over batch, (uneven) sequence length, heads, head_dim, dtype, joint text
-    length, topology and strategy. Strategies that cannot split the drawn heads must refuse
+    length, text layout (replicated or sharded), text key mask (none, bool, additive),
+    topology and strategy. Strategies that cannot split the drawn heads must refuse
     with a ValueError naming the heads; that case is checked separately below.
     """
     pool = ranks(world)
 
     @HYP
     @given(**_shape_strategy(world))
-    def check(seed, batch, seq, heads, dim, text, dtype, topo, strategy, pass_len) -> None:  # type: ignore[no-untyped-def]
+    def check(
+        seed, batch, seq, heads, dim, text, dtype, topo, strategy, pass_len, layout, mask_kind
+    ) -> None:  # type: ignore[no-untyped-def]
         if strategy == "ulysses" and heads < world:
             strategy = "ring"  # ulysses cannot split fewer heads than ranks (tested below)
         pool.run(
@@ -122,6 +154,8 @@ def test_every_strategy_matches_single_process(ranks, world: int, transport: str
             text,
             dtype,
             pass_len,
+            layout,
+            mask_kind,
             topology=topo,
             transport=transport,
         )
@@ -136,6 +170,24 @@ def test_each_strategy_on_each_topology(ranks, strategy: str, topo: str) -> None
     errs = ranks(4).run(
         _check, strategy, 7, 2, 37, 4, 16, 5, torch.float32, False, topology=topo, transport="shm"
     )
+    assert max(errs) < 2e-5
+
+
+def _both_layouts_and_masks(ctx: sf_comm.Context, strategy: str) -> float:
+    errs = [
+        _check(ctx, strategy, 11, 2, 37, 4, 16, 7, torch.float32, pass_len, layout, mask)
+        for layout in ("replicated", "sharded")
+        for mask, pass_len in (("none", True), ("bool", False), ("additive", True))
+    ]
+    return max(errs)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("strategy", ["ulysses", "ring", "usp", "tas", "torus"])
+def test_text_layouts_with_masks(ranks, strategy: str, transport: str) -> None:
+    """Catches a strategy that routes a text key's mask with the wrong block, or sharded text
+    rows to the wrong rank: both layouts, each mask kind, 7 text tokens over 4 ranks."""
+    errs = ranks(4).run(_both_layouts_and_masks, strategy, topology="2x2", transport=transport)
     assert max(errs) < 2e-5
 
 
@@ -241,6 +293,18 @@ def _bad(ctx: sf_comm.Context) -> list[str]:
         dict(q=x if ctx.rank else torch.randn(1, 4, 4, 8), k=None, v=None),
         dict(q=x if ctx.rank != 3 else x[:, :1], k=None, v=None),
         dict(q=x, k=x, v=x, seq_len=20),  # every rank's shard would be 5
+        dict(q=x, k=x, v=x, joint=(x,) * 3, text="spread"),
+        dict(q=x, k=x, v=x, joint=(x[:, : 1 + (ctx.rank == 3)],) * 3, text="sharded"),
+        dict(q=x, k=x, v=x, joint=(x[:, :1],) * 3, text="sharded", seq_len=16, text_len=8),
+        dict(q=x, k=x, v=x, joint=(x,) * 3, joint_mask=torch.ones(1, 3, dtype=torch.bool)),
+        dict(
+            q=x,
+            k=x,
+            v=x,
+            joint=(x,) * 3,
+            text="sharded",
+            joint_mask=x[:, :, 0, 0] if ctx.rank else None,
+        ),
     ]
     msgs = []
     for case in cases:
@@ -268,3 +332,8 @@ def test_bad_input_errors_name_the_problem(ranks) -> None:
     assert "ranks disagree on heads: [4, 2, 2, 2]" in msgs[7]
     assert "sequence shards [4, 4, 4, 1]" in msgs[8] and "split [4, 4, 4, 1]" not in msgs[8]
     assert "holds 4 tokens, but the shard of a 20-token sequence over 4 ranks is 5" in msgs[9]
+    assert "text must be one of ['replicated', 'sharded'], got 'spread'" in msgs[10]
+    assert "text shards [1, 1, 1, 2] (rank order)" in msgs[11] and "split [2, 1, 1, 1]" in msgs[11]
+    assert "holds 1 text tokens, but the shard of 8 text tokens over 4 ranks is 2" in msgs[12]
+    assert "joint_mask must be [batch=1, text=4], got (1, 3)" in msgs[13]
+    assert "ranks disagree on joint_mask (none, bool, additive): [0, 2, 2, 2]" in msgs[14]

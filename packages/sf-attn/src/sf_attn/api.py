@@ -67,27 +67,49 @@ def _validate_local(
             )
 
 
+_TEXT_LAYOUTS = ("replicated", "sharded")
+
+
+def _mask_kind(mask: torch.Tensor | None) -> int:
+    return 0 if mask is None else 1 if mask.dtype == torch.bool else 2
+
+
 def _agree_on_shapes(
     ctx: sf_comm.CommContext,
     q: torch.Tensor,
-    text_len: int,
+    text_local: int,
+    *,
     seq_len: int | None,
+    text_len: int | None,
+    text: str,
+    mask_kind: int,
     strategy: str,
     ulysses_degree: int | None,
-) -> list[int]:
-    """Every rank's seq_local, checked against the shard convention and the other ranks
-    (with the strategy and degree asked for: ranks running different strategies would wait
-    on each other's different collectives)."""
+) -> tuple[list[int], list[int]]:
+    """Every rank's image and text token counts, ``(seq_lens, text_lens)`` in rank order,
+    checked against the shard convention and the other ranks (with the strategy and degree
+    asked for: ranks running different strategies would wait on each other's different
+    collectives). Replicated text (or none) counts once, in ``text_lens[0]``."""
     world = ctx.world_size
     batch, seq_local, heads, dim = q.shape
-    if seq_len is not None:
+    sharded = text == "sharded"
+    if seq_len is not None and (text_local < 0 or not sharded or text_len is not None):
         sizes = chunk_sizes(seq_len, world)
         if sizes[ctx.rank] != seq_local:
             raise ValueError(
-                f"rank {ctx.rank} holds {seq_local} tokens, but the shard of a {seq_len}-token "
-                f"sequence over {world} ranks is {sizes[ctx.rank]} (see sf_attn.shard)"
+                f"rank {ctx.rank} holds {seq_local} tokens, but the shard of a "
+                f"{seq_len}-token sequence over {world} ranks is {sizes[ctx.rank]} (see sf_attn.shard)"
             )
-        return sizes
+        if not sharded or text_local < 0:
+            return sizes, [max(text_local, 0)]
+        assert text_len is not None
+        text_sizes = chunk_sizes(text_len, world)
+        if text_sizes[ctx.rank] != text_local:
+            raise ValueError(
+                f"rank {ctx.rank} holds {text_local} text tokens, but the shard of {text_len} "
+                f"text tokens over {world} ranks is {text_sizes[ctx.rank]} (see sf_attn.shard)"
+            )
+        return sizes, text_sizes
     names = strategy_names()
     mine = torch.tensor(
         [
@@ -96,19 +118,23 @@ def _agree_on_shapes(
             heads,
             dim,
             _DTYPES.index(q.dtype),
-            text_len,
+            text_local,
+            int(sharded),
+            mask_kind,
             names.index(strategy),
             ulysses_degree or 0,
         ]
     )
-    table = torch.stack(sf_comm.all_gather(ctx, ctx.group("world"), mine).wait())  # [world, 8]
+    table = torch.stack(sf_comm.all_gather(ctx, ctx.group("world"), mine).wait())  # [world, 10]
     columns = [
         "batch",
         None,
         "heads",
         "head_dim",
         "dtype",
-        "joint text length",
+        None if sharded else "joint text length",
+        "text layout",
+        "joint_mask (none, bool, additive)",
         "strategy",
         "ulysses_degree",
     ]
@@ -121,15 +147,43 @@ def _agree_on_shapes(
                 values = [names[x] for x in values]
             elif name == "ulysses_degree":
                 values = [x or None for x in values]
+            elif name == "text layout":
+                values = [_TEXT_LAYOUTS[x] for x in values]
             raise ValueError(f"ranks disagree on {name}: {values} (rank order)")
     sizes = table[:, 1].tolist()
-    expected = chunk_sizes(sum(sizes), world)
-    if sizes != expected:
-        raise ValueError(
-            f"sequence shards {sizes} (rank order) do not follow the shard convention: a "
-            f"{sum(sizes)}-token sequence over {world} ranks is split {expected} (use sf_attn.shard)"
-        )
-    return sizes
+    for what, got in (("sequence", sizes), ("text", table[:, 5].tolist())):
+        if what == "text" and not (sharded and text_local >= 0):
+            break
+        expected = chunk_sizes(sum(got), world)
+        if got != expected:
+            raise ValueError(
+                f"{what} shards {got} (rank order) do not follow the shard convention: "
+                f"{sum(got)} tokens over {world} ranks are split {expected} (use sf_attn.shard)"
+            )
+    if sharded and text_local >= 0:
+        return sizes, table[:, 5].tolist()
+    return sizes, [max(text_local, 0)]
+
+
+def _sharded_key_masks(
+    ctx: sf_comm.CommContext,
+    joint_mask: torch.Tensor,
+    text_lens: Sequence[int],
+    seq_lens: Sequence[int],
+) -> list[torch.Tensor]:
+    """Every rank's key mask over its ``[text shard, image shard]`` tokens, in rank order:
+    the masks travel with their tokens (Note [Sharded text] in :mod:`sf_attn.joint`)."""
+    batch = joint_mask.shape[0]
+    wire = joint_mask.to(torch.uint8) if joint_mask.dtype == torch.bool else joint_mask
+    shapes = [(batch, n) for n in text_lens]
+    parts = sf_comm.all_gather(ctx, ctx.group("world"), wire.contiguous(), shapes).wait()
+    masks = []
+    for part, n in zip(parts, seq_lens):
+        if joint_mask.dtype == torch.bool:
+            masks.append(torch.cat([part.bool(), part.new_ones(batch, n, dtype=torch.bool)], 1))
+        else:
+            masks.append(torch.cat([part, part.new_zeros(batch, n)], 1))
+    return masks
 
 
 def parallel_attention(
@@ -141,8 +195,10 @@ def parallel_attention(
     strategy: str = "auto",
     joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     joint_mask: torch.Tensor | None = None,
+    text: str = "replicated",
     scale: float | None = None,
     seq_len: int | None = None,
+    text_len: int | None = None,
     ulysses_degree: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -154,24 +210,36 @@ def parallel_attention(
         out_full = softmax(scale * Q K^T) V                     # Q, K, V: gathered shards
         out = shard(out_full)                                    # this rank's rows
 
+    With joint (MMDiT) text tokens, the sequence is ``[text, image]`` and the text keys may
+    be masked (Note [Sharded text] in :mod:`sf_attn.joint` for the two layouts)::
+
+        out_full = softmax(scale * [TQ; Q] [TK; K]^T + mask) [TV; V]
+        text_out, out = out_full[:text], shard(out_full[text:])  # replicated text
+        text_out, out = shard(out_full[:text]), shard(out_full[text:])  # sharded text
+
     Args:
         q, k, v: this rank's shard, [batch, seq_local, heads, head_dim] (the shard convention
             of :func:`sf_attn.shard`; lengths may differ by one across ranks).
         ctx: the communication context (:func:`sf_comm.init`).
         strategy: one of "ulysses", "ring", "usp", "tas", "torus", "auto". All give the same
             numbers.
-        joint: replicated text tokens (text_q, text_k, text_v), [batch, text, heads, head_dim],
-            identical on every rank (MMDiT joint attention).
-        joint_mask: [batch, text] mask over text keys (bool True = attend, or additive).
+        joint: text tokens (text_q, text_k, text_v), [batch, text, heads, head_dim]: all of
+            them, identical on every rank (``text="replicated"``), or this rank's shard of
+            them (``text="sharded"``).
+        joint_mask: mask over the text keys in ``joint`` (bool True = attend, or additive),
+            [batch, text] or, sharded, this rank's [batch, text_local].
+        text: "replicated" or "sharded": how ``joint`` is laid out across the ranks.
         scale: score scale; default 1/sqrt(head_dim).
-        seq_len: the global sequence length, if known; saves a small all-gather that checks
-            shapes across ranks.
+        seq_len: the global (image) sequence length, if known; with ``text_len`` for sharded
+            text it saves a small all-gather that checks shapes across ranks.
+        text_len: the global text length (sharded text), if known.
         ulysses_degree: override the strategy's Ulysses degree (usp/tas; not with "auto").
         backend: local attention backend (see :func:`sf_attn.attention_with_lse`).
 
     Returns:
-        out [batch, seq_local, heads, head_dim]; with ``joint``, ``(out, text_out)`` where
-        text_out [batch, text, heads, head_dim] is identical on every rank.
+        out [batch, seq_local, heads, head_dim]; with ``joint``, ``(out, text_out)``: text_out
+        is [batch, text, heads, head_dim], identical on every rank, for replicated text, and
+        this rank's text rows [batch, text_local, heads, head_dim] for sharded text.
 
     Raises:
         ValueError / TypeError: bad shapes, dtypes or devices, ranks that disagree, unknown
@@ -179,28 +247,47 @@ def parallel_attention(
     """
     if strategy != "auto":
         get_strategy(strategy)  # unknown names fail before any communication
+    if text not in _TEXT_LAYOUTS:
+        raise ValueError(f"text must be one of {list(_TEXT_LAYOUTS)}, got {text!r}")
     _validate_local(q, k, v, joint, ctx)
-    text_len = joint[0].shape[1] if joint is not None else -1
+    text_local = joint[0].shape[1] if joint is not None else -1
     if joint_mask is not None:
         if joint is None:
             raise ValueError("joint_mask needs joint text tokens")
-        if tuple(joint_mask.shape) != (q.shape[0], text_len):
+        if tuple(joint_mask.shape) != (q.shape[0], text_local):
+            what = "text_local" if text == "sharded" else "text"
             raise ValueError(
-                f"joint_mask must be [batch={q.shape[0]}, text={text_len}], got {tuple(joint_mask.shape)}"
+                f"joint_mask must be [batch={q.shape[0]}, {what}={text_local}], got "
+                f"{tuple(joint_mask.shape)}"
             )
-    seq_lens = _agree_on_shapes(ctx, q, text_len, seq_len, strategy, ulysses_degree)
+    if text_len is not None and text == "replicated" and text_len != max(text_local, 0):
+        raise ValueError(
+            f"text_len={text_len} but the replicated joint text holds {max(text_local, 0)} tokens"
+        )
+    seq_lens, text_lens = _agree_on_shapes(
+        ctx,
+        q,
+        text_local,
+        seq_len=seq_len,
+        text_len=text_len,
+        text=text,
+        mask_kind=_mask_kind(joint_mask),
+        strategy=strategy,
+        ulysses_degree=ulysses_degree,
+    )
+    sharded = text == "sharded" and joint is not None
     if backend == "auto":  # every rank runs the same kernels (Note [Kernel choice by ...])
         agree_on_kernel(ctx, q, masked=False)
         if joint_mask is not None:
             agree_on_kernel(ctx, q, masked=True)
     how = resolve(
         ctx,
-        seq_len=sum(seq_lens),
+        seq_len=sum(seq_lens) + (sum(text_lens) if sharded else 0),
         heads=q.shape[2],
         head_dim=q.shape[-1],
         dtype=q.dtype,
         batch=q.shape[0],
-        text_len=text_len,
+        text_len=-1 if sharded else text_local,
         strategy=strategy,
         ulysses_degree=ulysses_degree,
     )
@@ -209,6 +296,21 @@ def parallel_attention(
     # leaves messages in flight, so it breaks the context on every rank instead of letting a
     # later call consume them.
     with ctx.transport.call("parallel_attention"):
+        if sharded:  # Note [Sharded text]: text is ordinary sequence, in front of the image
+            assert joint is not None
+            key_masks = None
+            if joint_mask is not None:
+                key_masks = _sharded_key_masks(ctx, joint_mask, text_lens, seq_lens)
+            out, _ = how.strategy.execute(
+                *(torch.cat([t, x], dim=1) for t, x in zip(joint, (q, k, v))),
+                ctx=ctx,
+                layout=how.layout,
+                seq_lens=[t + s for t, s in zip(text_lens, seq_lens)],
+                scale=scale,
+                key_masks=key_masks,
+                backend=backend,
+            )
+            return out[:, text_local:], out[:, :text_local]
         out, text_out = how.strategy.execute(
             q.contiguous(),
             k.contiguous(),

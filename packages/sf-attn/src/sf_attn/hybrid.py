@@ -36,7 +36,7 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
-from .joint import KV, Accumulator, fold_text_keys, gather_text, my_text_rows
+from .joint import KV, Accumulator, block_key_mask, fold_text_keys, gather_text, my_text_rows
 from .layout import Layout
 from .sharding import chunk_offsets, chunk_sizes
 
@@ -78,6 +78,7 @@ def ring_and_return(
     scale: float,
     joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     joint_mask: torch.Tensor | None = None,
+    key_masks: Sequence[torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Phase 2 (``finish``): the Ring over the exchanged tokens, then the output back.
@@ -91,6 +92,7 @@ def ring_and_return(
             degree 1 also a pair (k, v): nothing rotates).
         heads: the layer's head count (all head groups).
         joint: replicated text (tq, tk, tv) with all ``heads``, or None.
+        key_masks: every rank's mask over its own keys, in rank order, or None.
         The rest as :func:`hybrid_attention`.
 
     Returns:
@@ -112,9 +114,8 @@ def ring_and_return(
         text_kv = (tk, tv)
 
     # The Ring over the ranks that hold the same heads: KV blocks rotate, outputs merge.
-    block_len = [
-        sum(seq_lens[r] for r in next(g for g in layout.ulysses if rank in g)) for rank in rg.ranks
-    ]
+    u_group_of = {r: g for g in layout.ulysses for r in g}
+    block_len = [sum(seq_lens[r] for r in u_group_of[rank]) for rank in rg.ranks]
     acc = Accumulator()
     for step in range(p_r):
         pending = None
@@ -124,7 +125,8 @@ def ring_and_return(
             pending = sf_comm.ring_shift(
                 ctx, rg, kv, out_shape=(2, batch, block_len[src], h_i, dim)
             )
-        keys, values, mask = kv[0], kv[1], None
+        keys, values = kv[0], kv[1]
+        mask = block_key_mask(key_masks, u_group_of[rg.ranks[(rg.index - step) % p_r]])
         if step == 0 and text_kv is not None:
             keys, values, mask = fold_text_keys(text_kv, kv, joint_mask)
         acc.add(
@@ -162,6 +164,7 @@ def hybrid_attention(
     scale: float,
     joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     joint_mask: torch.Tensor | None = None,
+    key_masks: Sequence[torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact attention of this rank's shard against the whole sharded sequence: the two
@@ -178,6 +181,8 @@ def hybrid_attention(
         scale: score scale.
         joint: replicated text (tq, tk, tv), [batch, text, heads, head_dim], or None.
         joint_mask: [batch, text] key mask of the text tokens (bool or additive), or None.
+        key_masks: every rank's [batch, seq_local] mask over its own keys (bool or additive),
+            in rank order, or None (not with ``joint``: sharded text, Note [Sharded text]).
         backend: local attention backend.
 
     Returns:
@@ -199,5 +204,6 @@ def hybrid_attention(
         scale=scale,
         joint=joint,
         joint_mask=joint_mask,
+        key_masks=key_masks,
         backend=backend,
     )

@@ -19,6 +19,20 @@ Note [Text rows owned once]
 
 A mask over the text keys (``joint_mask``, [batch, text]) becomes the mask of the first
 block: the text part as given, the image part open.
+
+Note [Sharded text]
+    The other layout (``text="sharded"``, the field's usual choice for MMDiT models): the text
+    tokens are split across the ranks like the image tokens (``shard(text)``), so a model's
+    per-token text layers run once per token instead of once per rank. Attention then sees
+    no text at all: each rank's sequence is ``[its text shard, its image shard]``, a
+    permutation of the full ``[text, image]`` sequence, and attention is exact under any
+    permutation of the keys that keeps each query's own row. No text-specific kernel, no text
+    gather; a text key mask travels with its tokens (each rank's mask over its own keys,
+    gathered once, a block's mask the concatenation of its owners')::
+
+        q_r = cat([text_q shard r, q shard r])             # seq_lens[r] = text_r + image_r
+        out_r = parallel_attention(q_r, k_r, v_r)          # plain sequence, any strategy
+        text_out_r, out_r = out_r[:, :text_r], out_r[:, text_r:]
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from .layout import Layout
 from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
 
-__all__ = ["KV", "Accumulator", "fold_text_keys", "gather_text", "my_text_rows"]
+__all__ = ["KV", "Accumulator", "block_key_mask", "fold_text_keys", "gather_text", "my_text_rows"]
 
 KV = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # keys, values: stacked [2, ...] or a pair
 
@@ -42,6 +56,18 @@ def my_text_rows(text_len: int, ring: sf_comm.Group) -> slice:
     """The text rows this rank computes (Note [Text rows owned once])."""
     off = chunk_offsets(text_len, ring.size)
     return slice(off[ring.index], off[ring.index + 1])
+
+
+def block_key_mask(
+    key_masks: Sequence[torch.Tensor] | None, owners: Sequence[int]
+) -> torch.Tensor | None:
+    """The key mask of a KV block made of ``owners``' tokens, in that order (Note [Sharded
+    text]): their masks from ``key_masks`` (every rank's, in rank order) put together."""
+    if key_masks is None:
+        return None
+    if len(owners) == 1:
+        return key_masks[owners[0]]
+    return torch.cat([key_masks[r] for r in owners], dim=1)
 
 
 def fold_text_keys(

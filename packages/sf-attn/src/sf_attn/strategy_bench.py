@@ -67,16 +67,29 @@ def _time(
     text: int,
     iters: int,
     reference: tuple[torch.Tensor, torch.Tensor] | None,
+    layout: str = "replicated",
 ) -> dict[str, Any]:
-    """Per-call seconds of the slowest rank; ``strategy="sdpa"``: one SDPA call on rank 0."""
+    """Per-call seconds of the slowest rank; ``strategy="sdpa"``: one SDPA call on rank 0.
+    ``layout``: the joint text's layout (Note [Sharded text] in :mod:`sf_attn.joint`)."""
     batch, seq, heads, dim = shape
     (q, k, v), joint = _inputs(batch, seq, heads, dim, dtype, text)
     call: Callable[[], Any] = lambda: None  # noqa: E731 - ranks other than 0 for "sdpa"
+    sharded = layout == "sharded"
     if strategy != "sdpa":
         shards = [shard(t, ctx) for t in (q, k, v)]
-        j = (joint[0], joint[1], joint[2]) if joint else None
+        j = None
+        if joint:
+            tq, tk, tv = (shard(t, ctx) if sharded else t for t in joint)
+            j = (tq, tk, tv)
         call = functools.partial(
-            parallel_attention, *shards, ctx=ctx, strategy=strategy, seq_len=seq, joint=j
+            parallel_attention,
+            *shards,
+            ctx=ctx,
+            strategy=strategy,
+            seq_len=seq,
+            joint=j,
+            text=layout,
+            text_len=text if sharded else None,
         )
     elif ctx.rank == 0:
         call = _sdpa_call(shape, dtype, text)
@@ -87,7 +100,8 @@ def _time(
         ref_txt, ref_img = reference
         err = (img.float() - shard(ref_img, ctx).float()).abs().max().item()
         if txt is not None:
-            err = max(err, (txt.float() - ref_txt.float()).abs().max().item())
+            ref_txt = shard(ref_txt, ctx) if sharded else ref_txt
+            err = max(err, (txt.float() - ref_txt.float()).abs().max().item(), 0.0)
     times = []
     for _ in range(iters):
         ctx.barrier()
@@ -126,19 +140,24 @@ def run(
     rounds: int = 2,
     pool: RankPool | None = None,
     text: int = 0,
+    text_layouts: tuple[str, ...] = ("replicated",),
 ) -> list[dict[str, Any]]:
-    """Time every (strategy, transport) and one single-process SDPA call over the whole
-    sequence (the stock path); one row each with median seconds, ratios and error."""
+    """Time every (strategy, transport, text layout) and one single-process SDPA call over
+    the whole sequence (the stock path); one row each with median seconds, ratios and error.
+    Without text there is one layout ("-")."""
     reference = reference_output(shape, dtype, text)
     own = pool is None
     pool = pool or RankPool(world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"})
-    samples: dict[tuple[str, str], list[float]] = {}
-    errors: dict[tuple[str, str], float] = {}
-    counted: dict[tuple[str, str], list[Counters]] = {}
-    configs = [(s, t) for t in transports for s in strategies] + [("sdpa", transports[0])]
+    Key = tuple[str, str, str]  # (strategy, transport, text layout)
+    samples: dict[Key, list[float]] = {}
+    errors: dict[Key, float] = {}
+    counted: dict[Key, list[Counters]] = {}
+    layouts = text_layouts if text else ("-",)
+    configs = [(s, t, x) for t in transports for x in layouts for s in strategies]
+    configs.append(("sdpa", transports[0], "-"))
     try:
         for _ in range(rounds):
-            for strategy, transport in configs:
+            for strategy, transport, layout in configs:
                 every = pool.run(
                     _time,
                     strategy,
@@ -147,11 +166,12 @@ def run(
                     text,
                     iters,
                     reference,
+                    "replicated" if layout == "-" else layout,
                     topology=topology,
                     transport=transport,
                     timeout=900,
                 )
-                key = (strategy, "-" if strategy == "sdpa" else transport)
+                key = (strategy, "-" if strategy == "sdpa" else transport, layout)
                 samples.setdefault(key, []).extend(every[0]["times"])
                 errors[key] = every[0]["err"]
                 counted[key] = [res["counters"] for res in every]
@@ -159,21 +179,23 @@ def run(
         if own:
             pool.close()
     med = {key: statistics.median(v) for key, v in samples.items()}
-    sdpa = med[("sdpa", "-")]
+    sdpa = med[("sdpa", "-", "-")]
     rows = []
-    for (strategy, transport), m in med.items():
+    for key, m in med.items():
+        strategy, transport, layout = key
         rows.append(
             dict(
                 strategy=strategy,
                 transport=transport,
+                text=layout,
                 median_s=m,
-                max_abs_err=errors[(strategy, transport)],
-                vs_baseline=med.get((baseline_strategy(), transport), float("nan")) / m,
-                vs_gloo=med.get((strategy, "gloo"), float("nan")) / m,
+                max_abs_err=errors[key],
+                vs_baseline=med.get((baseline_strategy(), transport, layout), float("nan")) / m,
+                vs_gloo=med.get((strategy, "gloo", layout), float("nan")) / m,
                 vs_sdpa=sdpa / m,
-                kernels=max(c.kernels for c in counted[(strategy, transport)]),
-                merges=max(c.merges for c in counted[(strategy, transport)]),
-                exposed_comm_s=max(c.exposed_comm_s for c in counted[(strategy, transport)]),
+                kernels=max(c.kernels for c in counted[key]),
+                merges=max(c.merges for c in counted[key]),
+                exposed_comm_s=max(c.exposed_comm_s for c in counted[key]),
             )
         )
     return rows
@@ -182,13 +204,13 @@ def run(
 def format_table(rows: list[dict[str, Any]]) -> str:
     base = f"{baseline_strategy()}/this"
     head = (
-        f"{'strategy':<9} {'transport':<9} {'median ms':>10} {base:>9} {'gloo/this':>10} "
+        f"{'strategy':<9} {'transport':<9} {'text':<10} {'median ms':>10} {base:>9} {'gloo/this':>10} "
         f"{'sdpa/this':>10} {'max |err|':>10} {'kernels':>7} {'merges':>6} {'exposed ms':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['strategy']:<9} {r['transport']:<9} {r['median_s'] * 1e3:10.2f} "
+            f"{r['strategy']:<9} {r['transport']:<9} {r['text']:<10} {r['median_s'] * 1e3:10.2f} "
             f"{r['vs_baseline']:8.2f}x {r['vs_gloo']:9.2f}x {r['vs_sdpa']:9.2f}x "
             + (
                 f"{'-':>10} {'1':>7} {'0':>6} {'-':>10}"  # one stock call, nothing to trace

@@ -38,7 +38,7 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
-from .joint import fold_text_keys, gather_text, my_text_rows
+from .joint import block_key_mask, fold_text_keys, gather_text, my_text_rows
 from .layout import Layout
 from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
@@ -65,6 +65,7 @@ def torus_attention(
     scale: float,
     joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     joint_mask: torch.Tensor | None = None,
+    key_masks: Sequence[torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact attention of this rank's shard; same contract as :func:`hybrid_attention`."""
@@ -105,7 +106,12 @@ def torus_attention(
         start[member] = pos
         pos += lens[member]
     remote = pos - lens[t]
-    stationary: tuple[torch.Tensor, torch.Tensor | None] = (kv_t, None)
+
+    def mask_of(ring_member: int, member: int) -> torch.Tensor | None:
+        """Key mask of KV[member, t] as ring member ``ring_member`` holds it."""
+        return block_key_mask(key_masks, [u_group_of[rg.ranks[ring_member]][member % n]])
+
+    stationary: tuple[torch.Tensor, torch.Tensor | None] = (kv_t, mask_of(rg.index, t))
     text_rows = slice(pos, pos)
     mine_q = None
     if joint is not None:
@@ -165,9 +171,10 @@ def torus_attention(
                 shape = (2, batch, ring_lens[src][(t + j) % n], h_t, dim)
                 shift = sf_comm.ring_shift(ctx, rg, cur, out_shape=shape)
             if not (j == 0 and r == 0):  # that pair ran in the Q stages
+                mask = mask_of((rg.index - r) % p_r, t + j)
                 if j == n - 1 and r == p_r - 1:  # last step: remote rows, push, then local
                     if remote:
-                        merge_rows(slice(0, remote), cur)
+                        merge_rows(slice(0, remote), cur, mask)
                     for d in range(1, n):
                         member = (t + d) % n
                         out_shape = (batch, lens[t], hs[(t - d) % n], dim)
@@ -175,9 +182,9 @@ def torus_attention(
                         pushes.append(
                             sf_comm.shift(ctx, ug, o_chunk, offset=d, out_shape=out_shape)
                         )
-                    merge_rows(rows(t), cur)
+                    merge_rows(rows(t), cur, mask)
                 else:
-                    merge_rows(slice(0, total), cur)
+                    merge_rows(slice(0, total), cur, mask)
             if shift is not None:
                 cur = shift.wait()
         if pending is not None:
