@@ -109,3 +109,16 @@ def test_trace_shows_transfers_overlapping_compute(ranks, strategy: str) -> None
             overlapped += 1
     # ring: all 3 shifts overlap a block; torus (N=2, P_r=2): every pull/shift, and the push
     assert overlapped >= len(comms) - 1, (overlapped, comms, attns)
+
+
+def _inter_in_flight(ctx: sf_comm.Context) -> int:
+    """The most inter-machine transfers this rank had in flight at one time."""
+    events = _overlap(ctx, "torus")
+    inter = [(start, end) for track, _, start, end in events if track == "inter"]
+    return max(sum(s <= t < e for s, e in inter) for t, _ in inter)
+
+
+def test_torus_keeps_two_pulls_in_flight(ranks) -> None:
+    """Catches a schedule that issues the next inter-machine pull only when the previous one
+    has landed (the link idles between them): the Q and KV pulls are issued together."""
+    assert min(ranks(4).run(_inter_in_flight, topology="2x2", transport="shm")) >= 2

@@ -1,31 +1,39 @@
-"""Torus Attention: TAS's Ulysses exchange split into stages that overlap with compute.
+"""Torus Attention: TAS's Ulysses exchange overlapped with compute, one kernel per stage.
 
 Equivalent plain code: the ``tas`` strategy (Ulysses all-to-all over the torus group, a Ring
 over the ranks holding the same heads, all-to-all back), hence single-device attention.
 
 Write X[l, h] for sequence chunk l (torus member l's tokens) and head group h (of N). Member
-t computes head group t for every chunk. KV[t, t] and Q[t, t] never move, so compute starts
-at once (Note [Torus stage order])::
+t computes head group t for every chunk. Its Ring group (the ranks of its machine under the
+inter-first layout) holds the same head group, so a KV block of a stage is gathered over the
+fast intra link once (every member's KV[l, t], one kernel per stage) instead of going round
+the ring (a kernel per ring step). KV[t, t] and Q[t, t] never move, so compute starts at
+once; every inter-machine transfer is issued at the start, so the slow link is never idle
+while work remains (Note [Torus schedule])::
 
-    Q stages   s = 0..N-1:  compute Q[t+s, t] x KV[t, t]      while pulling Q[t+s+1, t]
-                                                              (last stage: KV[t+1, t])
-    KV stages  j = 0..N-1:  compute every Q[., t] x KV[t+j, t] while pulling KV[t+j+1, t]
-                            (each KV block goes round the intra Ring: P_r compute steps)
-    push O:    last step:   finish remote chunks first, push O[l, t] to member l each,
-                            then the local chunk O[t, t] while the pushes fly
+    issue:   gather KV[t, t] (intra); pull Q[t+d, t], then KV[t+d, t], d = 1..N-1 (inter)
+    local:   L x (text keys, KV[t, t])           L = local chunk (+ this rank's text rows)
+             L x gathered KV[t, t] of the ring peers
+    stages   j = 1..N-2:  (R, L) x gathered KV[t+j, t]        R = the remote Q chunks
+    last:    R x (text keys, gathered KV[t, t], gathered KV[t+N-1, t]); push O[l, t] to
+             member l each; then L x gathered KV[t+N-1, t] while the pushes fly
 
-    time ─►  compute: |Q0xKV0|Q1xKV0|..|QxKV1 ring|..|QxKV(N-1): remote.. local|
-             inter:      |pull Q1|pull Q2|..|pull KV1|..|pull KV2|..  |push O|push O|
-             intra:                        |shift|shift|..
+    time ─►  compute: |L x KV0|L x peers|stage 1|..|R last|L last|
+             inter:   |pull Q..............|pull KV1|pull KV2|..|      |push O|
+             intra:   |gather KV0|gather KV1|gather KV2|..
 
 Inter-machine bytes equal Ulysses' (Q, K, V in and O back, (N-1)/N of each); intra bytes
-equal the Ring's. Only the last compute step and the last push are exposed.
+equal the Ring's (each block once from every ring peer). Per rank and layer: N + 2 attention
+kernels (N + 1 with a ring of one), at most world + 1. The last compute step and the pushes
+are exposed; so is the text gather with replicated text.
 
-Note [Torus stage order]: pulls are ``shift(offset=-(s+1))`` collectives on the torus group
-(every member sends the head group of member ``t-(s+1)`` and receives from ``t+s+1``), so
-every member issues the same collectives in the same order, as the transports require.
-Joint text tokens join the stationary block (keys) and the local chunk (this rank's share of
-the text rows), Note [Text rows owned once] in :mod:`sf_attn.joint`.
+Note [Torus schedule]: transfers are ``shift(offset=-d)`` collectives on the torus group
+(every member sends the head group of member ``t-d`` and receives from ``t+d``) and
+all-gathers on the ring group, issued by every member in the same order, as the transports
+require. All pulls in flight at once need the memory Ulysses needs anyway (every chunk of
+head group t). Joint text tokens: their keys join the first local kernel and the remote
+chunks' last kernel (every Q row meets them once); the text rows this rank owns ride with
+the local chunk (Note [Text rows owned once] in :mod:`sf_attn.joint`).
 """
 
 from __future__ import annotations
@@ -38,12 +46,12 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
-from .joint import block_key_mask, fold_text_keys, gather_text, my_text_rows
+from .joint import block_key_mask, gather_text, my_text_rows
 from .layout import Layout
 from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
 
-Acc = tuple[torch.Tensor, torch.Tensor]  # (out, lse)
+Block = tuple[torch.Tensor, torch.Tensor | None]  # (stacked KV [2, B, seq, h, D], key mask)
 
 
 def _empty_acc(
@@ -74,6 +82,7 @@ def torus_attention(
     n, p_r, t = ug.size, rg.size, ug.index
     batch, _, heads, dim = q.shape
     hs, ho = chunk_sizes(heads, n), chunk_offsets(heads, n)
+    h_t = hs[t]
 
     def heads_of(member: int) -> slice:
         member %= n
@@ -81,11 +90,10 @@ def torus_attention(
 
     lens = [seq_lens[r] for r in ug.ranks]  # chunk length of each torus member
     u_group_of = {r: g for g in layout.ulysses for r in g}
-    ring_lens = [[seq_lens[r] for r in u_group_of[p]] for p in rg.ranks]
-    h_t = hs[t]
 
-    def attend(qc: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> Acc:
-        return attention_with_lse(qc, kv[0], kv[1], scale=scale, key_mask=mask, backend=backend)
+    def owner(ring_member: int, member: int) -> int:
+        """The rank whose tokens are chunk ``member`` of ring member ``ring_member``'s group."""
+        return u_group_of[rg.ranks[ring_member]][member % n]
 
     def pull(x: torch.Tensor, d: int) -> sf_comm.Handle[torch.Tensor]:
         """Member t+d's chunk of ``x`` in head group t (member t-d gets ours in its group)."""
@@ -93,105 +101,109 @@ def torus_attention(
         shape = (*x.shape[:-3], lens[(t + d) % n], h_t, dim)
         return sf_comm.shift(ctx, ug, send, offset=-d, out_shape=shape)
 
+    def gather_ring(kv: torch.Tensor, member: int) -> sf_comm.Handle[list[torch.Tensor]]:
+        """Every ring member's KV[member, t] (the fast link), in ring order."""
+        shapes = [(2, batch, seq_lens[owner(m, member)], h_t, dim) for m in range(p_r)]
+        return sf_comm.all_gather(ctx, rg, kv, shapes)
+
+    def block(parts: Sequence[torch.Tensor], member: int, ring_members: Sequence[int]) -> Block:
+        """One KV block from ``parts`` (chunk ``member`` of each of ``ring_members``), with its
+        key mask (Note [Sharded text] in :mod:`sf_attn.joint`)."""
+        kv = parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=2)
+        mask = block_key_mask(key_masks, [owner(m, member) for m in ring_members])
+        return kv, mask
+
+    # Issue every transfer (Note [Torus schedule]).
     kv_own = torch.stack([k, v])  # [2, batch, seq_local, heads, dim]
     kv_t = kv_own[:, :, :, heads_of(t)].contiguous()  # KV[t, t]: never moves
-    # All Q chunks of head group t live in one buffer, remote chunks first in member order
-    # t+1, ..., t+n-1, then the local chunk t, then this rank's text rows (Note [Text rows
-    # owned once]): one attention call per KV block covers them all, and the remote prefix
-    # can finish (and be pushed) before the local chunk.
-    slots = [(t + 1 + i) % n for i in range(n - 1)] + [t]
-    start = {}
-    pos = 0
-    for member in slots:
-        start[member] = pos
-        pos += lens[member]
-    remote = pos - lens[t]
+    gathers: list[sf_comm.Handle[list[torch.Tensor]] | None] = [None] * n
+    if p_r > 1:
+        gathers[0] = gather_ring(kv_t, t)
+    q_pulls = [pull(q, d) for d in range(1, n)]
+    kv_pulls = [pull(kv_own, d) for d in range(1, n)]
 
-    def mask_of(ring_member: int, member: int) -> torch.Tensor | None:
-        """Key mask of KV[member, t] as ring member ``ring_member`` holds it."""
-        return block_key_mask(key_masks, [u_group_of[rg.ranks[ring_member]][member % n]])
-
-    stationary: tuple[torch.Tensor, torch.Tensor | None] = (kv_t, mask_of(rg.index, t))
-    text_rows = slice(pos, pos)
+    # All Q chunks of head group t live in one buffer: remote chunks first in member order
+    # t+1, ..., t+n-1 (R), then the local chunk t and this rank's text rows (L).
+    remote = sum(lens[(t + d) % n] for d in range(1, n))
+    local = slice(remote, remote + lens[t])
+    text_rows = slice(local.stop, local.stop)
+    text_kv: Block | None = None
     mine_q = None
     if joint is not None:
         mine = my_text_rows(joint[0].shape[1], rg)
         mine_q = joint[0][:, mine, heads_of(t)]
-        text_rows = slice(pos, pos + mine.stop - mine.start)
-        text_kv = (joint[1][:, :, heads_of(t)], joint[2][:, :, heads_of(t)])
-        # the text keys join the stationary block, which every Q chunk meets exactly once
-        k_t, v_t, mask_t = fold_text_keys(text_kv, kv_t, joint_mask)
-        stationary = (torch.stack([k_t, v_t]), mask_t)
+        text_rows = slice(local.stop, local.stop + mine.stop - mine.start)
+        text_kv = (
+            torch.stack([joint[1][:, :, heads_of(t)], joint[2][:, :, heads_of(t)]]),
+            joint_mask,
+        )
     total = text_rows.stop
-
-    def rows(member: int) -> slice:
-        if member == t:  # the local chunk and the text rows finish together
-            return slice(start[t], total)
-        return slice(start[member], start[member] + lens[member])
-
-    q_all = torch.empty(
-        batch, total, h_t, dim, dtype=q.dtype, device=q.device
-    )  # [batch, seq_u + text rows, h_t, dim]
-    q_all[:, start[t] : start[t] + lens[t]] = q[:, :, heads_of(t)]
+    rows_l, rows_r = slice(remote, total), slice(0, remote)
+    q_all = torch.empty(batch, total, h_t, dim, dtype=q.dtype, device=q.device)
+    q_all[:, local] = q[:, :, heads_of(t)]
     if mine_q is not None:
         q_all[:, text_rows] = mine_q
     acc_o, acc_lse = _empty_acc(batch, total, h_t, dim, q.device)
 
-    def merge_rows(sl: slice, kv: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        o, lse = attend(q_all[:, sl], kv, mask)
-        merge_attention_(acc_o[:, sl], acc_lse[:, :, sl], o, lse)
+    def compute(rows: slice, *blocks: Block | None) -> None:
+        """``rows`` against the concatenation of ``blocks``, merged into the accumulator."""
+        kvs = [b for b in blocks if b is not None]
+        kv = kvs[0][0] if len(kvs) == 1 else torch.cat([b[0] for b in kvs], dim=2)
+        mask = _concat_masks([(b[1], b[0].shape[2]) for b in kvs], batch)
+        o, lse = attention_with_lse(
+            q_all[:, rows], kv[0], kv[1], scale=scale, key_mask=mask, backend=backend
+        )
+        merge_attention_(acc_o[:, rows], acc_lse[:, :, rows], o, lse)
 
-    # Q stages: stationary KV[t, t] (and the text keys) against each Q chunk as it arrives.
-    blocks: list[torch.Tensor | None] = [None] * n  # KV[t+j, t] as received
-    blocks[0] = kv_t
-    for s in range(n):
-        pending = None
-        if s < n - 1:
-            pending = pull(q, s + 1)
-        elif n > 1:
-            pending = pull(kv_own, 1)
-        merge_rows(rows((t + s) % n), *stationary)
-        if pending is not None:
-            got = pending.wait()
-            if s < n - 1:
-                q_all[:, rows((t + s + 1) % n)] = got
-            else:
-                blocks[1] = got
+    me = [rg.index]
+    peers = [m for m in range(p_r) if m != rg.index]
+    own = block([kv_t], t, me)
+    compute(rows_l, text_kv, own)  # no transfer needed: starts at once
+    blocks: list[Block | None] = [None] * n  # gathered KV[t+j, t] (all ring members)
+    if n > 1 and p_r > 1:
+        gathers[1] = gather_ring(kv_pulls[0].wait(), t + 1)
+    if p_r > 1:
+        got = gathers[0]
+        assert got is not None
+        parts = got.wait()
+        blocks[0] = block(parts, t, range(p_r))
+        compute(rows_l, block([parts[m] for m in peers], t, peers))
+    else:
+        blocks[0] = own
 
-    # KV stages: each KV block goes round the intra ring; all Q chunks meet it at once.
+    if n > 1:
+        pos = 0
+        for d, handle in enumerate(q_pulls, start=1):  # the remote Q chunks, member order
+            size = lens[(t + d) % n]
+            q_all[:, pos : pos + size] = handle.wait()
+            pos += size
     pushes: list[sf_comm.Handle[torch.Tensor]] = []
-    for j in range(n):
-        pending = pull(kv_own, j + 1) if 1 <= j < n - 1 else None
-        cur = blocks[j]
-        assert cur is not None
-        for r in range(p_r):
-            shift = None
-            if r < p_r - 1:
-                src = (rg.index - r - 1) % p_r
-                shape = (2, batch, ring_lens[src][(t + j) % n], h_t, dim)
-                shift = sf_comm.ring_shift(ctx, rg, cur, out_shape=shape)
-            if not (j == 0 and r == 0):  # that pair ran in the Q stages
-                mask = mask_of((rg.index - r) % p_r, t + j)
-                if j == n - 1 and r == p_r - 1:  # last step: remote rows, push, then local
-                    if remote:
-                        merge_rows(slice(0, remote), cur, mask)
-                    for d in range(1, n):
-                        member = (t + d) % n
-                        out_shape = (batch, lens[t], hs[(t - d) % n], dim)
-                        o_chunk = acc_o[:, rows(member)].to(q.dtype)
-                        pushes.append(
-                            sf_comm.shift(ctx, ug, o_chunk, offset=d, out_shape=out_shape)
-                        )
-                    merge_rows(rows(t), cur, mask)
-                else:
-                    merge_rows(slice(0, total), cur, mask)
-            if shift is not None:
-                cur = shift.wait()
-        if pending is not None:
-            blocks[j + 1] = pending.wait()
+    for j in range(1, n):
+        if p_r == 1:
+            blocks[j] = block([kv_pulls[j - 1].wait()], t + j, me)
+        else:
+            if j + 1 < n:  # the next block's gather flies while this stage computes
+                gathers[j + 1] = gather_ring(kv_pulls[j].wait(), t + j + 1)
+            got = gathers[j]
+            assert got is not None
+            blocks[j] = block(got.wait(), t + j, range(p_r))
+        if j < n - 1:
+            compute(slice(0, total), blocks[j])
+            continue
+        # Last stage: the remote rows first (with the blocks they have not met yet), push
+        # them to their owners, then the local rows while the pushes fly.
+        compute(rows_r, text_kv, blocks[0], blocks[j])
+        start = 0
+        for d in range(1, n):
+            member = (t + d) % n
+            o_chunk = acc_o[:, start : start + lens[member]].to(q.dtype)
+            start += lens[member]
+            out_shape = (batch, lens[t], hs[(t - d) % n], dim)
+            pushes.append(sf_comm.shift(ctx, ug, o_chunk, offset=d, out_shape=out_shape))
+        compute(rows_l, blocks[j])
 
     out = torch.empty(batch, lens[t], heads, dim, dtype=q.dtype, device=q.device)
-    out[:, :, heads_of(t)] = acc_o[:, start[t] : start[t] + lens[t]].to(q.dtype)
+    out[:, :, heads_of(t)] = acc_o[:, local].to(q.dtype)
     for d, handle in zip(range(1, n), pushes):
         out[:, :, heads_of(t - d)] = handle.wait()
 
@@ -200,3 +212,25 @@ def torus_attention(
         tile = acc_o[:, text_rows].to(q.dtype)
         text_out = gather_text(ctx, layout, tile, text_len=joint[0].shape[1], heads=heads)
     return out, text_out
+
+
+def _concat_masks(
+    masks: Sequence[tuple[torch.Tensor | None, int]], batch: int
+) -> torch.Tensor | None:
+    """One key mask for blocks put side by side: each block's mask, or an open one of its
+    length where it has none; None if no block has one."""
+    given = [m for m, _ in masks if m is not None]
+    if not given:
+        return None
+    if len(masks) == 1:
+        return given[0]
+    kind = given[0]
+    pieces = []
+    for m, length in masks:
+        if m is None:
+            if kind.dtype == torch.bool:
+                m = torch.ones(batch, length, dtype=torch.bool, device=kind.device)
+            else:
+                m = torch.zeros(batch, length, dtype=kind.dtype, device=kind.device)
+        pieces.append(m)
+    return torch.cat(pieces, dim=1)
