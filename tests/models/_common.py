@@ -25,6 +25,7 @@ import sf_attn
 import sf_attn.hybrid
 import sf_comm
 from sf_models.parallelize import parallelize
+from sf_models.plan import TextLayout
 
 STRATEGIES = ["ulysses", "ring", "usp", "tas"]
 WORLDS = [(2, "1x2"), (4, "2x2")]
@@ -66,16 +67,20 @@ def compare(
     make_inputs: Builder,
     *args: Any,
     positional: bool = False,
+    text: TextLayout = "auto",
 ) -> dict[str, object]:
-    """Run the parallelized model and the original on the same full inputs on this rank.
+    """Run the parallelized model (``parallelize(..., text=text)``) and the original on the
+    same full inputs on this rank.
 
     The tuple path (``return_dict=False``) gets the inputs as keywords, or with ``positional``
     in ``make_inputs``' order as positional arguments (that order must be the forward's)."""
     inputs = make_inputs(*args)
     model = make_model(*args)
     ref = model(**inputs).sample
-    sp = parallelize(model, ctx=ctx, strategy=strategy)
+    sp = parallelize(model, ctx=ctx, strategy=strategy, text=text)
+    embedded = _RowsSeen(getattr(model, "context_embedder", None))
     out = sp(**inputs).sample
+    embedded.remove()
     if positional:
         (out_tuple,) = sp(*inputs.values(), return_dict=False)
     else:
@@ -87,7 +92,25 @@ def compare(
         tuple_path_equal=torch.equal(out_tuple, out),
         # The processors and hooks stay installed; outside the wrapper they must be inert.
         direct_call_unchanged=torch.equal(model(**inputs).sample, ref),
+        text_layout=sp.state.text,
+        # text tokens this rank's text embedder ran on (None: the model has none)
+        text_rows=embedded.rows,
     )
+
+
+class _RowsSeen:
+    """Counts the tokens (dim 1 of the input) ``module`` runs on until ``remove()``."""
+
+    def __init__(self, module: torch.nn.Module | None) -> None:
+        self.rows: int | None = None
+        self.handle = None if module is None else module.register_forward_hook(self._seen)
+
+    def _seen(self, _: torch.nn.Module, args: Any, __: Any) -> None:
+        self.rows = (self.rows or 0) + args[0].shape[1]
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def assert_matches(results: list[dict[str, object]]) -> None:
@@ -106,9 +129,11 @@ def count_pairs(
     make_model: Builder,
     make_inputs: Builder,
     *args: Any,
+    text: TextLayout = "auto",
 ) -> int:
     """Query x key pairs this rank's local attention computes, summed over heads and batch
-    (text queries ride in the video query buffers: Note [Text rows owned once])."""
+    (text queries ride in the video query buffers: Note [Text rows owned once]; sharded text
+    is ordinary sequence), under ``parallelize(..., text=text)``."""
     pairs = 0
     original = sf_attn.hybrid.attention_with_lse
 
@@ -117,7 +142,7 @@ def count_pairs(
         pairs += q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
         return original(q, k, v, **kwargs)
 
-    sp = parallelize(make_model(*args), ctx=ctx, strategy=strategy)
+    sp = parallelize(make_model(*args), ctx=ctx, strategy=strategy, text=text)
     sf_attn.hybrid.attention_with_lse = counting
     try:
         sp(**make_inputs(*args))

@@ -217,17 +217,26 @@ FIRST_BRANCH |= {"hunyuanvideo": "cond", "wan": "cond"}
 def record_branches(
     transformer: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor
 ) -> list[str]:
-    """Log, per call of the (unwrapped) transformer, which text it attended to."""
+    """Log, per call of the (unwrapped) transformer, which text it attended to: all of it, or
+    with sharded text this rank's chunk of it."""
     seen: list[str] = []
     signature = inspect.signature(transformer.forward)
 
     def hook(_: Any, args: Any, kwargs: Any) -> None:
         text = signature.bind(*args, **kwargs).arguments["encoder_hidden_states"]
-        names = [n for n, t in (("cond", cond), ("uncond", uncond)) if torch.equal(text, t)]
+        names = [n for n, t in (("cond", cond), ("uncond", uncond)) if _tokens_of(text, t)]
         seen.append(names[0] if names else f"other {tuple(text.shape)}")
 
     transformer.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
+
+
+def _tokens_of(text: torch.Tensor, full: torch.Tensor) -> bool:
+    """``text`` [B, n, C] is ``full`` [B, T, C] or a run of its tokens (a rank's text chunk)."""
+    n = text.shape[1]
+    if text.shape[0::2] != full.shape[0::2] or n > full.shape[1]:
+        return False
+    return any(torch.equal(text, full[:, i : i + n]) for i in range(full.shape[1] - n + 1))
 
 
 def generator() -> torch.Generator:

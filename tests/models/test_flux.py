@@ -3,7 +3,8 @@
 Every rank builds the same random-weight model and inputs from a shared seed, runs the
 parallelized model on the full inputs and compares its (full) output with the original model
 run in one process on the same inputs (tolerance: see ``tests/models/_common.py``; measured
-here 2e-7, while rank 0's RoPE rows on every rank give 9e-3).
+here 2e-7, while rank 0's RoPE rows on every rank give 9e-3), with the text tokens replicated
+on every rank or sharded like the image tokens (``text=``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import sf_comm
+from sf_attn import chunk_sizes
 from sf_models.flux import FLUX_PLAN
 from sf_models.parallelize import parallelize
-from sf_models.plan import SequenceParallelPlan, supported_models
+from sf_models.plan import SequenceParallelPlan, TextLayout, supported_models
 
 from ._common import (
     STRATEGIES,
@@ -51,20 +53,27 @@ def make_model(heads: int = HEADS) -> Any:  # a FluxTransformer2DModel (diffuser
     return model.eval()
 
 
-def make_inputs() -> dict[str, torch.Tensor]:
+def make_inputs(text: int = TEXT) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     cols = GRID[1]
     img_ids = torch.zeros(IMG, 3)
     img_ids[:, 1] = torch.arange(IMG) // cols
     img_ids[:, 2] = torch.arange(IMG) % cols
+    txt_ids = torch.zeros(text, 3)
+    txt_ids[:, 0] = torch.arange(text)  # distinct text positions: a misplaced RoPE row shows
     return dict(
         hidden_states=torch.randn(BATCH, IMG, 16, generator=g),
-        encoder_hidden_states=torch.randn(BATCH, TEXT, 32, generator=g),
+        encoder_hidden_states=torch.randn(BATCH, text, 32, generator=g),
         pooled_projections=torch.randn(BATCH, 32, generator=g),
         timestep=torch.rand(BATCH, generator=g),
         img_ids=img_ids,
-        txt_ids=torch.zeros(TEXT, 3),
+        txt_ids=txt_ids,
     )
+
+
+def make_model_for_text(text: int) -> Any:
+    """:func:`make_model` (the helpers pass ``make_inputs``' arguments to both builders)."""
+    return make_model()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -83,10 +92,38 @@ def test_parallel_flux_matches_single_process(ranks, world: int, topo: str, stra
         make_model,
         make_inputs,
         positional=True,
+        text="replicated",
         topology=topo,
         transport="shm",
     )
     assert_matches(results)
+    assert all(r["text_rows"] == TEXT for r in results), results  # every rank: all text
+
+
+@pytest.mark.parametrize("text", [TEXT, 3])  # over 4 ranks: 2, 2, 1, 1 and 1, 1, 1, 0 tokens
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_text_matches_single_process(ranks, strategy: str, text: int) -> None:
+    """Catches a wrong text split under ``text="sharded"``: RoPE rows of the wrong text tokens
+    (txt_ids not split like encoder_hidden_states), the single-stream block cutting its
+    [text, image] stream at the full text length instead of this rank's share, text chunks
+    of uneven size (6 over 4 ranks) or an empty one (3 over 4) dropped or misplaced, and the
+    text stream still computed whole on every rank (the text embedder must see only this
+    rank's chunk).
+    """
+    results = ranks(4).run(
+        compare,
+        strategy,
+        make_model_for_text,
+        make_inputs,
+        text,
+        text="sharded",
+        topology="2x2",
+        transport="shm",
+    )
+    assert_matches(results)
+    for rank, res in enumerate(results):
+        assert res["text_layout"] == "sharded", (rank, res)
+        assert res["text_rows"] == chunk_sizes(text, 4)[rank], (rank, res)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -104,9 +141,53 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     full_image = LAYERS * BATCH * IMG * seq * HEADS
     full_text = LAYERS * BATCH * TEXT * seq * HEADS
     counts = ranks(4).run(
-        count_pairs, strategy, make_model, make_inputs, topology="2x2", transport="shm"
+        count_pairs,
+        strategy,
+        make_model,
+        make_inputs,
+        text="replicated",
+        topology="2x2",
+        transport="shm",
     )
     assert_work_split(counts, full_video=full_image, full_text=full_text, tokens=IMG)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_text_work_is_split(ranks, strategy: str) -> None:
+    """Catches sharded text computed more than once or not at all: with text split like the
+    image, every (query, key) pair of [text, image] x [text, image] must still be computed
+    exactly once in total, about 1/world on each rank."""
+    seq = TEXT + IMG
+    counts = ranks(4).run(
+        count_pairs,
+        strategy,
+        make_model,
+        make_inputs,
+        text="sharded",
+        topology="2x2",
+        transport="shm",
+    )
+    full_image = LAYERS * BATCH * IMG * seq * HEADS
+    full_text = LAYERS * BATCH * TEXT * seq * HEADS
+    assert_work_split(counts, full_video=full_image, full_text=full_text, tokens=IMG)
+
+
+def test_text_layout_is_resolved() -> None:
+    """Catches ``text="auto"`` not choosing the sharded layout Flux supports (every rank
+    would then run the whole text stream), a layout asked for being ignored, and a misspelt
+    layout being accepted (the message must list the allowed ones)."""
+    ctx: Any = None  # strategy "auto": nothing here touches the context
+    cases: list[tuple[TextLayout, str]] = [
+        ("auto", "sharded"),
+        ("sharded", "sharded"),
+        ("replicated", "replicated"),
+    ]
+    for text, resolved in cases:
+        assert parallelize(make_model(), ctx=ctx, text=text).state.text == resolved, text
+    with pytest.raises(
+        ValueError, match=r"text must be one of \['auto', 'replicated', 'sharded'\], got 'split'"
+    ):
+        parallelize(make_model(), ctx=ctx, text="split")  # type: ignore[call-overload]
 
 
 def _errors(ctx: sf_comm.Context) -> list[str]:
@@ -154,4 +235,18 @@ def test_plan_validation() -> None:
         )
     with pytest.raises(ValueError, match="must map str -> int dim"):
         SequenceParallelPlan(split_inputs={"x": "1"}, attach=FLUX_PLAN.attach)  # type: ignore[dict-item]
+    with pytest.raises(
+        ValueError, match=r"sharded_text_inputs \['t'\] are not in replicated_inputs"
+    ):
+        SequenceParallelPlan(
+            split_inputs={"x": 1}, sharded_text_inputs={"t": 1}, attach=FLUX_PLAN.attach
+        )
+    with pytest.raises(ValueError, match=r"sharded_text_inputs must map str -> int dim"):
+        SequenceParallelPlan(
+            split_inputs={"x": 1},
+            replicated_inputs={"t": 1},
+            sharded_text_inputs={"t": None},  # type: ignore[dict-item]
+            attach=FLUX_PLAN.attach,
+        )
     assert dict(FLUX_PLAN.split_inputs) == {"hidden_states": 1, "img_ids": -2}
+    assert dict(FLUX_PLAN.sharded_text_inputs) == {"encoder_hidden_states": 1, "txt_ids": -2}

@@ -189,6 +189,7 @@ def _misuse(ctx: sf_comm.Context) -> list[str]:
     pipe = make_flux_pipe()
     cases = [
         lambda: parallelize(pipe, ctx=ctx, decode_on="gpu0"),  # type: ignore[call-overload]
+        lambda: parallelize(pipe, ctx=ctx, text="split"),  # type: ignore[call-overload]
         lambda: parallelize(pipe.transformer, ctx=ctx, cfg_parallel=True),  # type: ignore[call-overload]
         lambda: parallelize(parallelize(make_flux_pipe(), ctx=ctx), ctx=ctx),
         lambda: parallelize(torch.nn.Linear(2, 2), ctx=ctx),
@@ -198,11 +199,26 @@ def _misuse(ctx: sf_comm.Context) -> list[str]:
 
 def test_misuse_names_the_problem(ranks) -> None:
     """Catches bad arguments being accepted and failing later or silently: an unknown
-    ``decode_on``, ``cfg_parallel`` on a bare transformer (which has no guidance branches to
+    ``decode_on`` or ``text`` layout, ``cfg_parallel`` on a bare transformer (which has no guidance branches to
     split), a pipeline parallelized twice (the second wrapper would shard shards), and a
     model with no plan."""
     msgs = ranks(4).run(_misuse, topology="2x2", transport="shm")[0]
     assert "decode_on must be one of ('rank0', 'all'), got 'gpu0'" in msgs[0], msgs[0]
-    assert "cfg_parallel=True needs the pipeline" in msgs[1], msgs[1]
-    assert "already parallelized" in msgs[2], msgs[2]
-    assert "no sequence-parallel plan for Linear" in msgs[3], msgs[3]
+    assert "text must be one of ['auto', 'replicated', 'sharded'], got 'split'" in msgs[1], msgs[1]
+    assert "cfg_parallel=True needs the pipeline" in msgs[2], msgs[2]
+    assert "already parallelized" in msgs[3], msgs[3]
+    assert "no sequence-parallel plan for Linear" in msgs[4], msgs[4]
+
+
+def _text_layouts(ctx: sf_comm.Context) -> list[str]:
+    return [
+        parallelize(make_flux_pipe(), ctx=ctx, text=text).transformer.state.text
+        for text in ("auto", "replicated", "sharded")
+    ]
+
+
+def test_text_layout_reaches_the_transformer(ranks) -> None:
+    """Catches ``parallelize(pipe, text=...)`` not passing the text layout on to the
+    pipeline's transformer (it would run with the default whatever was asked)."""
+    for layouts in ranks(4).run(_text_layouts, topology="2x2", transport="shm"):
+        assert layouts == ["sharded", "replicated", "sharded"], layouts

@@ -4,7 +4,8 @@ Every rank builds the same random-weight model and inputs from fixed seeds, runs
 parallelized model on the full inputs and compares its (full) output with the original model
 run in one process (tolerance: see ``tests/models/_common.py``). The config has both SD3.5
 features: a dual-attention block (image-only ``attn2`` next to the joint ``attn``) with RMS
-qk-norm, then a ``context_pre_only`` last block.
+qk-norm, then a ``context_pre_only`` last block. Text tokens are replicated on every rank or
+sharded like the image tokens (``text=``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
+from sf_attn import chunk_sizes
 from sf_models.parallelize import parallelize
 from sf_models.plan import supported_models
 from sf_models.sd3 import SD3_PLAN
@@ -54,14 +56,19 @@ def make_model(heads: int = HEADS) -> Any:  # an SD3Transformer2DModel (diffuser
     return model.eval()
 
 
-def make_inputs() -> dict[str, torch.Tensor]:
+def make_inputs(text: int = TEXT) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return dict(
         hidden_states=torch.randn(BATCH, 4, *LATENT, generator=g),
-        encoder_hidden_states=torch.randn(BATCH, TEXT, 24, generator=g),
+        encoder_hidden_states=torch.randn(BATCH, text, 24, generator=g),
         pooled_projections=torch.randn(BATCH, 16, generator=g),
         timestep=torch.rand(BATCH, generator=g) * 1000,
     )
+
+
+def make_model_for_text(text: int) -> Any:
+    """:func:`make_model` (the helpers pass ``make_inputs``' arguments to both builders)."""
+    return make_model()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -75,9 +82,41 @@ def test_parallel_sd3_matches_single_process(ranks, world: int, topo: str, strat
     model computes when called outside the wrapper.
     """
     results = ranks(world).run(
-        compare, strategy, make_model, make_inputs, topology=topo, transport="shm"
+        compare,
+        strategy,
+        make_model,
+        make_inputs,
+        text="replicated",
+        topology=topo,
+        transport="shm",
     )
     assert_matches(results)
+    assert all(r["text_rows"] == TEXT for r in results), results  # every rank: all text
+
+
+@pytest.mark.parametrize("text", [TEXT, 3])  # over 4 ranks: 2, 2, 1, 1 and 1, 1, 1, 0 tokens
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_text_matches_single_process(ranks, strategy: str, text: int) -> None:
+    """Catches a wrong text split under ``text="sharded"``: text chunks of uneven size (6
+    over 4 ranks) or an empty one (3 over 4) dropped or misplaced, the joint attention
+    treating a rank's text chunk as the whole text, the ``context_pre_only`` last block
+    mishandling a text chunk, and the text stream still computed whole on every rank (the
+    text embedder must see only this rank's chunk).
+    """
+    results = ranks(4).run(
+        compare,
+        strategy,
+        make_model_for_text,
+        make_inputs,
+        text,
+        text="sharded",
+        topology="2x2",
+        transport="shm",
+    )
+    assert_matches(results)
+    for rank, res in enumerate(results):
+        assert res["text_layout"] == "sharded", (rank, res)
+        assert res["text_rows"] == chunk_sizes(text, 4)[rank], (rank, res)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -93,7 +132,32 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     full_video = BATCH * HEADS * (LAYERS * IMG * seq + IMG * IMG)  # 2 joint + 1 image-only
     full_text = BATCH * HEADS * LAYERS * TEXT * seq
     counts = ranks(4).run(
-        count_pairs, strategy, make_model, make_inputs, topology="2x2", transport="shm"
+        count_pairs,
+        strategy,
+        make_model,
+        make_inputs,
+        text="replicated",
+        topology="2x2",
+        transport="shm",
+    )
+    assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=IMG)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_text_work_is_split(ranks, strategy: str) -> None:
+    """Catches sharded text computed more than once or not at all: every (query, key) pair,
+    text queries included, once in total and ~1/4 per rank, as with replicated text."""
+    seq = IMG + TEXT
+    full_video = BATCH * HEADS * (LAYERS * IMG * seq + IMG * IMG)  # 2 joint + 1 image-only
+    full_text = BATCH * HEADS * LAYERS * TEXT * seq
+    counts = ranks(4).run(
+        count_pairs,
+        strategy,
+        make_model,
+        make_inputs,
+        text="sharded",
+        topology="2x2",
+        transport="shm",
     )
     assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=IMG)
 
@@ -121,7 +185,11 @@ def test_errors_name_the_problem(ranks) -> None:
 
 
 def test_plan_is_registered() -> None:
-    """Catches the SD3 plan not being found by class name, or splitting the wrong submodule."""
+    """Catches the SD3 plan not being found by class name, splitting the wrong submodule or
+    text input, or ``text="auto"`` not choosing the sharded text SD3 supports."""
     assert "SD3Transformer2DModel" in supported_models()
     assert dict(SD3_PLAN.split_module_outputs) == {"pos_embed": 1}
     assert dict(SD3_PLAN.gather_module_outputs) == {"proj_out": 1}
+    assert dict(SD3_PLAN.sharded_text_inputs) == {"encoder_hidden_states": 1}
+    ctx: Any = None  # strategy "auto": nothing here touches the context
+    assert parallelize(make_model(), ctx=ctx).state.text == "sharded"  # text="auto"

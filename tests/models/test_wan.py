@@ -16,6 +16,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from sf_models.parallelize import parallelize
+
 from ._common import (
     STRATEGIES,
     WORLDS,
@@ -111,3 +113,16 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
         count_pairs, strategy, make_model, make_inputs, topology="2x2", transport="shm"
     )
     assert_work_split(counts, full_video=full_video, full_text=0, tokens=TOKENS)
+
+
+def test_text_stays_replicated() -> None:
+    """Catches ``text="auto"`` sharding Wan's text (its cross-attention reads all text keys
+    on every rank, so its plan keeps text replicated) and ``text="sharded"`` being accepted
+    for it instead of refused with a message naming the model and those that support it."""
+    ctx: Any = None  # strategy "auto": nothing here touches the context
+    assert parallelize(make_model(), ctx=ctx).state.text == "replicated"  # text="auto"
+    with pytest.raises(ValueError) as info:
+        parallelize(make_model(), ctx=ctx, text="sharded")
+    message = str(info.value)
+    assert "text='sharded' is not supported by WanTransformer3DModel" in message, message
+    assert "['FluxTransformer2DModel', 'SD3Transformer2DModel']" in message, message

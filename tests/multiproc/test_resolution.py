@@ -57,8 +57,9 @@ def _job_plan_is_the_run_plan(ctx: sf_comm.Context) -> list[bool]:
 
     model = job.build_model(None, torch.float32)
     inputs = job.make_inputs(model, 128, 128, 7, torch.float32)
-    printed = job.attention_plan(ctx, model, inputs, torch.float32)  # what `run` prints
     sp = parallelize(model, ctx=ctx, strategy="auto")
+    # what `run` prints
+    printed = job.attention_plan(ctx, model, inputs, torch.float32, text=sp.state.text)
     velocity = job.cfg_velocity(sp, inputs, 1.0)
     real = resolution._resolve
     resolution._resolve, seen = _recording(real)  # type: ignore[assignment]
@@ -71,8 +72,9 @@ def _job_plan_is_the_run_plan(ctx: sf_comm.Context) -> list[bool]:
 
 
 def test_job_prints_the_plan_its_layers_run(ranks) -> None:
-    """Catches the main job printing a plan resolved without the layer's batch and text
-    length, which could differ from the strategy its attention layers ran."""
+    """Catches the main job printing a plan resolved without the layer's batch, text length
+    or text layout (sharded text is sequence), which could differ from the strategy its
+    attention layers ran."""
     for rank, checks in enumerate(
         ranks(4).run(_job_plan_is_the_run_plan, topology="2x2", transport="shm")
     ):

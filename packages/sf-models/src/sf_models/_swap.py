@@ -41,9 +41,10 @@ class SequenceParallelProcessor(abc.ABC):
 
     and a subclass's :meth:`forward` is ``inner``'s computation with the attention call replaced
     by :meth:`self_attention` (this rank's tokens over the whole split sequence) or
-    :meth:`joint_attention` (plus replicated text tokens).
+    :meth:`joint_attention` (plus text tokens, replicated or sharded).
 
-    Subclasses set :attr:`model_name`, :attr:`replaces` and :attr:`seq_len_key`, implement
+    Subclasses set :attr:`model_name`, :attr:`replaces` and :attr:`seq_len_key` (and
+    :attr:`text_len_key` where the text is not ``encoder_hidden_states``), implement
     :meth:`forward`, and override :meth:`check` where they refuse other arguments than a
     mask, or take one.
 
@@ -56,6 +57,8 @@ class SequenceParallelProcessor(abc.ABC):
     model_name: ClassVar[str]  # for messages, e.g. "Flux"
     replaces: ClassVar[type]  # the diffusers processor class this one stands in for
     seq_len_key: ClassVar[str]  # ShardState.lengths key of the split sequence's full length
+    # ShardState.lengths key of the text's full length (the forward input that carries it)
+    text_len_key: ClassVar[str] = "encoder_hidden_states"
 
     def __init__(self, state: ShardState, inner: Any) -> None:
         self.state = state
@@ -127,6 +130,11 @@ class SequenceParallelProcessor(abc.ABC):
         assert isinstance(out, torch.Tensor)  # no joint: one tensor back
         return out.flatten(2, 3).to(query.dtype)
 
+    @property
+    def text_len(self) -> int:
+        """Full (unsplit) text length in the current call (0 without text)."""
+        return self.state.lengths.get(self.text_len_key, 0)
+
     def joint_attention(
         self,
         query: torch.Tensor,
@@ -135,13 +143,18 @@ class SequenceParallelProcessor(abc.ABC):
         text: QKV,
         text_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`self_attention` joined by replicated text tokens ``text`` = (q, k, v), each
-        [B, T, H, D]: (this rank's rows, the text rows [B, T, H * D]), in ``query``'s dtype.
+        """:meth:`self_attention` joined by the text tokens ``text`` = (q, k, v), each
+        [B, T_local, H, D]: (this rank's rows, the text rows [B, T_local, H * D]), in
+        ``query``'s dtype. ``T_local`` is all ``T`` text tokens with replicated text, this
+        rank's chunk of them with sharded text (``state.text``, Note [Text layouts] in
+        :mod:`sf_models.plan`); ``text_mask`` [B, T_local] covers the same tokens.
 
         Equivalent plain code: ``sdpa(cat([text, q]), cat([text, k]), cat([text, v]),
-        attn_mask=text keys masked by text_mask [B, T])`` on the gathered sequence.
+        attn_mask=text keys masked by text_mask)`` on the gathered text and sequence, then
+        this rank's rows of each (all text rows with replicated text).
         """
         state = self.state
+        sharded = state.text == "sharded"
         out, text_out = sf_attn.parallel_attention(
             query,
             key,
@@ -150,7 +163,10 @@ class SequenceParallelProcessor(abc.ABC):
             strategy=state.strategy,
             joint=text,
             joint_mask=text_mask,
+            text=state.text,
             seq_len=self.seq_len,
+            # Sharded: saves the text shape check. Replicated: the joint tensors' own length.
+            text_len=self.text_len if sharded else None,
         )
         return out.flatten(2, 3).to(query.dtype), text_out.flatten(2, 3).to(query.dtype)
 

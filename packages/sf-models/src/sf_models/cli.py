@@ -146,7 +146,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _check_heads(abench.STRATEGIES, topo, args.heads, "--heads")
         shape = (args.batch, args.seq, args.heads, args.head_dim)
         rows = abench.run(
-            world, str(topo), shape, _DTYPES[args.dtype], iters=args.iters, text=args.text
+            world,
+            str(topo),
+            shape,
+            _DTYPES[args.dtype],
+            iters=args.iters,
+            text=args.text,
+            text_layouts=("replicated", "sharded")
+            if args.text_layout == "both"
+            else (args.text_layout,),
         )
         print(
             f"attention {shape} + {args.text} joint text tokens, {args.dtype}, on {world} CPU "
@@ -202,7 +210,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sp_world = world // 2 if args.cfg_parallel else world
     print(
         f"{report['tokens']} image tokens + {report['text']} text tokens; plan for strategy=auto: "
-        f"{name} (Ulysses degree {p_u}, Ring degree {sp_world // p_u})"
+        f"{name} (Ulysses degree {p_u}, Ring degree {sp_world // p_u}), text "
+        f"{report['text_layout']}"
     )
     print(f"single process: {report['single_step_s'] * 1e3:.1f} ms/step")
     head = f"{'strategy':<9} {'ms/step':>9} {'vs 1 proc':>10} {'rel err':>9} {'MB/step sent by rank 0':>23}"
@@ -347,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--text", type=nonneg_int, default=0, help="attention: joint text tokens (MMDiT)"
+    )
+    bench.add_argument(
+        "--text-layout",
+        choices=["replicated", "sharded", "both"],
+        default="both",
+        help="attention: how the joint text is laid out across ranks (default: both, side by side)",
     )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(fn=_cmd_bench)

@@ -3,8 +3,10 @@
 Image tokens (``hidden_states`` [B, img, C]) are split along dim 1 and their position ids
 (``img_ids`` [img, 3]) along their rows, so the model's own ``pos_embed`` yields RoPE cos/sin
 for the text rows plus this rank's image rows: exactly the rows of the q/k it holds (Note
-[Flux RoPE rows]). Text tokens (``encoder_hidden_states``, ``txt_ids``) stay replicated. The
-output ``sample`` is gathered along dim 1.
+[Flux RoPE rows]). Text tokens (``encoder_hidden_states`` [B, text, C], ``txt_ids``
+[text, 3]) stay replicated, or with ``text="sharded"`` are split the same way, along dim 1 and
+their rows (Note [Text layouts] in :mod:`sf_models.plan`). The output ``sample`` is gathered
+along dim 1.
 
 Attention is swapped through diffusers' processor hook: :class:`FluxSequenceParallelProcessor`
 replaces each ``FluxAttnProcessor``. Its plain-code equivalent is ``FluxAttnProcessor``
@@ -15,11 +17,15 @@ itself; the one change is the attention call::
     -> img_out, text_out = parallel_attention(q[:, text:], ..., joint=(q[:, :text], ...))
     out = cat([text_out, img_out])                            # same rows as the original
 
+(with sharded text, ``text`` is this rank's text chunk and the call passes ``text="sharded"``.)
 Dual-stream blocks project text and image separately and concatenate them in the processor;
 single-stream blocks concatenate ``[text, image_local]`` before the processor. Both arrive as
 one ``[text, image_local]`` stream, so one processor serves both: it cuts the stream at the
-text length (known from the block for dual-stream, from the call's ``encoder_hidden_states``
-for single-stream) and passes the replicated text part as ``joint=``.
+text length this rank holds (known from the block for dual-stream; for single-stream, the
+call's full text length, or this rank's chunk of it with sharded text,
+:meth:`~sf_models.plan.ShardState.text_rows`) and passes the text part as ``joint=``. The
+single-stream block cuts its output at its local ``encoder_hidden_states.shape[1]``, which is
+that same length.
 
 CFG parallel (:mod:`sf_models.cfg`): ``FluxPipeline``'s true classifier-free guidance calls
 the transformer twice per step, prompt then negative prompt (:data:`FLUX_CFG_PLAN`, "paired").
@@ -71,21 +77,22 @@ class FluxSequenceParallelProcessor(SequenceParallelProcessor):
             e_query = attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim)))
             e_key = attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim)))
             e_value = e_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([e_query, query], dim=1)  # [B, text + img_local, H, D]
+            query = torch.cat([e_query, query], dim=1)  # [B, text_local + img_local, H, D]
             key = torch.cat([e_key, key], dim=1)
             value = torch.cat([e_value, value], dim=1)
         else:
-            # Single-stream block: hidden_states is already cat([text, image_local]).
-            text_len = self.state.lengths.get("encoder_hidden_states", 0)
+            # Single-stream block: hidden_states is already cat([text_local, image_local]),
+            # text_local all of the text, or this rank's chunk of it (Note [Text layouts]).
+            text_len = self.state.text_rows(self.text_len)
         if rotary is not None:
             # (cos, sin); diffusers annotates the argument as a 1-tuple.
             query = apply_rotary_emb(query, rotary, sequence_dim=1)  # type: ignore[arg-type]
             key = apply_rotary_emb(key, rotary, sequence_dim=1)  # type: ignore[arg-type]
 
         text, image = split_tokens((query, key, value), text_len)
-        if text_len:
+        if self.text_len:  # sharded, a rank's text chunk may be empty: it still joins
             img_out, text_out = self.joint_attention(*image, text=text)
-            out = torch.cat([text_out, img_out], dim=1)  # [B, text + img_local, H * D]
+            out = torch.cat([text_out, img_out], dim=1)  # [B, text_local + img_local, H * D]
         else:
             out = self.self_attention(*image)
 
@@ -101,6 +108,8 @@ FLUX_PLAN = SequenceParallelPlan(
         "img_ids": -2,
     },  # img_ids: [img, 3] (or deprecated [1, img, 3])
     replicated_inputs={"encoder_hidden_states": 1, "txt_ids": -2},
+    # text="sharded": text tokens split like the image tokens (Note [Flux RoPE rows]).
+    sharded_text_inputs={"encoder_hidden_states": 1, "txt_ids": -2},
     output_dims={0: 1},  # sample [B, img, C]
     # Per-image-token residuals would need splitting too; not planned yet.
     unsupported_inputs=("controlnet_block_samples", "controlnet_single_block_samples"),
@@ -126,4 +135,6 @@ register_cfg_plan("FluxPipeline", FLUX_CFG_PLAN)
 # in the order [text, image]. With img_ids split by the same tensor_split as hidden_states,
 # each rank's rows are [text, its image chunk], which is exactly the order of the q/k rows the
 # processor holds (text first in both block kinds), so apply_rotary_emb needs no offsets and
-# no rank ever computes RoPE for rows it does not own.
+# no rank ever computes RoPE for rows it does not own. With sharded text, txt_ids is split by
+# the same tensor_split as encoder_hidden_states, so the rows are [its text chunk, its image
+# chunk]: again the order of the q/k rows the processor holds (text_local first).

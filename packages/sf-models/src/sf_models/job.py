@@ -140,20 +140,33 @@ def denoise(
 
 
 def attention_plan(
-    ctx: Any, model: Any, inputs: dict[str, torch.Tensor], dtype: torch.dtype
+    ctx: Any,
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    text: str,
 ) -> sf_attn.Resolution:
     """What ``strategy="auto"`` runs in the model's attention layers: :func:`sf_attn.resolve`
-    with the arguments its processors pass (the same object, so the plan printed is the plan
-    run)."""
+    with the arguments ``parallel_attention`` passes it (the same object, so the plan printed
+    is the plan run).
+
+    Args:
+        text: the resolved text layout the model runs with (``state.text`` of the wrapper):
+            replicated text joins each attention as text; sharded text is ordinary sequence
+            in front of the image tokens (Note [Text layouts] in :mod:`sf_models.plan`).
+    """
     cfg = model.config
+    image, text_len = inputs["hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1]
+    sharded = text == "sharded"
     return sf_attn.resolve(
         ctx,
-        seq_len=inputs["hidden_states"].shape[1],
+        seq_len=image + text_len if sharded else image,
         heads=cfg.num_attention_heads,
         head_dim=cfg.attention_head_dim,
         dtype=dtype,
         batch=inputs["hidden_states"].shape[0],
-        text_len=inputs["encoder_hidden_states"].shape[1],
+        text_len=0 if sharded else text_len,
     )
 
 
@@ -175,13 +188,15 @@ def _rank_job(
     sp_ctx: Any = ctx
     if cfg_parallel:
         sp_ctx, cross = ctx.split(2)
-    chosen = attention_plan(sp_ctx, model, inputs, dtype)
     sp: Any
     if compile_inner:  # the one-line path: torch.compile with the streamfusion backend
         options = {"ctx": sp_ctx, "strategy": strategy, "inner_backend": compile_inner}
         sp = torch.compile(model, backend="streamfusion", dynamic=False, options=options)
+        text_layout = "replicated"  # the compile backend passes the whole text as joint=
     else:
-        sp = parallelize(model, ctx=sp_ctx, strategy=strategy)
+        sp = parallelize(model, ctx=sp_ctx, strategy=strategy)  # text="auto": sharded for Flux
+        text_layout = sp.state.text
+    chosen = attention_plan(sp_ctx, model, inputs, dtype, text=text_layout)
     if cfg_parallel:  # half 0 runs the prompt's branch, half 1 the negative prompt's
         sp = CFGParallelModel(
             sp, FLUX_CFG_PLAN, ctx=ctx, cross=cross, part=sp_ctx.index, forward=model.forward
@@ -200,6 +215,7 @@ def _rank_job(
         "latents": latents if ctx.rank == 0 else None,
         "step_s": times,
         "plan": (chosen.name, chosen.ulysses_degree),
+        "text_layout": text_layout,
         "bytes_sent": sum(sent.bytes_sent.values()) / steps,
         "trace": tracer.to_chrome(ctx.rank),
     }
@@ -275,6 +291,7 @@ def run(
             ).item()
             step = statistics.median(max(r["step_s"][i] for r in results) for i in range(steps))
             report["plan"] = results[0]["plan"]
+            report["text_layout"] = results[0]["text_layout"]
             report["strategies"][strategy] = {
                 "step_s": step,
                 "rel_err": err,

@@ -22,6 +22,7 @@ import sf_comm
 
 from . import cogvideox, flux, hunyuanvideo, sd3, wan  # noqa: F401  (register their plans)
 from .pipeline import DecodeOn, ParallelPipeline, parallelize_pipeline
+from .plan import TextLayout
 from .wrapper import SequenceParallelModel, parallelize_transformer
 
 if TYPE_CHECKING:
@@ -32,7 +33,11 @@ __all__ = ["parallelize"]
 
 @overload
 def parallelize(
-    model: torch.nn.Module, *, ctx: sf_comm.CommContext, strategy: str = "auto"
+    model: torch.nn.Module,
+    *,
+    ctx: sf_comm.CommContext,
+    strategy: str = "auto",
+    text: TextLayout = "auto",
 ) -> SequenceParallelModel: ...
 
 
@@ -42,6 +47,7 @@ def parallelize(
     *,
     ctx: sf_comm.Context,
     strategy: str = "auto",
+    text: TextLayout = "auto",
     cfg_parallel: bool = False,
     decode_on: DecodeOn = "rank0",
 ) -> ParallelPipeline: ...
@@ -52,6 +58,7 @@ def parallelize(
     *,
     ctx: sf_comm.CommContext,
     strategy: str = "auto",
+    text: TextLayout = "auto",
     cfg_parallel: bool = False,
     decode_on: DecodeOn = "rank0",
 ) -> SequenceParallelModel | ParallelPipeline:
@@ -73,6 +80,12 @@ def parallelize(
             of one, ``ctx.split``).
         strategy: ``sf_attn.parallel_attention`` strategy: "ulysses", "ring", "usp", "tas"
             or "auto".
+        text: where the text tokens of a joint-attention model live (Note [Text layouts] in
+            :mod:`sf_models.plan`): "replicated" (whole on every rank, which runs the text
+            stream's per-token layers on all of them), "sharded" (split across the ranks like
+            the image tokens, so no text compute is repeated; the models of
+            :func:`sf_models.plan.sharded_text_models`: Flux and SD3), or "auto" ("sharded"
+            where the model supports it, else "replicated").
         cfg_parallel: (pipelines) run the two classifier-free-guidance branches on the two
             halves of the world (:mod:`sf_models.cfg`).
         decode_on: (pipelines) "rank0" (other ranks return latents) or "all".
@@ -83,7 +96,9 @@ def parallelize(
     Raises:
         ValueError: the model class has no plan (the message lists the supported ones), the
             strategy is unknown, or it cannot split the model's heads on ``ctx``'s topology
-            (sf_attn's message, naming the heads and what fits); for a pipeline, see
+            (sf_attn's message, naming the heads and what fits); ``text`` is not one of
+            "auto", "replicated", "sharded", or is "sharded" for a model that keeps text
+            replicated (the message lists the models that support it); for a pipeline, see
             ``parallelize_pipeline``; ``cfg_parallel`` given with a bare transformer.
     """
     if _is_pipeline(model):
@@ -91,6 +106,7 @@ def parallelize(
             model,
             ctx=ctx,  # type: ignore[arg-type]
             strategy=strategy,
+            text=text,
             cfg_parallel=cfg_parallel,
             decode_on=decode_on,
         )
@@ -99,7 +115,7 @@ def parallelize(
             "parallelize: cfg_parallel=True needs the pipeline (it splits the pipeline's "
             f"guidance branches), got a {type(model).__name__}: call parallelize(pipe, ...)"
         )
-    return parallelize_transformer(model, ctx=ctx, strategy=strategy)
+    return parallelize_transformer(model, ctx=ctx, strategy=strategy, text=text)
 
 
 def _is_pipeline(model: Any) -> bool:

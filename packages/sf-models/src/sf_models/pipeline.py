@@ -39,7 +39,7 @@ import torch
 import sf_comm
 
 from .cfg import CFGParallelModel, CFGPlan, check_cfg_topology, get_cfg_plan
-from .plan import get_plan
+from .plan import TextLayout, get_plan, resolve_text
 from .wrapper import SequenceParallelModel, parallelize_transformer
 
 __all__ = ["DECODE_ON", "DecodeOn", "ParallelPipeline", "parallelize_pipeline"]
@@ -209,6 +209,7 @@ def parallelize_pipeline(
     *,
     ctx: sf_comm.Context,
     strategy: str = "auto",
+    text: TextLayout = "auto",
     cfg_parallel: bool = False,
     decode_on: DecodeOn = "rank0",
 ) -> ParallelPipeline:
@@ -224,6 +225,8 @@ def parallelize_pipeline(
         ctx: the job's communication context.
         strategy: the ``sf_attn.parallel_attention`` strategy ("auto", "ulysses", "ring",
             "usp", "tas").
+        text: the text layout of every transformer ("auto", "replicated", "sharded"; see
+            :func:`sf_models.parallelize`).
         cfg_parallel: run the two classifier-free-guidance branches on the two halves of the
             world, each half doing sequence parallelism (:mod:`sf_models.cfg`).
         decode_on: "rank0": only rank 0 decodes latents into images/frames, other ranks
@@ -235,7 +238,8 @@ def parallelize_pipeline(
 
     Raises:
         ValueError: a bad ``decode_on``; no transformer, or one without a plan (the message
-            lists the supported models); the pipeline is already parallelized; with
+            lists the supported models); a bad ``text``, or "sharded" for a transformer that
+            keeps text replicated; the pipeline is already parallelized; with
             ``cfg_parallel``: the pipeline has no CFG plan (lists the supported ones), or the
             topology does not split into two equal halves, or the strategy cannot split the
             model's heads on a half (the messages say what would work).
@@ -254,7 +258,8 @@ def parallelize_pipeline(
                 f"parallelize: {type(pipe).__name__}.{name} is already parallelized; use the "
                 f"ParallelPipeline the first parallelize(pipe, ...) returned"
             )
-        get_plan(getattr(pipe, name))  # no plan: fail before any collective
+        transformer = getattr(pipe, name)
+        resolve_text(transformer, get_plan(transformer), text)  # fail before any collective
     if decode_on == "rank0" and "output_type" not in inspect.signature(pipe.__call__).parameters:
         raise ValueError(
             f"decode_on='rank0' needs the pipeline's output_type argument to skip decoding on "
@@ -272,10 +277,10 @@ def parallelize_pipeline(
         transformer = getattr(pipe, name)
         wrapper: torch.nn.Module
         if cfg_plan is None:
-            wrapper = parallelize_transformer(transformer, ctx=ctx, strategy=strategy)
+            wrapper = parallelize_transformer(transformer, ctx=ctx, strategy=strategy, text=text)
         else:
             try:
-                model = parallelize_transformer(transformer, ctx=sub, strategy=strategy)
+                model = parallelize_transformer(transformer, ctx=sub, strategy=strategy, text=text)
             except ValueError as exc:
                 raise ValueError(
                     f"cfg_parallel=True: each half of topology {ctx.topology.shape[0]}x"

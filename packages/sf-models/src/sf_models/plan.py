@@ -14,6 +14,8 @@ Equivalent plain code (what every rank computes, up to floating-point rounding):
 What runs on each rank (:class:`sf_models.wrapper.SequenceParallelModel`)::
 
     for name, dim in plan.split_inputs:  inputs[name] = shard(inputs[name], ctx, dim)
+    if text == "sharded":                      # Note [Text layouts]
+        for name, dim in plan.sharded_text_inputs:  inputs[name] = shard(inputs[name], ctx, dim)
     out_local = model(**inputs)                # attention: parallel_attention over the shards
     for index, dim in plan.output_dims:  out[index] = gather(out_local[index], ctx, dim)
 
@@ -38,21 +40,29 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
+import sf_attn
 import sf_comm
 
 __all__ = [
+    "TEXT_LAYOUTS",
     "Attach",
     "SequenceParallelPlan",
     "ShardState",
+    "TextLayout",
     "get_plan",
     "register_plan",
     "registered_for",
+    "resolve_text",
+    "sharded_text_models",
     "supported_models",
 ]
+
+TextLayout = Literal["auto", "replicated", "sharded"]
+TEXT_LAYOUTS = ("auto", "replicated", "sharded")  # parallelize(..., text=); Note [Text layouts]
 
 T = TypeVar("T")
 
@@ -69,12 +79,29 @@ class ShardState:
             for the current call, e.g. ``{"hidden_states": 35, "encoder_hidden_states": 6}``;
             a split submodule output is keyed by the submodule's name (``"rope"``) and a split
             submodule input by ``"<submodule>.<argument>"`` (``"blocks.0.hidden_states"``).
+            Sharded text inputs are recorded with their full length too.
+        text: the text layout, resolved: "replicated" or "sharded" (Note [Text layouts]).
     """
 
     ctx: sf_comm.CommContext
     strategy: str
+    text: str = "replicated"
     active: bool = False
     lengths: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_LAYOUTS[1:]:
+            raise ValueError(
+                f"ShardState.text must be a resolved layout, one of {list(TEXT_LAYOUTS[1:])}; "
+                f"got {self.text!r} (resolve 'auto' with sf_models.plan.resolve_text)"
+            )
+
+    def text_rows(self, length: int) -> int:
+        """How many of ``length`` text tokens this rank holds: all of them with replicated
+        text, its chunk (``sf_attn.chunk_sizes(length, world)[rank]``) with sharded text."""
+        if self.text == "replicated":
+            return length
+        return sf_attn.chunk_sizes(length, self.ctx.world_size)[self.ctx.rank]
 
 
 Attach = Callable[[torch.nn.Module, ShardState], None]
@@ -106,6 +133,10 @@ class SequenceParallelPlan:
         split_inputs: forward argument name -> dim it is sharded along (``sf_attn.shard``).
         replicated_inputs: forward argument name -> its sequence dim; kept whole on every rank,
             only its length is recorded in :attr:`ShardState.lengths` (e.g. text tokens).
+        sharded_text_inputs: the replicated inputs that are split instead (``sf_attn.shard``
+            along the given dim) when the model runs with ``text="sharded"``; empty: the model
+            supports replicated text only (Note [Text layouts]). Every name must also be in
+            ``replicated_inputs`` (the layout it leaves).
         output_dims: output position (index into the returned tuple / ``ModelOutput``) -> dim
             it is gathered along (``sf_attn.gather``).
         unsupported_inputs: forward arguments that must be None (e.g. sequence-shaped extras
@@ -124,6 +155,7 @@ class SequenceParallelPlan:
 
     split_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     replicated_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    sharded_text_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     output_dims: Mapping[int, int] = dataclasses.field(default_factory=lambda: {0: 1})
     unsupported_inputs: tuple[str, ...] = ()
     split_module_inputs: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
@@ -139,6 +171,7 @@ class SequenceParallelPlan:
             )
         _check_dims("split_inputs", self.split_inputs, str)
         _check_dims("replicated_inputs", self.replicated_inputs, str)
+        _check_dims("sharded_text_inputs", self.sharded_text_inputs, str)
         _check_dims("output_dims", self.output_dims, int)
         _check_module_inputs(self.split_module_inputs)
         _check_dims("split_module_outputs", self.split_module_outputs, str)
@@ -146,12 +179,19 @@ class SequenceParallelPlan:
         both = sorted(set(self.split_inputs) & set(self.replicated_inputs))
         if both:
             raise ValueError(f"SequenceParallelPlan: inputs {both} are both split and replicated")
+        stray = sorted(set(self.sharded_text_inputs) - set(self.replicated_inputs))
+        if stray:
+            raise ValueError(
+                f"SequenceParallelPlan.sharded_text_inputs {stray} are not in replicated_inputs "
+                f"{sorted(self.replicated_inputs)}; only replicated inputs can be sharded instead"
+            )
         if not callable(self.attach):
             raise ValueError(f"SequenceParallelPlan.attach must be callable, got {self.attach!r}")
         # Frozen plans are shared by every model of a class: make the maps read-only too.
         for name in (
             "split_inputs",
             "replicated_inputs",
+            "sharded_text_inputs",
             "output_dims",
             "split_module_outputs",
             "gather_module_outputs",
@@ -189,6 +229,33 @@ def get_plan(model: torch.nn.Module) -> SequenceParallelPlan:
     )
 
 
+def sharded_text_models() -> list[str]:
+    """Class names whose plan supports ``text="sharded"``."""
+    return sorted(name for name, plan in _PLANS.items() if plan.sharded_text_inputs)
+
+
+def resolve_text(model: torch.nn.Module, plan: SequenceParallelPlan, text: str) -> str:
+    """The text layout ``model`` runs with for ``parallelize(..., text=text)``: "sharded" or
+    "replicated"; "auto" is "sharded" where ``plan`` supports it (Note [Text layouts]).
+
+    Raises:
+        ValueError: ``text`` is not one of :data:`TEXT_LAYOUTS`, or it is "sharded" and the
+            plan keeps text replicated (the message names the models that support it).
+    """
+    if text not in TEXT_LAYOUTS:
+        raise ValueError(f"parallelize: text must be one of {list(TEXT_LAYOUTS)}, got {text!r}")
+    supported = bool(plan.sharded_text_inputs)
+    if text == "sharded" and not supported:
+        raise ValueError(
+            f"parallelize: text='sharded' is not supported by {type(model).__name__}, whose "
+            f"text tokens stay replicated; models that support it: {sharded_text_models()}. "
+            f"Use text='replicated' or 'auto'"
+        )
+    if text == "auto":
+        return "sharded" if supported else "replicated"
+    return text
+
+
 def registered_for(registry: Mapping[str, T], obj: object) -> T | None:
     """``registry``'s entry for ``obj``'s class, or for its nearest base class, by class name
     (plans are registered by name so that modules need not import the classes)."""
@@ -217,3 +284,21 @@ def registered_for(registry: Mapping[str, T], obj: object) -> T | None:
 # full sequence. RoPE tables computed from the full grid are sharded the same way, so each
 # rank holds exactly the rows of its own tokens. The hooks are no-ops outside a parallel
 # forward (Note [Inactive processors]) and must sit on submodules that run once per forward.
+
+
+# Note [Text layouts]
+# Joint-attention models (Flux, SD3, ...) carry text tokens beside the image tokens. Two
+# layouts, chosen by parallelize(..., text=):
+# - "replicated": every rank holds all text tokens and runs the text stream's per-token layers
+#   (embedder, projections, MLPs, norms) on all of them; the attention gets the whole text as
+#   ``joint=`` and returns the whole text output on every rank.
+# - "sharded" (xDiT's layout): the plan's ``sharded_text_inputs`` are split across the ranks
+#   like the image tokens, so each rank runs the text stream's per-token layers on its own
+#   text chunk only (nothing is computed twice), and the attention gets this rank's text chunk
+#   as ``joint=`` with ``text="sharded"`` and returns this rank's text rows. Processors that
+#   cut a stream at the text length use :meth:`ShardState.text_rows` (the local length).
+# "auto" is "sharded" where the plan lists sharded_text_inputs, else "replicated": the text
+# stream is small next to the image stream, but its per-token layers are as wide, and under
+# replication every rank pays for all of them. A plan may list them only if its model has no
+# layer that mixes text tokens outside the attention (true of Flux and SD3, whose text stream
+# is per-token everywhere else).

@@ -4,9 +4,12 @@ SD3 takes the latent [B, C, H, W] and patchifies inside ``forward``; ``pos_embed
 ``PatchEmbed``: conv + cropped 2-D sin-cos table for the whole grid) returns the image tokens
 [B, img, D]. The plan shards that output along dim 1 and gathers ``proj_out``'s output
 [B, img, p*p*C] along dim 1, so the model's own unpatchify sees every token (Note [Split
-inside the model] in :mod:`sf_models.plan`). Text tokens (``encoder_hidden_states``,
-after ``context_embedder``) stay replicated. SD3 has no RoPE: the positional table is added
-inside ``pos_embed`` on the full grid, before the split, so it is exact.
+inside the model] in :mod:`sf_models.plan`). Text tokens (``encoder_hidden_states``) stay
+replicated, or with ``text="sharded"`` are split along dim 1 at the forward input: every
+layer of the text stream outside the attention (``context_embedder``, the blocks' norms,
+projections and MLPs) is per-token (Note [Text layouts] in :mod:`sf_models.plan`). SD3 has no
+RoPE: the positional table is added inside ``pos_embed`` on the full grid, before the split,
+so it is exact.
 
 Attention is swapped through diffusers' processor hook: :class:`SD3SequenceParallelProcessor`
 replaces each ``JointAttnProcessor2_0``. Its plain-code equivalent is ``JointAttnProcessor2_0``;
@@ -15,6 +18,8 @@ the one change is the attention call::
     q, k, v = cat([image, text]) after projections and qk-norms    # [B, img + text, H, D]
     out = sdpa(q, k, v)                                            # original: all tokens local
     -> img_out, text_out = parallel_attention(q_img, k_img, v_img, joint=(q_txt, k_txt, v_txt))
+
+(with sharded text, ``q_txt``... are this rank's text chunk and ``text_out`` its rows.)
 
 The SD3.5 second attention (``attn2``, image tokens only, ``encoder_hidden_states=None``) is
 the same call without ``joint``. The last block is ``context_pre_only``: like the original,
@@ -85,7 +90,7 @@ class SD3SequenceParallelProcessor(SequenceParallelProcessor):
         if encoder_hidden_states is None:  # SD3.5 attn2: image tokens only
             return project_out(attn, self.self_attention(query, key, value))
 
-        text = project_qkv(attn, encoder_hidden_states, added=True)  # [B, text, H, D] each
+        text = project_qkv(attn, encoder_hidden_states, added=True)  # [B, text_local, H, D]
         img_out, text_out = self.joint_attention(query, key, value, text=text)
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
@@ -96,6 +101,7 @@ SD3_PLAN = SequenceParallelPlan(
     split_module_outputs={_IMAGE: 1},  # image tokens [B, img, D] (+ sin-cos table)
     gather_module_outputs={"proj_out": 1},  # [B, img, p*p*C], before the unpatchify
     replicated_inputs={"encoder_hidden_states": 1},
+    sharded_text_inputs={"encoder_hidden_states": 1},  # text="sharded": [B, text, C] split
     output_dims={},  # the output latent is already whole (gathered before unpatchify)
     # Per-image-token residuals would need splitting too; not planned yet.
     unsupported_inputs=("block_controlnet_hidden_states",),

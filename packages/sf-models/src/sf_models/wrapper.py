@@ -4,7 +4,8 @@
 looks up the model's :class:`~sf_models.plan.SequenceParallelPlan`, lets the plan swap the
 model's attention processors, installs the plan's submodule hooks and returns a
 :class:`SequenceParallelModel`, which splits the plan's inputs and gathers its outputs around
-each call (the plain-code equivalent is in :mod:`sf_models.plan`).
+each call (the plain-code equivalent is in :mod:`sf_models.plan`), and with ``text="sharded"``
+splits the plan's text inputs as well (Note [Text layouts] in :mod:`sf_models.plan`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sf_attn
 import sf_comm
 
 from ._hooks import hooked_modules, install_module_hooks
-from .plan import SequenceParallelPlan, ShardState, get_plan
+from .plan import SequenceParallelPlan, ShardState, TextLayout, get_plan, resolve_text
 
 __all__ = ["SequenceParallelModel", "parallelize_transformer", "replace_outputs"]
 
@@ -61,6 +62,10 @@ class SequenceParallelModel(torch.nn.Module):
         for name, dim in plan.replicated_inputs.items():
             if isinstance(inputs.get(name), torch.Tensor):
                 lengths[name] = inputs[name].shape[dim]
+        if state.text == "sharded":  # Note [Text layouts] in sf_models.plan
+            for name, dim in plan.sharded_text_inputs.items():
+                if isinstance(inputs.get(name), torch.Tensor):
+                    inputs[name] = sf_attn.shard(inputs[name], ctx, dim)
         for name, dim in plan.split_inputs.items():
             value = inputs.get(name)
             if value is None:
@@ -99,19 +104,25 @@ def replace_outputs(out: Any, items: Mapping[int, torch.Tensor]) -> Any:
 
 
 def parallelize_transformer(
-    model: torch.nn.Module, *, ctx: sf_comm.CommContext, strategy: str = "auto"
+    model: torch.nn.Module,
+    *,
+    ctx: sf_comm.CommContext,
+    strategy: str = "auto",
+    text: TextLayout = "auto",
 ) -> SequenceParallelModel:
     """:func:`sf_models.parallelize` for a diffusers transformer (see there).
 
     Raises:
         ValueError: the model class has no plan (the message lists the supported ones), the
             strategy is unknown, it cannot split the model's heads on ``ctx``'s topology
-            (sf_attn's message), or the model lacks a submodule its plan hooks.
+            (sf_attn's message), the model lacks a submodule its plan hooks, ``text`` is not a
+            layout, or it is "sharded" and the plan keeps text replicated (the message lists
+            the models that support it).
     """
     plan = get_plan(model)
     if strategy != "auto":
         sf_attn.get_strategy(strategy)  # unknown names fail here, not mid-forward
-    state = ShardState(ctx=ctx, strategy=strategy)
+    state = ShardState(ctx=ctx, strategy=strategy, text=resolve_text(model, plan, text))
     hooked = hooked_modules(model, plan)  # before attach: a missing one leaves model untouched
     plan.attach(model, state)
     install_module_hooks(hooked, plan, state)
