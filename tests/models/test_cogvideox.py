@@ -4,7 +4,8 @@ Every rank builds the same random-weight model and inputs from fixed seeds, runs
 parallelized model on the full inputs and compares its (full) output with the original model
 run in one process (tolerance: see ``tests/models/_common.py``). Three configs: "5b" (RoPE,
 the 1.0 5B layout), "2b" (3-D sin-cos table added inside ``patch_embed``, no RoPE) and "1.5"
-(RoPE plus temporal patches, ``patch_size_t=2``).
+(RoPE plus temporal patches, ``patch_size_t=2``). Text tokens are replicated on every rank or
+sharded like the video tokens (``text=``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
+import sf_comm
+from sf_attn import chunk_sizes
 from sf_models.parallelize import parallelize
 
 from ._common import (
@@ -93,9 +96,47 @@ def test_parallel_cogvideox_matches_single_process(
     what the model computes when called outside the wrapper.
     """
     results = ranks(world).run(
-        compare, strategy, make_model, make_inputs, "5b", topology=topo, transport="shm"
+        compare,
+        strategy,
+        make_model,
+        make_inputs,
+        "5b",
+        text="replicated",
+        topology=topo,
+        transport="shm",
     )
     assert_matches(results)
+
+
+def _sharded(ctx: sf_comm.Context, strategy: str, variant: str) -> dict[str, object]:
+    """:func:`compare` with sharded text, plus the tokens the first block's feed-forward (a
+    per-token layer over [text, video]) ran on in the parallel call."""
+    rows: list[int] = []
+
+    def build(*args: Any) -> Any:
+        model = make_model(*args)
+        ff = model.transformer_blocks[0].ff
+        ff.register_forward_hook(lambda _, a, __: rows.append(a[0].shape[1]))
+        return model
+
+    res = compare(ctx, strategy, build, make_inputs, variant, text="sharded")
+    res["ff_rows"] = rows[1]  # [reference call, parallel call, tuple path, direct call]
+    return res
+
+
+@pytest.mark.parametrize(("strategy", "variant"), [*((s, "5b") for s in STRATEGIES), ("usp", "2b")])
+def test_sharded_text_matches_single_process(ranks, strategy: str, variant: str) -> None:
+    """Catches a wrong text split under ``text="sharded"`` (7 text tokens over 4 ranks: 2, 2,
+    2, 1): the text cut from ``patch_embed``'s stream split before the 2B sin-cos table is
+    added, the processor treating a rank's text chunk as the whole text, and the text stream
+    still computed whole on every rank (the first block's feed-forward must see only this
+    rank's text and video tokens)."""
+    results = ranks(4).run(_sharded, strategy, variant, topology="2x2", transport="shm")
+    assert_matches(results)
+    n = tokens(variant)
+    for rank, res in enumerate(results):
+        assert res["text_layout"] == "sharded", (rank, res)
+        assert res["ff_rows"] == chunk_sizes(TEXT, 4)[rank] + chunk_sizes(n, 4)[rank], res
 
 
 @pytest.mark.parametrize("variant", ["2b", "1.5"])
@@ -121,10 +162,17 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     n = tokens("5b")
     full_video = LAYERS * BATCH * HEADS * n * (n + TEXT)
     full_text = LAYERS * BATCH * HEADS * TEXT * (n + TEXT)
-    counts = ranks(4).run(
-        count_pairs, strategy, make_model, make_inputs, topology="2x2", transport="shm"
-    )
-    assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=n)
+    for text in ("replicated", "sharded"):
+        counts = ranks(4).run(
+            count_pairs,
+            strategy,
+            make_model,
+            make_inputs,
+            text=text,
+            topology="2x2",
+            transport="shm",
+        )
+        assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=n)
 
 
 def test_missing_submodule_is_named() -> None:

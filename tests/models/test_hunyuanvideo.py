@@ -6,6 +6,7 @@ run in one process (tolerance: see ``tests/models/_common.py``). The config has 
 one single-stream block, a token refiner layer and guidance embedding; the prompt mask leaves
 a different number of valid text tokens per batch entry. A second config is image-to-video
 with ``image_condition_type="token_replace"`` (first-frame tokens modulated separately).
+Text tokens are replicated on every rank or sharded like the video tokens (``text=``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
+
+import sf_comm
+from sf_attn import chunk_sizes
+from sf_models.parallelize import parallelize
 
 from ._common import (
     STRATEGIES,
@@ -82,9 +87,68 @@ def test_parallel_hunyuanvideo_matches_single_process(
     computes when called outside the wrapper.
     """
     results = ranks(world).run(
-        compare, strategy, make_model, make_inputs, topology=topo, transport="shm"
+        compare,
+        strategy,
+        make_model,
+        make_inputs,
+        text="replicated",
+        topology=topo,
+        transport="shm",
     )
     assert_matches(results)
+
+
+def _sharded(ctx: sf_comm.Context, strategy: str, condition: str | None) -> dict[str, object]:
+    """:func:`compare` with sharded text, plus the text tokens the dual-stream block's text
+    feed-forward (a per-token layer) ran on in the parallel call."""
+    rows: list[int] = []
+
+    def build(*args: Any) -> Any:
+        model = make_model(*args)
+        ff = model.transformer_blocks[0].ff_context
+        ff.register_forward_hook(lambda _, a, __: rows.append(a[0].shape[1]))
+        return model
+
+    res = compare(ctx, strategy, build, make_inputs, condition, text="sharded")
+    res["text_ff_rows"] = rows[1]  # [reference call, parallel call, tuple path, direct call]
+    return res
+
+
+@pytest.mark.parametrize(
+    ("strategy", "condition"), [*((s, None) for s in STRATEGIES), ("usp", "token_replace")]
+)
+def test_sharded_text_matches_single_process(ranks, strategy: str, condition: str | None) -> None:
+    """Catches the prompt mask lost or misaligned under ``text="sharded"``: 7 text tokens
+    over 4 ranks (2, 2, 2, 1) with 5 and 3 valid ones, so the padding starts inside a rank's
+    chunk and whole chunks are padding; the model's own mask, built from the local text
+    length, would let padding keys of later chunks attend. Also catches the refined prompt
+    not split (the text feed-forward must see only this rank's chunk)."""
+    results = ranks(4).run(_sharded, strategy, condition, topology="2x2", transport="shm")
+    assert_matches(results)
+    for rank, res in enumerate(results):
+        assert res["text_layout"] == "sharded", (rank, res)
+        assert res["text_ff_rows"] == chunk_sizes(TEXT, 4)[rank], (rank, res)
+
+
+def _too_few_text_tokens(ctx: sf_comm.Context) -> str:
+    inputs = make_inputs()
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :3]
+    inputs["encoder_attention_mask"] = inputs["encoder_attention_mask"][:, :3]
+    sp = parallelize(make_model(), ctx=ctx, strategy="usp", text="sharded")
+    try:
+        sp(**inputs)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_sharded_text_needs_a_token_per_rank(ranks) -> None:
+    """Catches 3 text tokens over 4 ranks reaching the single-stream block, which cuts
+    [video, text] at ``-text_len`` and would drop every video token of the empty chunk."""
+    messages = ranks(4).run(_too_few_text_tokens, topology="2x2", transport="shm")
+    assert all(
+        "needs a text token on every rank" in m and "3 text tokens over 4" in m for m in messages
+    )
 
 
 @pytest.mark.parametrize(("world", "topo"), WORLDS)
@@ -94,7 +158,14 @@ def test_parallel_token_replace_matches_single_process(ranks, world: int, topo: 
     other 3, so both the clamp and the offset are exercised.
     """
     results = ranks(world).run(
-        compare, "usp", make_model, make_inputs, "token_replace", topology=topo, transport="shm"
+        compare,
+        "usp",
+        make_model,
+        make_inputs,
+        "token_replace",
+        text="replicated",
+        topology=topo,
+        transport="shm",
     )
     assert_matches(results)
 
@@ -111,7 +182,14 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     seq = TOKENS + TEXT
     full_video = LAYERS * BATCH * HEADS * TOKENS * seq
     full_text = LAYERS * BATCH * HEADS * TEXT * seq
-    counts = ranks(4).run(
-        count_pairs, strategy, make_model, make_inputs, topology="2x2", transport="shm"
-    )
-    assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=TOKENS)
+    for text in ("replicated", "sharded"):
+        counts = ranks(4).run(
+            count_pairs,
+            strategy,
+            make_model,
+            make_inputs,
+            text=text,
+            topology="2x2",
+            transport="shm",
+        )
+        assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=TOKENS)

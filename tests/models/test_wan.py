@@ -125,4 +125,5 @@ def test_text_stays_replicated() -> None:
         parallelize(make_model(), ctx=ctx, text="sharded")
     message = str(info.value)
     assert "text='sharded' is not supported by WanTransformer3DModel" in message, message
-    assert "['FluxTransformer2DModel', 'SD3Transformer2DModel']" in message, message
+    supported = "['CogVideoXTransformer3DModel', 'FluxTransformer2DModel', 'HunyuanVideoTransformer3DModel', 'SD3Transformer2DModel']"
+    assert supported in message, message

@@ -2,7 +2,8 @@
 
 :func:`install_module_hooks` applies a plan's ``split_module_inputs``,
 ``split_module_outputs`` and ``gather_module_outputs`` (Note [Split inside the model] in
-:mod:`sf_models.plan`); :func:`rewrite_arguments_hook` is the pre-hook they and the model
+:mod:`sf_models.plan`), and with sharded text its ``sharded_text_module_inputs`` and
+``sharded_text_module_outputs`` (Note [Text layouts]); :func:`rewrite_arguments_hook` is the pre-hook they and the model
 plans (HunyuanVideo's first-frame tokens, Wan's per-token timestep) build on. Every hook is a
 no-op outside a parallel forward (Note [Inactive processors] in :mod:`sf_models.plan`).
 """
@@ -31,7 +32,13 @@ def hooked_modules(
     Raises:
         ValueError: ``model`` has no submodule of one of those names.
     """
-    names = [*plan.split_module_inputs, *plan.split_module_outputs, *plan.gather_module_outputs]
+    names = [
+        *plan.split_module_inputs,
+        *plan.sharded_text_module_inputs,
+        *plan.split_module_outputs,
+        *plan.sharded_text_module_outputs,
+        *plan.gather_module_outputs,
+    ]
     return {name: _submodule(model, name) for name in dict.fromkeys(names)}
 
 
@@ -86,9 +93,12 @@ def install_module_hooks(
     """Register the plan's submodule hooks on ``modules`` (from :func:`hooked_modules`)."""
     ctx = state.ctx
 
-    def split_inputs_hook(name: str, dims: Mapping[str, int], module: torch.nn.Module) -> Any:
+    def split_inputs_hook(
+        name: str, dims: Mapping[str, int], text_dims: Mapping[str, int], module: torch.nn.Module
+    ) -> Any:
         def split(arguments: dict[str, Any]) -> bool:
-            for arg, dim in dims.items():
+            sharded_text = text_dims if state.text == "sharded" else {}
+            for arg, dim in {**dims, **sharded_text}.items():
                 value = arguments.get(arg)
                 if value is None:
                     continue
@@ -98,9 +108,9 @@ def install_module_hooks(
 
         return rewrite_arguments_hook(state, module.forward, split)
 
-    def split_output_hook(name: str, dim: int) -> Any:
+    def split_output_hook(name: str, dim: int, text_only: bool = False) -> Any:
         def hook(_: torch.nn.Module, __: Any, out: Any) -> Any:
-            if not state.active:
+            if not state.active or (text_only and state.text != "sharded"):
                 return None
             state.lengths[name] = _first_length(out, dim)
             return _map_tensors(out, partial(sf_attn.shard, ctx=ctx, dim=dim))
@@ -115,10 +125,15 @@ def install_module_hooks(
 
         return hook
 
-    for name, dims in plan.split_module_inputs.items():
+    for name in dict.fromkeys([*plan.split_module_inputs, *plan.sharded_text_module_inputs]):
         module = modules[name]
-        module.register_forward_pre_hook(split_inputs_hook(name, dims, module), with_kwargs=True)
+        dims = plan.split_module_inputs.get(name, {})
+        text_dims = plan.sharded_text_module_inputs.get(name, {})
+        hook = split_inputs_hook(name, dims, text_dims, module)
+        module.register_forward_pre_hook(hook, with_kwargs=True)
     for name, dim in plan.split_module_outputs.items():
         modules[name].register_forward_hook(split_output_hook(name, dim))
+    for name, dim in plan.sharded_text_module_outputs.items():
+        modules[name].register_forward_hook(split_output_hook(name, dim, text_only=True))
     for name, dim in plan.gather_module_outputs.items():
         modules[name].register_forward_hook(gather_output_hook(dim))

@@ -6,8 +6,11 @@ configs) and ``forward`` cuts it into ``encoder_hidden_states`` (text) and ``hid
 (video tokens [B, F*h*w, D], frame-major). The plan shards ``hidden_states`` on its way into
 the first block (every later block gets the shard from the previous one) and gathers
 ``proj_out``'s output along dim 1 before the model's unpatchify (Note [Split inside the model]
-in :mod:`sf_models.plan`). Text stays replicated. Positional tables added inside
-``patch_embed`` act on the full grid before the split, so they are exact.
+in :mod:`sf_models.plan`). Text stays replicated, or with ``text="sharded"`` is split on
+the same way in (``encoder_hidden_states``; Note [Text layouts] in :mod:`sf_models.plan`):
+the blocks are per-token outside the attention and read their text length from the tensor,
+RoPE covers the video only, and the text stream is dropped after the last block. Positional
+tables added inside ``patch_embed`` act on the full grid before the split, so they are exact.
 
 Attention is swapped through diffusers' processor hook: :class:`CogVideoXSequenceParallelProcessor`
 replaces each ``CogVideoXAttnProcessor2_0``. Its plain-code equivalent is that processor; the
@@ -43,6 +46,7 @@ from .plan import SequenceParallelPlan, ShardState, register_plan
 __all__ = ["COGVIDEOX_CFG_PLAN", "COGVIDEOX_PLAN", "CogVideoXSequenceParallelProcessor"]
 
 _VIDEO = "transformer_blocks.0.hidden_states"  # ShardState.lengths key of the video token count
+_TEXT = "transformer_blocks.0.encoder_hidden_states"  # ... of the text token count (sharded)
 
 
 class CogVideoXSequenceParallelProcessor(SequenceParallelProcessor):
@@ -54,6 +58,7 @@ class CogVideoXSequenceParallelProcessor(SequenceParallelProcessor):
     model_name = "CogVideoX"
     replaces = attention_processor.CogVideoXAttnProcessor2_0
     seq_len_key = _VIDEO
+    text_len_key = _TEXT
 
     def forward(
         self,
@@ -95,6 +100,8 @@ def _local_rows(
 COGVIDEOX_PLAN = SequenceParallelPlan(
     # Video tokens [B, F*h*w, D] after patch_embed split them from the text.
     split_module_inputs={"transformer_blocks.0": {"hidden_states": 1}},
+    # text="sharded": the text tokens [B, T, D], cut from the same stream, split there too.
+    sharded_text_module_inputs={"transformer_blocks.0": {"encoder_hidden_states": 1}},
     gather_module_outputs={"proj_out": 1},  # [B, F*h*w, p*p*C], before the unpatchify
     replicated_inputs={"encoder_hidden_states": 1},
     output_dims={},  # the output latent is already whole (gathered before unpatchify)

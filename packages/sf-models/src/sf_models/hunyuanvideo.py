@@ -10,6 +10,9 @@ Text: ``context_embedder`` (the token refiner: self-attention over the prompt on
 own mask) runs on the replicated prompt on every rank, untouched. The model then builds a key
 mask over ``[video, text]`` from the prompt mask; the video part is all True, so each
 processor passes only its text part as ``joint_mask`` (Note [HunyuanVideo prompt mask]).
+With ``text="sharded"`` the refiner's output is split like the video tokens (Note [Text
+layouts] in :mod:`sf_models.plan`) and each processor passes the mask of its own text chunk,
+taken from the prompt mask the refiner saw.
 
 Attention is swapped through diffusers' processor hook: :class:`HunyuanVideoSequenceParallelProcessor`
 replaces the ``HunyuanVideoAttnProcessor2_0`` of every dual- and single-stream block. Its
@@ -53,6 +56,7 @@ from .plan import SequenceParallelPlan, ShardState, register_plan
 __all__ = ["HUNYUANVIDEO_CFG_PLAN", "HUNYUANVIDEO_PLAN", "HunyuanVideoSequenceParallelProcessor"]
 
 _VIDEO = "x_embedder"  # ShardState.lengths key of the video token count
+_TEXT = "context_embedder"  # ... of the text token count (sharded text)
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
@@ -65,6 +69,8 @@ class HunyuanVideoSequenceParallelProcessor(SequenceParallelProcessor):
     model_name = "HunyuanVideo"
     replaces = hunyuan.HunyuanVideoAttnProcessor2_0
     seq_len_key = _VIDEO
+    text_len_key = _TEXT
+    prompt: _PromptMask | None = None  # set by the plan's attach (sharded text)
 
     def check(
         self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None
@@ -97,12 +103,13 @@ class HunyuanVideoSequenceParallelProcessor(SequenceParallelProcessor):
             query = apply_rotary_emb(query, rotary, sequence_dim=1)  # type: ignore[arg-type, assignment]
             key = apply_rotary_emb(key, rotary, sequence_dim=1)  # type: ignore[arg-type, assignment]
 
+        if self.state.text == "sharded":
+            assert self.prompt is not None
+            text_mask = self.prompt.chunk(self.state, self.text_len)
+        else:
+            text_mask = _text_key_mask(attention_mask, video_len, text_len)
         video_out, text_out = self.joint_attention(
-            query,
-            key,
-            value,
-            text=text,
-            text_mask=_text_key_mask(attention_mask, video_len, text_len),
+            query, key, value, text=text, text_mask=text_mask
         )
         if getattr(attn, "to_out", None) is not None:
             video_out = project_out(attn, video_out)
@@ -129,6 +136,34 @@ def _text_key_mask(
             f"expected {video_len} video + {text_len} text on this rank"
         )
     return attention_mask[:, 0, 0, video_len:]
+
+
+class _PromptMask:
+    """The prompt's key mask as the model applies it, for sharded text (Note [HunyuanVideo
+    prompt mask]): recorded from the refiner's input on every call."""
+
+    def __init__(self) -> None:
+        self.valid: torch.Tensor | None = None  # [B] valid (leading) prompt tokens
+
+    def record(self, _: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        self.valid = None if mask is None else mask.sum(dim=1)
+
+    def chunk(self, state: ShardState, text_len: int) -> torch.Tensor | None:
+        """This rank's [B, text_local] bool key mask (None: every prompt token attends)."""
+        ctx = state.ctx
+        if text_len < ctx.world_size:
+            raise ValueError(
+                f"parallelize(HunyuanVideo): text='sharded' needs a text token on every rank "
+                f"(its single-stream blocks cut [video, text] at the text length), got "
+                f"{text_len} text tokens over {ctx.world_size} ranks; use text='replicated'"
+            )
+        if self.valid is None:
+            return None
+        full = torch.arange(text_len, device=self.valid.device)[None] < self.valid[:, None]
+        if bool(full.all()):  # the same on every rank: the full mask is known to all
+            return None
+        return full.tensor_split(ctx.world_size, dim=1)[ctx.rank]
 
 
 def _first_frame_hook(state: ShardState, block: torch.nn.Module) -> Any:
@@ -164,6 +199,11 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
         processor=HunyuanVideoSequenceParallelProcessor,
         select=lambda name: name.startswith(_BLOCK_LISTS),
     )
+    prompt = _PromptMask()
+    model.context_embedder.register_forward_pre_hook(prompt.record, with_kwargs=True)
+    for proc in model.attn_processors.values():
+        if isinstance(proc, HunyuanVideoSequenceParallelProcessor):
+            proc.prompt = prompt
     if model.config.image_condition_type == "token_replace":
         for block_list in _BLOCK_LISTS:
             for block in getattr(model, block_list):
@@ -177,6 +217,8 @@ HUNYUANVIDEO_PLAN = SequenceParallelPlan(
     },
     gather_module_outputs={"proj_out": 1},  # [B, f*h*w, p_t*p*p*C], before the unpatchify
     replicated_inputs={"encoder_hidden_states": 1},
+    # text="sharded": the refined prompt tokens [B, T, D] split as they leave the refiner.
+    sharded_text_module_outputs={_TEXT: 1},
     output_dims={},  # the output latent is already whole (gathered before unpatchify)
     attach=_attach,
 )
@@ -195,6 +237,11 @@ register_cfg_plan("HunyuanVideoPipeline", HUNYUANVIDEO_CFG_PLAN)
 # first; we keep its rule by reading its mask rather than the prompt mask). Only keys are
 # masked, every query is computed, as in the original. The video part is True by
 # construction, so the text part alone, passed as ``joint_mask``, reproduces it on every rank.
+# With sharded text the model's mask is built from the local text length and so is wrong for
+# every rank but the first (its rule is "the first ``valid`` text keys attend", counted from
+# this rank's chunk); the processors instead take the global rule, ``arange(T) < valid``, from
+# the prompt mask the refiner was called with, and pass their chunk of it: the mask travels
+# with its tokens (Note [Sharded text] in sf_attn.joint).
 #
 # Note [HunyuanVideo first-frame tokens]
 # The token-replace blocks modulate ``hidden_states[:, :num_tokens]`` (the first latent frame)

@@ -84,8 +84,8 @@ def parallelize(
             :mod:`sf_models.plan`): "replicated" (whole on every rank, which runs the text
             stream's per-token layers on all of them), "sharded" (split across the ranks like
             the image tokens, so no text compute is repeated; the models of
-            :func:`sf_models.plan.sharded_text_models`: Flux and SD3), or "auto" ("sharded"
-            where the model supports it, else "replicated").
+            :func:`sf_models.plan.sharded_text_models`: Flux, SD3, CogVideoX, HunyuanVideo), or
+            "auto" ("sharded" where the model supports it, else "replicated").
         cfg_parallel: (pipelines) run the two classifier-free-guidance branches on the two
             halves of the world (:mod:`sf_models.cfg`).
         decode_on: (pipelines) "rank0" (other ranks return latents) or "all".

@@ -107,14 +107,14 @@ class ShardState:
 Attach = Callable[[torch.nn.Module, ShardState], None]
 
 
-def _check_module_inputs(value: Mapping[str, Mapping[str, int]]) -> None:
+def _check_module_inputs(field: str, value: Mapping[str, Mapping[str, int]]) -> None:
     for module, dims in value.items():
         if not isinstance(module, str) or not isinstance(dims, Mapping):
             raise ValueError(
-                "SequenceParallelPlan.split_module_inputs must map submodule name -> "
+                f"SequenceParallelPlan.{field} must map submodule name -> "
                 f"{{argument: dim}}; got {module!r}: {dims!r}"
             )
-        _check_dims(f"split_module_inputs[{module!r}]", dims, str)
+        _check_dims(f"{field}[{module!r}]", dims, str)
 
 
 def _check_dims(field: str, value: Mapping[Any, int], key_type: type) -> None:
@@ -137,6 +137,12 @@ class SequenceParallelPlan:
             along the given dim) when the model runs with ``text="sharded"``; empty: the model
             supports replicated text only (Note [Text layouts]). Every name must also be in
             ``replicated_inputs`` (the layout it leaves).
+        sharded_text_module_inputs: like ``split_module_inputs``, applied only with
+            ``text="sharded"``: text that the model builds inside ``forward`` (CogVideoX cuts it
+            from ``patch_embed``'s stream) is split on its way into a submodule.
+        sharded_text_module_outputs: like ``split_module_outputs``, applied only with
+            ``text="sharded"`` (HunyuanVideo's text leaves its token refiner whole and is split
+            there).
         output_dims: output position (index into the returned tuple / ``ModelOutput``) -> dim
             it is gathered along (``sf_attn.gather``).
         unsupported_inputs: forward arguments that must be None (e.g. sequence-shaped extras
@@ -156,6 +162,10 @@ class SequenceParallelPlan:
     split_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     replicated_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     sharded_text_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    sharded_text_module_inputs: Mapping[str, Mapping[str, int]] = dataclasses.field(
+        default_factory=dict
+    )
+    sharded_text_module_outputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     output_dims: Mapping[int, int] = dataclasses.field(default_factory=lambda: {0: 1})
     unsupported_inputs: tuple[str, ...] = ()
     split_module_inputs: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
@@ -173,8 +183,10 @@ class SequenceParallelPlan:
         _check_dims("replicated_inputs", self.replicated_inputs, str)
         _check_dims("sharded_text_inputs", self.sharded_text_inputs, str)
         _check_dims("output_dims", self.output_dims, int)
-        _check_module_inputs(self.split_module_inputs)
+        _check_module_inputs("split_module_inputs", self.split_module_inputs)
+        _check_module_inputs("sharded_text_module_inputs", self.sharded_text_module_inputs)
         _check_dims("split_module_outputs", self.split_module_outputs, str)
+        _check_dims("sharded_text_module_outputs", self.sharded_text_module_outputs, str)
         _check_dims("gather_module_outputs", self.gather_module_outputs, str)
         both = sorted(set(self.split_inputs) & set(self.replicated_inputs))
         if both:
@@ -194,11 +206,22 @@ class SequenceParallelPlan:
             "sharded_text_inputs",
             "output_dims",
             "split_module_outputs",
+            "sharded_text_module_outputs",
             "gather_module_outputs",
         ):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
-        module_inputs = {m: MappingProxyType(dict(d)) for m, d in self.split_module_inputs.items()}
-        object.__setattr__(self, "split_module_inputs", MappingProxyType(module_inputs))
+        for name in ("split_module_inputs", "sharded_text_module_inputs"):
+            nested = {m: MappingProxyType(dict(d)) for m, d in getattr(self, name).items()}
+            object.__setattr__(self, name, MappingProxyType(nested))
+
+    @property
+    def shards_text(self) -> bool:
+        """Whether the model supports ``text="sharded"`` (Note [Text layouts])."""
+        return bool(
+            self.sharded_text_inputs
+            or self.sharded_text_module_inputs
+            or self.sharded_text_module_outputs
+        )
 
 
 _PLANS: dict[str, SequenceParallelPlan] = {}
@@ -231,7 +254,7 @@ def get_plan(model: torch.nn.Module) -> SequenceParallelPlan:
 
 def sharded_text_models() -> list[str]:
     """Class names whose plan supports ``text="sharded"``."""
-    return sorted(name for name, plan in _PLANS.items() if plan.sharded_text_inputs)
+    return sorted(name for name, plan in _PLANS.items() if plan.shards_text)
 
 
 def resolve_text(model: torch.nn.Module, plan: SequenceParallelPlan, text: str) -> str:
@@ -244,7 +267,7 @@ def resolve_text(model: torch.nn.Module, plan: SequenceParallelPlan, text: str) 
     """
     if text not in TEXT_LAYOUTS:
         raise ValueError(f"parallelize: text must be one of {list(TEXT_LAYOUTS)}, got {text!r}")
-    supported = bool(plan.sharded_text_inputs)
+    supported = plan.shards_text
     if text == "sharded" and not supported:
         raise ValueError(
             f"parallelize: text='sharded' is not supported by {type(model).__name__}, whose "
@@ -297,8 +320,13 @@ def registered_for(registry: Mapping[str, T], obj: object) -> T | None:
 #   text chunk only (nothing is computed twice), and the attention gets this rank's text chunk
 #   as ``joint=`` with ``text="sharded"`` and returns this rank's text rows. Processors that
 #   cut a stream at the text length use :meth:`ShardState.text_rows` (the local length).
-# "auto" is "sharded" where the plan lists sharded_text_inputs, else "replicated": the text
+# A model that builds its text inside ``forward`` lists ``sharded_text_module_inputs`` or
+# ``sharded_text_module_outputs`` instead (split on the way into or out of a submodule; full
+# length under "<submodule>.<argument>" or "<submodule>").
+# "auto" is "sharded" where the plan lists either, else "replicated": the text
 # stream is small next to the image stream, but its per-token layers are as wide, and under
 # replication every rank pays for all of them. A plan may list them only if its model has no
-# layer that mixes text tokens outside the attention (true of Flux and SD3, whose text stream
-# is per-token everywhere else).
+# layer that mixes text tokens outside the attention after the split (true of Flux, SD3 and
+# CogVideoX, whose text stream is per-token everywhere else, and of HunyuanVideo after its
+# token refiner, which runs on the whole prompt before the split). Wan keeps text replicated:
+# its cross-attention needs every text key on every rank.
