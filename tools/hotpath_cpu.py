@@ -8,6 +8,7 @@ checkout without sharded text gets the replicated rows only::
     .venv/bin/python tools/hotpath_cpu.py strategies --topology 2x2 --img 2048 --text 512
     .venv/bin/python tools/hotpath_cpu.py world1
     .venv/bin/python tools/hotpath_cpu.py torus-sim   # simulated, no ranks
+    .venv/bin/python tools/hotpath_cpu.py models --img 1024 --text 512   # Flux, text layouts
 
 Prints one JSON object: ``{"<strategy>/<layout>": median seconds, ...}`` or, for world1,
 ``{"<shape>": {"ours_s", "sdpa_s", "cat_sdpa_s", "sdpa/ours", "cat_sdpa/ours"}}`` (sdpa: one
@@ -124,7 +125,22 @@ def world1(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 )
                 return F.scaled_dot_product_attention(fq, fk, fv)
 
-            calls = {"ours_s": ours, "sdpa_s": sdpa, "cat_sdpa_s": cat_sdpa}
+            streams = [s.clone() for s in full]  # [B, H, T + S, D] -> views as a processor cuts
+            views = [s.transpose(1, 2) for s in streams]
+            vq, vk, vv = (s[:, text:] for s in views)
+            vjoint = tuple(s[:, :text] for s in views)
+
+            def ours_views() -> Any:  # the model path: text and image are views of one stream
+                return sf_attn.parallel_attention(
+                    vq, vk, vv, ctx=ctx, joint=(vjoint[0], vjoint[1], vjoint[2]), seq_len=img
+                )
+
+            calls = {
+                "ours_s": ours,
+                "ours_views_s": ours_views,
+                "sdpa_s": sdpa,
+                "cat_sdpa_s": cat_sdpa,
+            }
             times: dict[str, list[float]] = {name: [] for name in calls}
             for fn in calls.values():
                 fn()
@@ -136,6 +152,7 @@ def world1(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             med = {name: statistics.median(v) for name, v in times.items()}
             med["sdpa/ours"] = med["sdpa_s"] / med["ours_s"]
             med["cat_sdpa/ours"] = med["cat_sdpa_s"] / med["ours_s"]
+            med["sdpa/ours_views"] = med["sdpa_s"] / med["ours_views_s"]
             out[f"{img}+{text} {heads}x{dim}"] = med
     finally:
         ctx.close()
@@ -182,6 +199,80 @@ def torus_sim(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return out
 
 
+def flux_step(ctx: Any, layout: Any, img: int, text: int, iters: int) -> list[float]:
+    """Seconds per forward (slowest rank) of a random-weight Flux (2 dual + 2 single blocks,
+    8 heads x 64) on ``img`` image and ``text`` prompt tokens, parallelized with ``layout``."""
+    from diffusers import FluxTransformer2DModel
+
+    from sf_models import parallelize
+
+    torch.manual_seed(0)
+    model: Any = FluxTransformer2DModel(
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=64,
+        num_attention_heads=8,
+        joint_attention_dim=256,
+        pooled_projection_dim=64,
+        axes_dims_rope=(16, 24, 24),
+    )
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    side = int(img**0.5)
+    img_ids = torch.stack(
+        torch.meshgrid(
+            torch.zeros(1), torch.arange(float(side)), torch.arange(float(side)), indexing="ij"
+        ),
+        -1,
+    ).reshape(-1, 3)
+    inputs = dict(
+        hidden_states=torch.randn(1, side * side, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, text, 256, generator=g),
+        pooled_projections=torch.randn(1, 64, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(text, 3),
+    )
+    sp = parallelize(model, ctx=ctx, strategy="usp", text=layout)
+    times = []
+    with torch.no_grad():
+        sp(**inputs)
+        for _ in range(iters):
+            ctx.barrier()
+            t0 = time.perf_counter()
+            sp(**inputs)
+            times.append(time.perf_counter() - t0)
+    worst = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return [float(x) for x in worst]
+
+
+def models(args: argparse.Namespace) -> dict[str, float]:
+    """Flux forward, text replicated vs sharded, side by side (median seconds, ratio)."""
+    from sf_comm.launch import RankPool
+
+    machines, gpus = (int(x) for x in args.topology.split("x"))
+    samples: dict[str, list[float]] = {}
+    env = {"SF_TOPOLOGY": args.topology, "SF_TIMEOUT": "300"}
+    with RankPool(machines * gpus, env=env) as pool:
+        for _ in range(args.rounds):
+            for layout in ("replicated", "sharded"):
+                got = pool.run(
+                    flux_step,
+                    layout,
+                    args.img,
+                    args.text,
+                    args.iters,
+                    topology=args.topology,
+                    transport="shm",
+                    timeout=900,
+                )[0]
+                samples.setdefault(layout, []).extend(got)
+    med = {layout: statistics.median(v) for layout, v in samples.items()}
+    return {**med, "replicated/sharded": med["replicated"] / med["sharded"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -197,9 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--reps", type=int, default=9)
     w.add_argument("--threads", type=int, default=2)
     sub.add_parser("torus-sim")
+    m = sub.add_parser("models")
+    m.add_argument("--topology", default="2x2")
+    m.add_argument("--img", type=int, default=1024, help="image tokens (a square number)")
+    m.add_argument("--text", type=int, default=512)
+    m.add_argument("--rounds", type=int, default=3)
+    m.add_argument("--iters", type=int, default=2)
     args = parser.parse_args(argv)
     if args.what == "torus-sim":
         print(json.dumps(torus_sim(args)))
+    elif args.what == "models":
+        print(json.dumps(models(args)))
     elif args.what == "world1":
         torch.set_num_threads(args.threads)
         print(json.dumps(world1(args)))

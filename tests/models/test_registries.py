@@ -45,3 +45,23 @@ print(json.dumps(registered))
         "StableDiffusion3Pipeline",
         "WanPipeline",
     ]
+
+
+def test_simulated_text_layout_is_the_models() -> None:
+    """Catches ``streamfusion simulate --text auto`` costing a layout other than the one
+    ``parallelize(..., text="auto")`` runs: for every simulated model with a plan, the
+    simulated layout is "sharded" exactly where the plan shards text."""
+    from sf_models.plan import sharded_text_models
+    from sf_models.simulate_cmd import text_layout
+
+    classes = {
+        "flux": "FluxTransformer2DModel",
+        "sd3": "SD3Transformer2DModel",
+        "cogvideox": "CogVideoXTransformer3DModel",
+        "hunyuanvideo": "HunyuanVideoTransformer3DModel",
+        "wan": "WanTransformer3DModel",
+    }
+    sharded = set(sharded_text_models())
+    for model, cls in classes.items():
+        assert (text_layout(model, "auto") == "sharded") == (cls in sharded), model
+        assert text_layout(model, "replicated") == "replicated"

@@ -10,6 +10,7 @@ import torch
 import sf_comm
 
 from .backends import agree_on_kernel
+from .joint import join_tokens
 from .resolution import resolve
 from .sharding import chunk_sizes
 from .strategies import get_strategy, strategy_names
@@ -302,7 +303,7 @@ def parallel_attention(
             if joint_mask is not None:
                 key_masks = _sharded_key_masks(ctx, joint_mask, text_lens, seq_lens)
             out, _ = how.strategy.execute(
-                *(torch.cat([t, x], dim=1) for t, x in zip(joint, (q, k, v))),
+                *(join_tokens(t, x).contiguous() for t, x in zip(joint, (q, k, v))),
                 ctx=ctx,
                 layout=how.layout,
                 seq_lens=[t + s for t, s in zip(text_lens, seq_lens)],

@@ -36,7 +36,15 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
-from .joint import KV, Accumulator, block_key_mask, fold_text_keys, gather_text, my_text_rows
+from .joint import (
+    KV,
+    Accumulator,
+    block_key_mask,
+    fold_text_keys,
+    gather_text,
+    join_tokens,
+    my_text_rows,
+)
 from .layout import Layout
 from .sharding import chunk_offsets, chunk_sizes
 
@@ -110,7 +118,7 @@ def ring_and_return(
         tq, tk, tv = (t[:, :, head_off[i] : head_off[i + 1]] for t in joint)
         mine = my_text_rows(tq.shape[1], rg)
         rows = mine.stop - mine.start
-        queries = torch.cat([tq[:, mine], q_u], dim=1)  # [batch, rows + seq_u, h_i, dim]
+        queries = join_tokens(tq[:, mine], q_u)  # [batch, rows + seq_u, h_i, dim]
         text_kv = (tk, tv)
 
     # The Ring over the ranks that hold the same heads: KV blocks rotate, outputs merge.

@@ -47,7 +47,15 @@ from .layout import Layout
 from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
 
-__all__ = ["KV", "Accumulator", "block_key_mask", "fold_text_keys", "gather_text", "my_text_rows"]
+__all__ = [
+    "KV",
+    "Accumulator",
+    "block_key_mask",
+    "fold_text_keys",
+    "gather_text",
+    "join_tokens",
+    "my_text_rows",
+]
 
 KV = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # keys, values: stacked [2, ...] or a pair
 
@@ -56,6 +64,31 @@ def my_text_rows(text_len: int, ring: sf_comm.Group) -> slice:
     """The text rows this rank computes (Note [Text rows owned once])."""
     off = chunk_offsets(text_len, ring.size)
     return slice(off[ring.index], off[ring.index + 1])
+
+
+def join_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([a, b], dim=1)`` for [batch, tokens, ...] tensors, without the copy when
+    ``b`` directly follows ``a`` in memory: a model's processor projects one ``[text, image]``
+    stream and cuts it into two views, which this puts back together as one view."""
+    if a.shape[1] == 0:
+        return b
+    if b.shape[1] == 0:
+        return a
+    adjacent = (
+        a.device == b.device
+        and a.device.type != "meta"  # meta tensors share a null storage
+        and a.dtype == b.dtype
+        and a.dim() == b.dim()
+        and a.shape[0] == b.shape[0]
+        and a.shape[2:] == b.shape[2:]
+        and a.stride() == b.stride()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.storage_offset() == a.storage_offset() + a.shape[1] * a.stride(1)
+    )
+    if adjacent:
+        shape = (a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:])
+        return a.as_strided(shape, a.stride(), a.storage_offset())
+    return torch.cat([a, b], dim=1)
 
 
 def block_key_mask(
@@ -82,8 +115,8 @@ def fold_text_keys(
         joint_mask: [batch, text] mask over the text keys (bool: True attends; or additive),
             or None.
     """
-    keys = torch.cat([text_kv[0], kv[0]], dim=1)
-    values = torch.cat([text_kv[1], kv[1]], dim=1)
+    keys = join_tokens(text_kv[0], kv[0])
+    values = join_tokens(text_kv[1], kv[1])
     if joint_mask is None:
         return keys, values, None
     batch, seq = kv[0].shape[0], kv[0].shape[1]

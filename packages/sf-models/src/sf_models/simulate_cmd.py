@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from ._cli_args import (
     UsageError,
@@ -82,6 +82,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--two-sided", action="store_true", help="cost two-sided send/recv transfers")
     p.add_argument(
+        "--text",
+        choices=["auto", "replicated", "sharded"],
+        default="auto",
+        help="joint text layout (auto: as sf_models.parallelize runs the model: sharded for "
+        "the joint-text models, replicated for cross-attention text)",
+    )
+    p.add_argument(
         "--steps", type=positive_int, default=None, help="also print the total for N steps"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -95,6 +102,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=run)
     return p
+
+
+def text_layout(model: str, asked: str) -> Literal["replicated", "sharded"]:
+    """The text layout simulated for ``--text asked``: "auto" is what
+    ``sf_models.parallelize(..., text="auto")`` runs, sharded for every joint-text model
+    (each one's plan shards text; tests/models/test_registries.py keeps the two in step)."""
+    from sf_attn.sim.models import get_model
+
+    if asked in ("replicated", "sharded"):
+        return "sharded" if asked == "sharded" else "replicated"
+    return "sharded" if get_model(model).text_mode == "joint" else "replicated"
 
 
 def _size(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -173,7 +191,7 @@ def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> s
         size += f", {result.frames} frames ({(result.frames - 1) / cfg.fps:.3g} s at {cfg.fps} fps)"
     lines = [
         f"{cfg.name} ({cfg.hf_repo}): {size} -> {result.tokens} tokens + {cfg.text_len} text "
-        f"({cfg.text_mode}); {cfg.layers} blocks, {cfg.heads} heads x {cfg.head_dim}",
+        f"({cfg.text_mode}, {result.text}); {cfg.layers} blocks, {cfg.heads} heads x {cfg.head_dim}",
         f"{topo.name}: {topo.machines} machine(s) x {topo.gpus_per_machine} GPUs = "
         f"{topo.world_size} ranks, {'one' if one_sided else 'two'}-sided transfers",
     ]
@@ -249,6 +267,7 @@ def plot(args: argparse.Namespace, path: str) -> None:
             width=width,
             frames=frames,
             one_sided=not args.two_sided,
+            text=text_layout(args.model, args.text),
         )
         for name, s in res.strategies.items():
             series.setdefault(name, []).append(None if s is None else s.latency_s * 1e3)
@@ -289,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         width=width,
         frames=frames,
         one_sided=not args.two_sided,
+        text=text_layout(args.model, args.text),
     )
     if args.json:
         print(json.dumps(result.to_json(), indent=1))

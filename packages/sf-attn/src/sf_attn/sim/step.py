@@ -116,6 +116,8 @@ class StepResult:
         strategies: name -> :class:`StrategyStep`, or None where the strategy cannot split
             the heads on this topology (``unavailable`` holds the reason).
         bound_s: ``max(compute_bound_s, comm_bound_s)`` (see :func:`simulate_step`).
+        text: the text layout costed: "sharded" (joint text split with the sequence) or
+            "replicated" (on every rank; always for cross-attention text).
     """
 
     model: str
@@ -130,6 +132,7 @@ class StepResult:
     bound_s: float
     compute_bound_s: float
     comm_bound_s: float
+    text: str = "replicated"
 
     def speedup_over_usp(self, name: str) -> float | None:
         usp, mine = self.strategies.get(baseline_strategy()), self.strategies.get(name)
@@ -167,6 +170,7 @@ class StepResult:
             "frames": self.frames,
             "tokens": self.tokens,
             "text_len": self.text_len,
+            "text": self.text,
             "strategies": out,
             "unavailable": dict(self.unavailable),
             "bound_s": self.bound_s,
@@ -367,9 +371,10 @@ def simulate_step(
         strategy: one name, several, or None for every registered strategy and "auto".
         one_sided: cost the transfers as one-sided puts (False: two-sided send/recv).
         dtype, batch: activations' dtype and the samples per step.
-        text: "replicated" (StreamFusion: the joint text tokens are on every rank and every
-            rank computes them) or "sharded" (xDiT's Flux: the text joins the sharded
-            sequence; used for calibration against xDiT).
+        text: "replicated" (the joint text tokens are on every rank and every rank computes
+            them) or "sharded" (the text joins the sharded sequence: sf_models' default for
+            the joint-text models, and xDiT's Flux layout used for the calibration).
+            Cross-attention text (Wan) is replicated either way.
         cost: Note [Step cost] constants (default: the calibrated :class:`StepCost`).
 
     Returns:
@@ -449,6 +454,7 @@ def simulate_step(
         bound_s=max(compute_bound, comm_bound),
         compute_bound_s=compute_bound,
         comm_bound_s=comm_bound,
+        text="sharded" if w.text_sharded else "replicated",
     )
 
 
