@@ -124,6 +124,8 @@ def test_interrupted_call_never_feeds_the_next_call(
 def _init_with(env_by_rank: list[dict[str, str]]) -> tuple[float, str]:
     import torch.distributed as dist
 
+    import sf_attn  # noqa: F401 - registers the settings of its own that ranks must share
+
     env = env_by_rank[dist.get_rank()]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -157,6 +159,10 @@ def _init_with(env_by_rank: list[dict[str, str]]) -> tuple[float, str]:
             [{"SF_TOPOLOGY": "2x2", "SF_SHM_CMA_MIN_KB": "64"}]
             + [{"SF_TOPOLOGY": "2x2", "SF_SHM_CMA_MIN_KB": "256"}] * 3,
             "ranks disagree on the SF_SHM_CMA_MIN_KB: rank 0: 64; ranks 1-3: 256",
+        ),
+        (
+            [{"SF_TOPOLOGY": "2x2", "SF_GATHER_KV": "auto"}] + [{"SF_TOPOLOGY": "2x2"}] * 3,
+            "ranks disagree on the SF_GATHER_KV: rank 0: auto; ranks 1-3: unset",
         ),
         (
             [{"SF_TOPOLOGY": "1x3"}] + [{"SF_TOPOLOGY": "2x2"}] * 3,

@@ -68,17 +68,24 @@ def compare(
     *args: Any,
     positional: bool = False,
     text: TextLayout = "auto",
+    rows_of: str = "context_embedder",
 ) -> dict[str, object]:
     """Run the parallelized model (``parallelize(..., text=text)``) and the original on the
     same full inputs on this rank.
 
     The tuple path (``return_dict=False``) gets the inputs as keywords, or with ``positional``
-    in ``make_inputs``' order as positional arguments (that order must be the forward's)."""
+    in ``make_inputs``' order as positional arguments (that order must be the forward's).
+    ``text_rows`` in the result: the tokens the submodule ``rows_of`` (a per-token layer of
+    the text stream) ran on in the parallel call; None where the model has no such module."""
     inputs = make_inputs(*args)
     model = make_model(*args)
     ref = model(**inputs).sample
     sp = parallelize(model, ctx=ctx, strategy=strategy, text=text)
-    embedded = _RowsSeen(getattr(model, "context_embedder", None))
+    try:
+        watched = model.get_submodule(rows_of)
+    except AttributeError:
+        watched = None
+    embedded = _RowsSeen(watched)
     out = sp(**inputs).sample
     embedded.remove()
     if positional:
@@ -93,7 +100,7 @@ def compare(
         # The processors and hooks stay installed; outside the wrapper they must be inert.
         direct_call_unchanged=torch.equal(model(**inputs).sample, ref),
         text_layout=sp.state.text,
-        # text tokens this rank's text embedder ran on (None: the model has none)
+        # text tokens this rank's ``rows_of`` ran on (None: the model has none)
         text_rows=embedded.rows,
     )
 

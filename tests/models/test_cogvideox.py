@@ -16,7 +16,6 @@ import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
-import sf_comm
 from sf_attn import chunk_sizes
 from sf_models.parallelize import parallelize
 
@@ -108,22 +107,6 @@ def test_parallel_cogvideox_matches_single_process(
     assert_matches(results)
 
 
-def _sharded(ctx: sf_comm.Context, strategy: str, variant: str) -> dict[str, object]:
-    """:func:`compare` with sharded text, plus the tokens the first block's feed-forward (a
-    per-token layer over [text, video]) ran on in the parallel call."""
-    rows: list[int] = []
-
-    def build(*args: Any) -> Any:
-        model = make_model(*args)
-        ff = model.transformer_blocks[0].ff
-        ff.register_forward_hook(lambda _, a, __: rows.append(a[0].shape[1]))
-        return model
-
-    res = compare(ctx, strategy, build, make_inputs, variant, text="sharded")
-    res["ff_rows"] = rows[1]  # [reference call, parallel call, tuple path, direct call]
-    return res
-
-
 @pytest.mark.parametrize(("strategy", "variant"), [*((s, "5b") for s in STRATEGIES), ("usp", "2b")])
 def test_sharded_text_matches_single_process(ranks, strategy: str, variant: str) -> None:
     """Catches a wrong text split under ``text="sharded"`` (7 text tokens over 4 ranks: 2, 2,
@@ -131,12 +114,22 @@ def test_sharded_text_matches_single_process(ranks, strategy: str, variant: str)
     added, the processor treating a rank's text chunk as the whole text, and the text stream
     still computed whole on every rank (the first block's feed-forward must see only this
     rank's text and video tokens)."""
-    results = ranks(4).run(_sharded, strategy, variant, topology="2x2", transport="shm")
+    results = ranks(4).run(
+        compare,
+        strategy,
+        make_model,
+        make_inputs,
+        variant,
+        text="sharded",
+        rows_of="transformer_blocks.0.ff",  # per token over [text, video]
+        topology="2x2",
+        transport="shm",
+    )
     assert_matches(results)
     n = tokens(variant)
     for rank, res in enumerate(results):
         assert res["text_layout"] == "sharded", (rank, res)
-        assert res["ff_rows"] == chunk_sizes(TEXT, 4)[rank] + chunk_sizes(n, 4)[rank], res
+        assert res["text_rows"] == chunk_sizes(TEXT, 4)[rank] + chunk_sizes(n, 4)[rank], res
 
 
 @pytest.mark.parametrize("variant", ["2b", "1.5"])

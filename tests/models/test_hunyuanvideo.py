@@ -98,22 +98,6 @@ def test_parallel_hunyuanvideo_matches_single_process(
     assert_matches(results)
 
 
-def _sharded(ctx: sf_comm.Context, strategy: str, condition: str | None) -> dict[str, object]:
-    """:func:`compare` with sharded text, plus the text tokens the dual-stream block's text
-    feed-forward (a per-token layer) ran on in the parallel call."""
-    rows: list[int] = []
-
-    def build(*args: Any) -> Any:
-        model = make_model(*args)
-        ff = model.transformer_blocks[0].ff_context
-        ff.register_forward_hook(lambda _, a, __: rows.append(a[0].shape[1]))
-        return model
-
-    res = compare(ctx, strategy, build, make_inputs, condition, text="sharded")
-    res["text_ff_rows"] = rows[1]  # [reference call, parallel call, tuple path, direct call]
-    return res
-
-
 @pytest.mark.parametrize(
     ("strategy", "condition"), [*((s, None) for s in STRATEGIES), ("usp", "token_replace")]
 )
@@ -123,11 +107,21 @@ def test_sharded_text_matches_single_process(ranks, strategy: str, condition: st
     chunk and whole chunks are padding; the model's own mask, built from the local text
     length, would let padding keys of later chunks attend. Also catches the refined prompt
     not split (the text feed-forward must see only this rank's chunk)."""
-    results = ranks(4).run(_sharded, strategy, condition, topology="2x2", transport="shm")
+    results = ranks(4).run(
+        compare,
+        strategy,
+        make_model,
+        make_inputs,
+        condition,
+        text="sharded",
+        rows_of="transformer_blocks.0.ff_context",  # the text stream's feed-forward
+        topology="2x2",
+        transport="shm",
+    )
     assert_matches(results)
     for rank, res in enumerate(results):
         assert res["text_layout"] == "sharded", (rank, res)
-        assert res["text_ff_rows"] == chunk_sizes(TEXT, 4)[rank], (rank, res)
+        assert res["text_rows"] == chunk_sizes(TEXT, 4)[rank], (rank, res)
 
 
 def _too_few_text_tokens(ctx: sf_comm.Context) -> str:

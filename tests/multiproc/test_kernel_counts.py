@@ -10,6 +10,8 @@ schedule] in sf_attn.torus).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -90,3 +92,28 @@ def test_world_of_one_is_one_kernel(ranks) -> None:
     merges where one attention call over [text, image] does)."""
     (c,) = ranks(1).run(_world_one, topology="1x1", transport="shm")
     assert c["attn"] == 1 and c["merge"] == 0, c
+
+
+def _ring_on_one_machine(ctx: sf_comm.Context, mode: str | None) -> dict[str, int]:
+    old = os.environ.pop("SF_GATHER_KV", None)
+    if mode is not None:
+        os.environ["SF_GATHER_KV"] = mode
+    try:
+        return _count(ctx, "ring", 7)
+    finally:
+        os.environ.pop("SF_GATHER_KV", None)
+        if old is not None:
+            os.environ["SF_GATHER_KV"] = old
+
+
+def test_a_ring_inside_a_machine_gathers(ranks) -> None:
+    """Catches SF_GATHER_KV=auto leaving a Ring inside one machine rotating its blocks (P_r
+    kernels and P_r - 1 merges) where one all-gather over the fast link makes it 2 kernels
+    and 1 merge (Note [Gathered ring] in sf_attn.hybrid), and the default (rotate) or "never"
+    gathering."""
+    pool = ranks(4)
+    for c in pool.run(_ring_on_one_machine, "auto", topology="1x4", transport="shm"):
+        assert (c["attn"], c["merge"]) == (2, 1), c
+    for mode in (None, "never"):
+        for c in pool.run(_ring_on_one_machine, mode, topology="1x4", transport="shm"):
+            assert (c["attn"], c["merge"]) == (4, 3), (mode, c)

@@ -1,9 +1,12 @@
-"""Tier 1: ``sf_attn.joint.join_tokens``, the copy-free ``cat([text, image], dim=1)``."""
+"""Tier 1: hot-path helpers: ``sf_attn.joint.join_tokens`` (the copy-free ``cat([text,
+image], dim=1)``) and the gathered-ring setting (Note [Gathered ring] in sf_attn.hybrid)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from sf_attn.hybrid import gather_setting
 from sf_attn.joint import join_tokens
 
 
@@ -34,3 +37,20 @@ def test_other_tensors_are_concatenated() -> None:
         assert torch.equal(joined, torch.cat([a, b], dim=1))
     empty = stream[:, :0]
     assert join_tokens(empty, stream) is stream and join_tokens(stream, empty) is stream
+
+
+def test_gather_setting_names_what_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a mistyped SF_GATHER_KV silently meaning "auto" (or a negative budget meaning
+    never), instead of an error that lists the allowed values."""
+    monkeypatch.delenv("SF_GATHER_KV", raising=False)
+    monkeypatch.delenv("SF_GATHER_KV_MB", raising=False)
+    assert gather_setting() == ("never", 1024 * 2**20)
+    monkeypatch.setenv("SF_GATHER_KV", "sometimes")
+    with pytest.raises(
+        ValueError, match=r"SF_GATHER_KV must be one of \['never', 'auto', 'always'\]"
+    ):
+        gather_setting()
+    monkeypatch.setenv("SF_GATHER_KV", "never")
+    monkeypatch.setenv("SF_GATHER_KV_MB", "-3")
+    with pytest.raises(ValueError, match="SF_GATHER_KV_MB must be a number of MiB >= 0, got '-3'"):
+        gather_setting()

@@ -10,6 +10,7 @@ import torch
 import sf_comm
 
 from .backends import agree_on_kernel
+from .hybrid import gather_setting
 from .joint import join_tokens
 from .resolution import resolve
 from .sharding import chunk_sizes
@@ -251,6 +252,7 @@ def parallel_attention(
     if text not in _TEXT_LAYOUTS:
         raise ValueError(f"text must be one of {list(_TEXT_LAYOUTS)}, got {text!r}")
     _validate_local(q, k, v, joint, ctx)
+    gather_setting()  # a bad SF_GATHER_KV* fails here, before any communication
     text_local = joint[0].shape[1] if joint is not None else -1
     if joint_mask is not None:
         if joint is None:

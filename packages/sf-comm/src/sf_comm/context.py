@@ -182,6 +182,16 @@ def _auto_candidates(device: torch.device) -> list[str]:
 # Environment variables that change the layout or protocol of the shm heaps: every rank must
 # see the same values (Note [Settings agreement]).
 _SHM_ENV = ("SF_SHM_SLOT_MB", "SF_SHM_CMA_MIN_KB", "SF_SHM_DIR")
+# Variables of the layers above that decide which collectives a call issues (registered by
+# them with agree_on_env, e.g. sf_attn's SF_GATHER_KV).
+_AGREED_ENV: set[str] = set()
+
+
+def agree_on_env(*names: str) -> None:
+    """Make :func:`init` check that every rank sees the same value of these environment
+    variables (Note [Settings agreement]); for settings of the layers above sf_comm that
+    change which collectives run. Register them at import, before ``init``."""
+    _AGREED_ENV.update(names)
 
 
 def _local_settings(
@@ -217,6 +227,7 @@ def _local_settings(
     }
     if transport in ("shm", "auto"):
         settings.update({name: os.environ.get(name, "unset") for name in _SHM_ENV})
+    settings.update({name: os.environ.get(name, "unset") for name in sorted(_AGREED_ENV)})
     return settings, topo
 
 

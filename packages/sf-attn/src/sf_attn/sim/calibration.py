@@ -11,6 +11,7 @@ import dataclasses
 
 from sf_comm import Topology
 
+from ..hybrid import rotating_rings
 from .step import StepCost, step_latency
 
 
@@ -79,25 +80,27 @@ def xdit_flux_calibration(cost: StepCost | None = None) -> list[CalibrationRow]:
 
     Each prediction is ``XDIT_STEPS * step + XDIT_PIPELINE_OVERHEAD_S`` with the step on
     ``Topology.preset("h100-ib")`` cut to one machine of ``gpus`` GPUs, text sharded (as
-    xDiT does for Flux), two-sided transfers (NCCL).
+    xDiT does for Flux), two-sided transfers (NCCL), rings that rotate (xDiT's never gather,
+    Note [Gathered ring] in :mod:`sf_attn.hybrid`).
     """
     cost = cost or xdit_cost()
     rows = []
-    for label, gpus, strategy, degree, published, fitted in XDIT_FLUX_H100:
-        topo = Topology.preset("h100-ib", 1).replace(gpus_per_machine=gpus)
-        step = step_latency(
-            "flux",
-            topo,
-            height=1024,
-            width=1024,
-            strategy=strategy,
-            ulysses_degree=degree,
-            one_sided=False,
-            text="sharded",
-            cost=cost,
-        )
-        predicted = XDIT_STEPS * step.latency_s + XDIT_PIPELINE_OVERHEAD_S
-        rows.append(CalibrationRow(label, gpus, strategy, degree, published, predicted, fitted))
+    with rotating_rings():
+        for label, gpus, strategy, degree, published, fitted in XDIT_FLUX_H100:
+            topo = Topology.preset("h100-ib", 1).replace(gpus_per_machine=gpus)
+            step = step_latency(
+                "flux",
+                topo,
+                height=1024,
+                width=1024,
+                strategy=strategy,
+                ulysses_degree=degree,
+                one_sided=False,
+                text="sharded",
+                cost=cost,
+            )
+            predicted = XDIT_STEPS * step.latency_s + XDIT_PIPELINE_OVERHEAD_S
+            rows.append(CalibrationRow(label, gpus, strategy, degree, published, predicted, fitted))
     return rows
 
 
