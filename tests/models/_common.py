@@ -168,3 +168,29 @@ def assert_work_split(counts: list[int], *, full_video: int, full_text: int, tok
     rows = tokens + full_text * tokens // max(full_video, 1)  # video + text query rows
     for rank, mine in enumerate(counts):
         assert abs(mine / full - 1 / world) <= 2 * world / rows, (rank, mine / full)
+
+
+def check_work_split(
+    ranks: Any,
+    strategy: str,
+    make_model: Builder,
+    make_inputs: Builder,
+    *,
+    full_video: int,
+    full_text: int,
+    tokens: int,
+    layouts: tuple[TextLayout, ...] = ("replicated", "sharded"),
+) -> None:
+    """:func:`count_pairs` on 4 ranks (2x2) under each text layout, then
+    :func:`assert_work_split`: the same pairs, once in total, whatever the layout."""
+    for text in layouts:
+        counts = ranks(4).run(
+            count_pairs,
+            strategy,
+            make_model,
+            make_inputs,
+            text=text,
+            topology="2x2",
+            transport="shm",
+        )
+        assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=tokens)

@@ -23,9 +23,8 @@ from ._common import (
     STRATEGIES,
     WORLDS,
     assert_matches,
-    assert_work_split,
+    check_work_split,
     compare,
-    count_pairs,
 )
 
 BATCH, CHANNELS, TEXT_DIM = 2, 4, 16
@@ -155,17 +154,15 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     n = tokens("5b")
     full_video = LAYERS * BATCH * HEADS * n * (n + TEXT)
     full_text = LAYERS * BATCH * HEADS * TEXT * (n + TEXT)
-    for text in ("replicated", "sharded"):
-        counts = ranks(4).run(
-            count_pairs,
-            strategy,
-            make_model,
-            make_inputs,
-            text=text,
-            topology="2x2",
-            transport="shm",
-        )
-        assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=n)
+    check_work_split(
+        ranks,
+        strategy,
+        make_model,
+        make_inputs,
+        full_video=full_video,
+        full_text=full_text,
+        tokens=n,
+    )
 
 
 def test_missing_submodule_is_named() -> None:

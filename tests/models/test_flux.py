@@ -25,9 +25,8 @@ from ._common import (
     STRATEGIES,
     WORLDS,
     assert_matches,
-    assert_work_split,
+    check_work_split,
     compare,
-    count_pairs,
     error_messages,
 )
 
@@ -135,41 +134,20 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     Full attention per layer is (text + image) queries x (text + image) keys x heads. Every
     pair, text queries included (each text row has one owner), must be computed exactly once
     in total and about 1/world on each rank (within a few rows' share, as 35 tokens do not
-    split evenly).
+    split evenly), with text replicated and with text sharded.
     """  # text queries are told apart by their length
     seq = TEXT + IMG
     full_image = LAYERS * BATCH * IMG * seq * HEADS
     full_text = LAYERS * BATCH * TEXT * seq * HEADS
-    counts = ranks(4).run(
-        count_pairs,
+    check_work_split(
+        ranks,
         strategy,
         make_model,
         make_inputs,
-        text="replicated",
-        topology="2x2",
-        transport="shm",
+        full_video=full_image,
+        full_text=full_text,
+        tokens=IMG,
     )
-    assert_work_split(counts, full_video=full_image, full_text=full_text, tokens=IMG)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sharded_text_work_is_split(ranks, strategy: str) -> None:
-    """Catches sharded text computed more than once or not at all: with text split like the
-    image, every (query, key) pair of [text, image] x [text, image] must still be computed
-    exactly once in total, about 1/world on each rank."""
-    seq = TEXT + IMG
-    counts = ranks(4).run(
-        count_pairs,
-        strategy,
-        make_model,
-        make_inputs,
-        text="sharded",
-        topology="2x2",
-        transport="shm",
-    )
-    full_image = LAYERS * BATCH * IMG * seq * HEADS
-    full_text = LAYERS * BATCH * TEXT * seq * HEADS
-    assert_work_split(counts, full_video=full_image, full_text=full_text, tokens=IMG)
 
 
 def test_text_layout_is_resolved() -> None:

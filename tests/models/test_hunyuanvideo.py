@@ -25,9 +25,8 @@ from ._common import (
     STRATEGIES,
     WORLDS,
     assert_matches,
-    assert_work_split,
+    check_work_split,
     compare,
-    count_pairs,
 )
 
 BATCH, CHANNELS, TEXT, TEXT_DIM = 2, 4, 7, 16
@@ -176,14 +175,12 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
     seq = TOKENS + TEXT
     full_video = LAYERS * BATCH * HEADS * TOKENS * seq
     full_text = LAYERS * BATCH * HEADS * TEXT * seq
-    for text in ("replicated", "sharded"):
-        counts = ranks(4).run(
-            count_pairs,
-            strategy,
-            make_model,
-            make_inputs,
-            text=text,
-            topology="2x2",
-            transport="shm",
-        )
-        assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=TOKENS)
+    check_work_split(
+        ranks,
+        strategy,
+        make_model,
+        make_inputs,
+        full_video=full_video,
+        full_text=full_text,
+        tokens=TOKENS,
+    )

@@ -25,9 +25,8 @@ from ._common import (
     STRATEGIES,
     WORLDS,
     assert_matches,
-    assert_work_split,
+    check_work_split,
     compare,
-    count_pairs,
     error_messages,
 )
 
@@ -126,40 +125,20 @@ def test_attention_work_is_split(ranks, strategy: str) -> None:
 
     Per joint attention: (image + text) queries x (image + text) keys; the dual block's
     ``attn2``: image x image. Every pair, text queries included, must be computed once in
-    total, ~1/4 per rank.
+    total, ~1/4 per rank, with text replicated and with text sharded.
     """
     seq = IMG + TEXT
     full_video = BATCH * HEADS * (LAYERS * IMG * seq + IMG * IMG)  # 2 joint + 1 image-only
     full_text = BATCH * HEADS * LAYERS * TEXT * seq
-    counts = ranks(4).run(
-        count_pairs,
+    check_work_split(
+        ranks,
         strategy,
         make_model,
         make_inputs,
-        text="replicated",
-        topology="2x2",
-        transport="shm",
+        full_video=full_video,
+        full_text=full_text,
+        tokens=IMG,
     )
-    assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=IMG)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sharded_text_work_is_split(ranks, strategy: str) -> None:
-    """Catches sharded text computed more than once or not at all: every (query, key) pair,
-    text queries included, once in total and ~1/4 per rank, as with replicated text."""
-    seq = IMG + TEXT
-    full_video = BATCH * HEADS * (LAYERS * IMG * seq + IMG * IMG)  # 2 joint + 1 image-only
-    full_text = BATCH * HEADS * LAYERS * TEXT * seq
-    counts = ranks(4).run(
-        count_pairs,
-        strategy,
-        make_model,
-        make_inputs,
-        text="sharded",
-        topology="2x2",
-        transport="shm",
-    )
-    assert_work_split(counts, full_video=full_video, full_text=full_text, tokens=IMG)
 
 
 def _errors(ctx: Any) -> list[str]:
