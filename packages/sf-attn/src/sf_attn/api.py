@@ -11,7 +11,7 @@ import sf_comm
 
 from .backends import agree_on_kernel
 from .hybrid import gather_setting
-from .joint import join_tokens
+from .joint import concat_masks, join_tokens
 from .resolution import resolve
 from .sharding import chunk_sizes
 from .strategies import get_strategy, strategy_names
@@ -76,6 +76,29 @@ def _mask_kind(mask: torch.Tensor | None) -> int:
     return 0 if mask is None else 1 if mask.dtype == torch.bool else 2
 
 
+def _own_shard(
+    ctx: sf_comm.CommContext, local: int, length: int, held: str, whole: str
+) -> list[int]:
+    """The shard sizes of ``length`` tokens over the ranks, this rank's checked against the
+    ``local`` it holds (messages: "holds {held}", "the shard of {whole}")."""
+    sizes = chunk_sizes(length, ctx.world_size)
+    if sizes[ctx.rank] != local:
+        raise ValueError(
+            f"rank {ctx.rank} holds {held}, but the shard of {whole} over {ctx.world_size} "
+            f"ranks is {sizes[ctx.rank]} (see sf_attn.shard)"
+        )
+    return sizes
+
+
+def _check_convention(what: str, sizes: list[int]) -> None:
+    expected = chunk_sizes(sum(sizes), len(sizes))
+    if sizes != expected:
+        raise ValueError(
+            f"{what} shards {sizes} (rank order) do not follow the shard convention: "
+            f"{sum(sizes)} tokens over {len(sizes)} ranks are split {expected} (use sf_attn.shard)"
+        )
+
+
 def _agree_on_shapes(
     ctx: sf_comm.CommContext,
     q: torch.Tensor,
@@ -92,26 +115,17 @@ def _agree_on_shapes(
     checked against the shard convention and the other ranks (with the strategy and degree
     asked for: ranks running different strategies would wait on each other's different
     collectives). Replicated text (or none) counts once, in ``text_lens[0]``."""
-    world = ctx.world_size
     batch, seq_local, heads, dim = q.shape
-    sharded = text == "sharded"
-    if seq_len is not None and (text_local < 0 or not sharded or text_len is not None):
-        sizes = chunk_sizes(seq_len, world)
-        if sizes[ctx.rank] != seq_local:
-            raise ValueError(
-                f"rank {ctx.rank} holds {seq_local} tokens, but the shard of a "
-                f"{seq_len}-token sequence over {world} ranks is {sizes[ctx.rank]} (see sf_attn.shard)"
-            )
-        if not sharded or text_local < 0:
+    sharded = text == "sharded" and text_local >= 0  # text_local -1: no joint text
+    if seq_len is not None and (not sharded or text_len is not None):
+        sizes = _own_shard(
+            ctx, seq_local, seq_len, f"{seq_local} tokens", f"a {seq_len}-token sequence"
+        )
+        if not sharded:
             return sizes, [max(text_local, 0)]
         assert text_len is not None
-        text_sizes = chunk_sizes(text_len, world)
-        if text_sizes[ctx.rank] != text_local:
-            raise ValueError(
-                f"rank {ctx.rank} holds {text_local} text tokens, but the shard of {text_len} "
-                f"text tokens over {world} ranks is {text_sizes[ctx.rank]} (see sf_attn.shard)"
-            )
-        return sizes, text_sizes
+        held, whole = f"{text_local} text tokens", f"{text_len} text tokens"
+        return sizes, _own_shard(ctx, text_local, text_len, held, whole)
     names = strategy_names()
     mine = torch.tensor(
         [
@@ -121,7 +135,7 @@ def _agree_on_shapes(
             dim,
             _DTYPES.index(q.dtype),
             text_local,
-            int(sharded),
+            int(text == "sharded"),
             mask_kind,
             names.index(strategy),
             ulysses_degree or 0,
@@ -134,7 +148,7 @@ def _agree_on_shapes(
         "heads",
         "head_dim",
         "dtype",
-        None if sharded else "joint text length",
+        None if text == "sharded" else "joint text length",
         "text layout",
         "joint_mask (none, bool, additive)",
         "strategy",
@@ -153,18 +167,12 @@ def _agree_on_shapes(
                 values = [_TEXT_LAYOUTS[x] for x in values]
             raise ValueError(f"ranks disagree on {name}: {values} (rank order)")
     sizes = table[:, 1].tolist()
-    for what, got in (("sequence", sizes), ("text", table[:, 5].tolist())):
-        if what == "text" and not (sharded and text_local >= 0):
-            break
-        expected = chunk_sizes(sum(got), world)
-        if got != expected:
-            raise ValueError(
-                f"{what} shards {got} (rank order) do not follow the shard convention: "
-                f"{sum(got)} tokens over {world} ranks are split {expected} (use sf_attn.shard)"
-            )
-    if sharded and text_local >= 0:
-        return sizes, table[:, 5].tolist()
-    return sizes, [max(text_local, 0)]
+    _check_convention("sequence", sizes)
+    if not sharded:
+        return sizes, [max(text_local, 0)]
+    text_sizes = table[:, 5].tolist()
+    _check_convention("text", text_sizes)
+    return sizes, text_sizes
 
 
 def _sharded_key_masks(
@@ -179,12 +187,13 @@ def _sharded_key_masks(
     wire = joint_mask.to(torch.uint8) if joint_mask.dtype == torch.bool else joint_mask
     shapes = [(batch, n) for n in text_lens]
     parts = sf_comm.all_gather(ctx, ctx.group("world"), wire.contiguous(), shapes).wait()
+    if joint_mask.dtype == torch.bool:
+        parts = [part.bool() for part in parts]
     masks = []
-    for part, n in zip(parts, seq_lens):
-        if joint_mask.dtype == torch.bool:
-            masks.append(torch.cat([part.bool(), part.new_ones(batch, n, dtype=torch.bool)], 1))
-        else:
-            masks.append(torch.cat([part, part.new_zeros(batch, n)], 1))
+    for part, t, n in zip(parts, text_lens, seq_lens):
+        mask = concat_masks([(part, t), (None, n)], batch)  # the image keys open
+        assert mask is not None  # the text part is given
+        masks.append(mask)
     return masks
 
 

@@ -189,47 +189,45 @@ def ring_and_return(
     u_group_of = {r: g for g in layout.ulysses for r in g}
     block_len = [sum(seq_lens[r] for r in u_group_of[rank]) for rank in rg.ranks]
     acc = Accumulator()
-    extra = 2 * batch * (sum(block_len) - block_len[rg.index]) * h_i * dim * q_u.element_size()
-    steps = p_r
-    if p_r > 1 and gather_ring(ctx, rg, extra):  # Note [Gathered ring]
-        assert isinstance(kv, torch.Tensor), "a ring block is one stacked tensor"
-        shapes = [(2, batch, n, h_i, dim) for n in block_len]
-        gathered = sf_comm.all_gather(ctx, rg, kv, shapes)  # flies while the own block computes
-        own_mask = block_key_mask(key_masks, u_group_of[ctx.rank])
-        if text_kv is not None:
-            keys, values, own_mask = fold_text_keys(text_kv, kv, joint_mask)
-        else:
-            keys, values = kv[0], kv[1]
-        acc.add(
-            *attention_with_lse(
-                queries, keys, values, scale=scale, key_mask=own_mask, backend=backend
-            )
-        )
-        parts = gathered.wait()
-        peers = [m for m in range(p_r) if m != rg.index]
-        kv = torch.cat([parts[m] for m in peers], dim=2)  # one block: every peer's keys
-        mask = block_key_mask(key_masks, [r for m in peers for r in u_group_of[rg.ranks[m]]])
-        acc.add(
-            *attention_with_lse(queries, kv[0], kv[1], scale=scale, key_mask=mask, backend=backend)
-        )
-        steps = 0
-    for step in range(steps):
-        pending = None
-        if step < p_r - 1:
-            src = (rg.index - step - 1) % p_r
-            assert isinstance(kv, torch.Tensor), "a rotating block is one stacked tensor"
-            pending = sf_comm.ring_shift(
-                ctx, rg, kv, out_shape=(2, batch, block_len[src], h_i, dim)
-            )
-        keys, values = kv[0], kv[1]
-        mask = block_key_mask(key_masks, u_group_of[rg.ranks[(rg.index - step) % p_r]])
-        if step == 0 and text_kv is not None:
-            keys, values, mask = fold_text_keys(text_kv, kv, joint_mask)
+
+    def attend(block: KV, owners: Sequence[int], first: bool) -> None:
+        """The queries against one KV block of ``owners``' tokens; the text keys (and their
+        mask) join the ``first`` block."""
+        keys, values = block[0], block[1]
+        mask = block_key_mask(key_masks, owners)
+        if first and text_kv is not None:
+            keys, values, mask = fold_text_keys(text_kv, block, joint_mask)
         acc.add(
             *attention_with_lse(queries, keys, values, scale=scale, key_mask=mask, backend=backend)
         )
-        if pending is not None:
-            kv = pending.wait()
+
+    peers_bytes = (
+        (sum(block_len) - block_len[rg.index]) * 2 * batch * h_i * dim * q_u.element_size()
+    )
+    if p_r > 1 and gather_ring(ctx, rg, peers_bytes):  # Note [Gathered ring]
+        assert isinstance(kv, torch.Tensor), "a ring block is one stacked tensor"
+        shapes = [(2, batch, n, h_i, dim) for n in block_len]
+        gathered = sf_comm.all_gather(ctx, rg, kv, shapes)  # flies while the own block computes
+        attend(kv, u_group_of[ctx.rank], first=True)
+        parts = gathered.wait()
+        peers = [m for m in range(p_r) if m != rg.index]
+        attend(  # one block: every peer's keys
+            torch.cat([parts[m] for m in peers], dim=2),
+            [r for m in peers for r in u_group_of[rg.ranks[m]]],
+            first=False,
+        )
+    else:
+        for step in range(p_r):
+            pending = None
+            if step < p_r - 1:
+                src = (rg.index - step - 1) % p_r
+                assert isinstance(kv, torch.Tensor), "a rotating block is one stacked tensor"
+                pending = sf_comm.ring_shift(
+                    ctx, rg, kv, out_shape=(2, batch, block_len[src], h_i, dim)
+                )
+            attend(kv, u_group_of[rg.ranks[(rg.index - step) % p_r]], first=step == 0)
+            if pending is not None:
+                kv = pending.wait()
 
     out_all = acc.result(q_u.dtype)
     text_out = None

@@ -51,6 +51,7 @@ __all__ = [
     "KV",
     "Accumulator",
     "block_key_mask",
+    "concat_masks",
     "fold_text_keys",
     "gather_text",
     "join_tokens",
@@ -117,14 +118,29 @@ def fold_text_keys(
     """
     keys = join_tokens(text_kv[0], kv[0])
     values = join_tokens(text_kv[1], kv[1])
-    if joint_mask is None:
-        return keys, values, None
-    batch, seq = kv[0].shape[0], kv[0].shape[1]
-    if joint_mask.dtype == torch.bool:
-        open_ = torch.ones(batch, seq, dtype=torch.bool, device=joint_mask.device)
-    else:
-        open_ = torch.zeros(batch, seq, dtype=joint_mask.dtype, device=joint_mask.device)
-    return keys, values, torch.cat([joint_mask, open_], dim=1)
+    text_len, (batch, seq) = text_kv[0].shape[1], kv[0].shape[:2]
+    return keys, values, concat_masks([(joint_mask, text_len), (None, seq)], batch)
+
+
+def concat_masks(
+    masks: Sequence[tuple[torch.Tensor | None, int]], batch: int
+) -> torch.Tensor | None:
+    """One key mask [batch, sum of lengths] for key runs put side by side, from each run's
+    ``(mask or None, length)``: a run without a mask is open (True, or 0.0 for an additive
+    mask, in the given masks' kind). None when no run has a mask."""
+    given = [m for m, _ in masks if m is not None]
+    if not given:
+        return None
+    if len(masks) == 1:
+        return given[0]
+    kind = given[0]
+    pieces = []
+    for m, length in masks:
+        if m is None:
+            fill = torch.ones if kind.dtype == torch.bool else torch.zeros
+            m = fill(batch, length, dtype=kind.dtype, device=kind.device)
+        pieces.append(m)
+    return torch.cat(pieces, dim=1)
 
 
 class Accumulator:

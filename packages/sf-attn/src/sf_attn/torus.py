@@ -46,7 +46,7 @@ import torch
 import sf_comm
 
 from .backends import attention_with_lse
-from .joint import block_key_mask, gather_text, my_text_rows
+from .joint import block_key_mask, concat_masks, gather_text, my_text_rows
 from .layout import Layout
 from .merge import merge_attention_
 from .sharding import chunk_offsets, chunk_sizes
@@ -149,7 +149,7 @@ def torus_attention(
         """``rows`` against the concatenation of ``blocks``, merged into the accumulator."""
         kvs = [b for b in blocks if b is not None]
         kv = kvs[0][0] if len(kvs) == 1 else torch.cat([b[0] for b in kvs], dim=2)
-        mask = _concat_masks([(b[1], b[0].shape[2]) for b in kvs], batch)
+        mask = concat_masks([(b[1], b[0].shape[2]) for b in kvs], batch)
         o, lse = attention_with_lse(
             q_all[:, rows], kv[0], kv[1], scale=scale, key_mask=mask, backend=backend
         )
@@ -212,25 +212,3 @@ def torus_attention(
         tile = acc_o[:, text_rows].to(q.dtype)
         text_out = gather_text(ctx, layout, tile, text_len=joint[0].shape[1], heads=heads)
     return out, text_out
-
-
-def _concat_masks(
-    masks: Sequence[tuple[torch.Tensor | None, int]], batch: int
-) -> torch.Tensor | None:
-    """One key mask for blocks put side by side: each block's mask, or an open one of its
-    length where it has none; None if no block has one."""
-    given = [m for m, _ in masks if m is not None]
-    if not given:
-        return None
-    if len(masks) == 1:
-        return given[0]
-    kind = given[0]
-    pieces = []
-    for m, length in masks:
-        if m is None:
-            if kind.dtype == torch.bool:
-                m = torch.ones(batch, length, dtype=torch.bool, device=kind.device)
-            else:
-                m = torch.zeros(batch, length, dtype=kind.dtype, device=kind.device)
-        pieces.append(m)
-    return torch.cat(pieces, dim=1)
