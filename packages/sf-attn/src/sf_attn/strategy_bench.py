@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import sf_comm
+from sf_comm.collective_bench import slowest_rank_times
 from sf_comm.launch import RankPool
 from sf_comm.trace import Counters, WallTracer, tracing
 
@@ -99,23 +99,16 @@ def _time(
         img, txt = out if joint else (out, None)
         ref_txt, ref_img = reference
         err = (img.float() - shard(ref_img, ctx).float()).abs().max().item()
-        if txt is not None:
+        if txt is not None and txt.numel():  # a rank's sharded text chunk may be empty
             ref_txt = shard(ref_txt, ctx) if sharded else ref_txt
-            err = max(err, (txt.float() - ref_txt.float()).abs().max().item(), 0.0)
-    times = []
-    for _ in range(iters):
-        ctx.barrier()
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    worst = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            err = max(err, (txt.float() - ref_txt.float()).abs().max().item())
+    times = slowest_rank_times(ctx, call, iters)
     errs = torch.tensor([err], dtype=torch.float64)
     dist.all_reduce(errs, op=dist.ReduceOp.MAX)
     ctx.barrier()
     with tracing(WallTracer()) as tracer:  # one more call, traced: what it costs each rank
         call()
-    return {"times": worst.tolist(), "err": errs.item(), "counters": tracer.counters()}
+    return {"times": times, "err": errs.item(), "counters": tracer.counters()}
 
 
 def reference_output(

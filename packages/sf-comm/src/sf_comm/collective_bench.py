@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,15 +47,21 @@ def _time_op(ctx: Any, op: str, nbytes: int, iters: int) -> list[float]:
             collectives.all_gather(ctx, group, part).wait()
 
     step()  # warm-up (first touch of shm pages, gloo pairs)
+    return slowest_rank_times(ctx, step, iters)
+
+
+def slowest_rank_times(ctx: Any, call: Callable[[], object], iters: int) -> list[float]:
+    """Seconds of ``iters`` calls of ``call``, each started together on every rank (a barrier
+    before it), as the slowest rank saw it (collective over ``ctx``'s world)."""
     times = []
     for _ in range(iters):
         ctx.barrier()
         t0 = time.perf_counter()
-        step()
+        call()
         times.append(time.perf_counter() - t0)
     worst = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.tolist()
+    return [float(t) for t in worst]
 
 
 def run(
