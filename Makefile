@@ -2,12 +2,22 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-all lint bench-comm bench-attention
+.PHONY: setup run run-strategies test test-all lint bench-comm bench-attention
 
 setup:
 	@bash tools/bootstrap.sh
 
+# The main job: a tiny Flux pipeline directory (random weights, local tokenizers; made once),
+# then a prompt -> image on 4 CPU ranks emulating 2 machines x 2 GPUs, checked against
+# single-process diffusers on the same directory, prompt and seed.
+TINY := out/tiny-flux
 run: setup
+	@test -f $(TINY)/model_index.json || .venv/bin/streamfusion make-tiny $(TINY) --model flux
+	.venv/bin/streamfusion generate --model-dir $(TINY) --prompt "a red fox in the snow, watercolor" \
+	  --seed 0 --world 4 --topology 2x2 --out out/fox.png --json out/generate.json --check
+
+# The transformer alone, every strategy side by side, checked against one process.
+run-strategies: setup
 	.venv/bin/streamfusion run
 
 test: setup

@@ -50,3 +50,19 @@ def ranks() -> Iterator[Callable[[int], RankPool]]:
     yield get
     for pool in pools.values():
         pool.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    """``tiny_pipeline(family)`` -> a complete tiny pipeline directory of that family
+    (:func:`sf_models.tiny.make_tiny`), written once per session."""
+    from sf_models.tiny import make_tiny
+
+    made: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in made:
+            made[family] = str(make_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family))
+        return made[family]
+
+    return get

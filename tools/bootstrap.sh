@@ -18,6 +18,7 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"
 # Tested versions, pinned so CI (and the lint rules) do not move under us.
 "${pip[@]}" "triton==3.7.1" "numpy>=1.26" "diffusers==0.42.1" "transformers==5.24.0" "einops>=0.8" \
+  "accelerate==1.15.0" "imageio==2.38.1" "imageio-ffmpeg==0.8.1" \
   "hypothesis>=6.100" "pytest>=8" "pytest-xdist>=3.5" "pytest-timeout>=2.3" \
   "matplotlib>=3.8" "ruff==0.17.6" "mypy==2.4.1"
 "${pip[@]}" -e packages/sf-comm -e packages/sf-attn -e packages/sf-models -e packages/sf-compile

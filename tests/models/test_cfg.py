@@ -49,6 +49,7 @@ from .test_pipeline import (
     WIDTH,
     LatentCapture,
     flux_args,
+    hook_count,
     make_flux_pipe,
     make_vae,
 )
@@ -258,14 +259,12 @@ def _cfg_parallel(
     capture = LatentCapture()
     out = sp(**args, generator=generator(), callback_on_step_end=capture)[0]
     assert capture.latents is not None
-    res: dict[str, Any] = dict(
+    return dict(
         latents_rel_err=rel_err(capture.latents, ref_capture.latents),
         latents_same_on_every_rank=same_on_every_rank(ctx, capture.latents),
         branches=seen,
+        out_rel_err=rel_err(out, ref),  # every rank: decode_on="all" by default
     )
-    if ctx.rank == 0:
-        res["out_rel_err"] = rel_err(out, ref)
-    return res
 
 
 @pytest.mark.parametrize(
@@ -295,7 +294,7 @@ def test_cfg_parallel_matches_single_process(ranks, name: str, strategy: str) ->
         assert res["latents_rel_err"] < REL_TOL, (rank, res)
         assert res["latents_same_on_every_rank"], (rank, res)
         assert res["branches"] == [first if rank < 2 else second] * STEPS, (rank, res)
-    assert results[0]["out_rel_err"] < REL_TOL, results[0]
+        assert res["out_rel_err"] < REL_TOL, (rank, res)
 
 
 def test_sd3_skip_layer_guidance(ranks) -> None:
@@ -313,7 +312,7 @@ def test_sd3_skip_layer_guidance(ranks) -> None:
         assert res["latents_same_on_every_rank"], (rank, res)
         branch = "uncond" if rank < 2 else "cond"
         assert res["branches"] == [branch, branch, "cond", branch, "cond"], (rank, res)
-    assert results[0]["out_rel_err"] < REL_TOL, results[0]
+        assert res["out_rel_err"] < REL_TOL, (rank, res)
 
 
 def _call_errors(ctx: sf_comm.Context) -> list[str]:
@@ -370,3 +369,61 @@ def test_topology_without_halves_is_an_error(topo: str, suggestion: str) -> None
     with pytest.raises(ValueError, match=f"topology {topo}") as exc:
         parallelize(make_flux_pipe(), ctx=ctx, cfg_parallel=True)  # type: ignore[call-overload]
     assert suggestion in str(exc.value) and "cfg_parallel=False" in str(exc.value), exc.value
+
+
+@torch.no_grad()
+def _close(ctx: sf_comm.Context) -> dict[str, Any]:
+    pipe, args = make_wan()
+    transformer = pipe.transformer
+    hooks = hook_count(transformer)
+    ref = pipe(**args, generator=generator())[0]
+    sp = parallelize(pipe, ctx=ctx, strategy="ulysses", cfg_parallel=True)
+    out = sp(**args, generator=generator())[0]
+    hooks_while = hook_count(transformer)
+    sp.close()
+    after = pipe(**args, generator=generator())[0]  # paired CFG: refused while parallelized
+    return dict(
+        parallel_rel_err=rel_err(out, ref),
+        after_close_equal=torch.equal(after, ref),
+        transformer_restored=pipe.transformer is transformer,
+        hooks=(hooks, hooks_while, hook_count(transformer)),
+    )
+
+
+def test_close_after_cfg_parallel(ranks) -> None:
+    """Catches ``close()`` missing what CFG parallel and Wan's plan add: the CFG wrapper left
+    as the transformer (the bare pipeline's paired guidance calls would still be refused),
+    or the plan's hooks left in the model (Wan's timestep pre-hook from its attach, the
+    submodule split/gather hooks). After close, the bare pipeline on one process must give
+    the single-process latents bit for bit."""
+    for rank, res in enumerate(ranks(4).run(_close, topology="2x2", transport="shm")):
+        assert res["parallel_rel_err"] < REL_TOL, (rank, res)
+        assert res["transformer_restored"] and res["after_close_equal"], (rank, res)
+        before, during, after = res["hooks"]
+        assert during > before == after, (rank, res)
+
+
+def _degrees(ctx: sf_comm.Context) -> tuple[Any, str]:
+    def degree(ulysses_degree: int) -> Any:
+        return parallelize(
+            make_flux_pipe(),
+            ctx=ctx,
+            strategy="usp",
+            cfg_parallel=True,
+            ulysses_degree=ulysses_degree,
+        )
+
+    plan = degree(1).transformer.module.attention_plan(seq_len=35, text_len=TEXT)
+    return (plan.name, plan.ulysses_degree, plan.ring_degree), error_messages([lambda: degree(4)])[
+        0
+    ]
+
+
+def test_ulysses_degree_on_a_half(ranks) -> None:
+    """Catches ``ulysses_degree`` not reaching the transformer of a CFG half (each half would
+    run USP's default degree 2 on its 1x2 ranks), or a degree that fits the world but not a
+    half (4 of 2 ranks) being refused with a message that does not say a half is 1x2."""
+    for rank, (plan, msg) in enumerate(ranks(4).run(_degrees, topology="2x2", transport="shm")):
+        assert plan == ("usp", 1, 2), (rank, plan)
+        assert "each half of topology 2x2 runs sequence parallelism on 1x2" in msg, msg
+        assert "allows Ulysses degrees [1, 2], got 4" in msg, msg

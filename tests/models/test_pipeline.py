@@ -4,7 +4,8 @@ Every rank builds the same pipeline from fixed seeds (tiny Flux transformer, tin
 ``AutoencoderKL``, the real flow-matching scheduler; the text encoders are bypassed with
 ``prompt_embeds``/``pooled_prompt_embeds``, as tokenizers cannot be downloaded here), runs it
 once on its own as the single-process reference, then parallelizes it and runs it again on
-every rank with the same seeded generator.
+every rank with the same seeded generator. Also: the Ulysses degree asked for reaching the
+attention layers, and ``close()`` giving the single-process pipeline back.
 
 Tolerance (``REL_TOL``, relative to the largest entry): everything is float32. The only
 arithmetic that differs from the reference is attention (SDPA vs sf_attn's blockwise
@@ -17,12 +18,15 @@ the result by 1e-2 or more (a wrong RoPE row, rank-dependent noise, a dropped to
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+import sf_attn.resolution as resolution
 import sf_comm
 from sf_models.parallelize import parallelize
 from sf_models.pipeline import DecodeOn, ParallelPipeline
@@ -101,15 +105,43 @@ def count_decodes(pipe: Any) -> list[int]:
     return count
 
 
+def hook_count(module: torch.nn.Module) -> int:
+    """Forward hooks and pre-hooks on ``module`` and its submodules."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules())
+
+
+def progress_config(pipe: Any) -> dict[str, Any]:
+    return dict(getattr(pipe, "_progress_bar_config", {}))
+
+
+@contextlib.contextmanager
+def recording_resolutions() -> Iterator[list[Any]]:
+    """The resolutions ``sf_attn.resolve`` returns inside the block, what the attention layers
+    ran with (a spy around ``sf_attn.resolution._resolve``, which it calls at call time)."""
+    real, seen = resolution._resolve, []
+
+    def spy(*args: Any) -> Any:
+        seen.append(real(*args))
+        return seen[-1]
+
+    resolution._resolve = spy  # type: ignore[assignment]
+    try:
+        yield seen
+    finally:
+        resolution._resolve = real  # type: ignore[assignment]
+
+
 @torch.no_grad()
-def _generate(ctx: sf_comm.Context, strategy: str, decode_on: DecodeOn) -> dict[str, Any]:
+def _generate(ctx: sf_comm.Context, strategy: str, decode_on: DecodeOn | None) -> dict[str, Any]:
+    """``decode_on`` None: parallelize's default."""
     pipe = make_flux_pipe()
     ref_capture = LatentCapture()
     ref = pipe(**flux_args(), callback_on_step_end=ref_capture).images
     assert ref_capture.latents is not None
     decodes = count_decodes(pipe)
 
-    sp = parallelize(pipe, ctx=ctx, strategy=strategy, decode_on=decode_on)
+    chosen = {} if decode_on is None else {"decode_on": decode_on}
+    sp = parallelize(pipe, ctx=ctx, strategy=strategy, **chosen)
     capture = LatentCapture()
     out = sp(**flux_args(), callback_on_step_end=capture).images
     assert capture.latents is not None
@@ -121,9 +153,9 @@ def _generate(ctx: sf_comm.Context, strategy: str, decode_on: DecodeOn) -> dict[
         progress_bar_disabled=pipe._progress_bar_config.get("disable", False),
         out_shape=tuple(out.shape),
     )
-    if decode_on == "all":
+    if sp.decode_on == "all":
         res["image_same_on_every_rank"] = same_on_every_rank(ctx, out)  # collective: all ranks
-    if decode_on == "all" or ctx.rank == 0:
+    if sp.decode_on == "all" or ctx.rank == 0:
         res["image_rel_err"] = rel_err(out, ref)
     else:
         # output_type="latent": the pipeline's packed final latents, exactly rank 0's.
@@ -155,13 +187,16 @@ def test_flux_pipeline_same_image_on_4_ranks(ranks, strategy: str) -> None:
             assert res["returned_final_latents"], (rank, res)
 
 
-def test_decode_on_all_ranks(ranks) -> None:
-    """Catches ``decode_on="all"`` being ignored (only rank 0 decoding) or the ranks decoding
-    different images: every rank must decode once and return the same image as one process.
+def test_default_output_is_the_pipelines_on_every_rank(ranks) -> None:
+    """Catches the default going back to decoding on rank 0 only (other ranks then got
+    latents, and the usual ``sp(...).images[0].save(...)`` failed there), or ``"all"`` being
+    ignored, or the ranks decoding different images: by default every rank must decode once
+    and return the images one process returns, identical on all ranks.
     """
-    results = ranks(4).run(_generate, "ring", "all", topology="2x2", transport="shm")
+    results = ranks(4).run(_generate, "ring", None, topology="2x2", transport="shm")
     for rank, res in enumerate(results):
         assert res["decodes"] == 1, (rank, res)
+        assert res["out_shape"] == (1, 3, HEIGHT, WIDTH), (rank, res)
         assert res["image_rel_err"] < REL_TOL, (rank, res)
         assert res["image_same_on_every_rank"], (rank, res)
 
@@ -222,3 +257,163 @@ def test_text_layout_reaches_the_transformer(ranks) -> None:
     pipeline's transformer (it would run with the default whatever was asked)."""
     for layouts in ranks(4).run(_text_layouts, topology="2x2", transport="shm"):
         assert layouts == ["sharded", "replicated", "sharded"], layouts
+
+
+@torch.no_grad()
+def _ulysses_degree(ctx: sf_comm.Context) -> dict[str, Any]:
+    pipe = make_flux_pipe()
+    ref = pipe(**flux_args()).images
+    sp = parallelize(pipe, ctx=ctx, strategy="usp", ulysses_degree=2)
+    with recording_resolutions() as ran:
+        out = sp(**flux_args()).images
+    # 35 image tokens and 6 text tokens (sharded: sequence in front of the image), batch 1
+    plan = sp.transformer.attention_plan(seq_len=35, text_len=TEXT)
+    default = parallelize(make_flux_transformer(), ctx=ctx, strategy="usp")
+    return dict(
+        image_rel_err=rel_err(out, ref),
+        image_same_on_every_rank=same_on_every_rank(ctx, out),
+        ran={(r.name, r.ulysses_degree, r.ring_degree) for r in ran},
+        plan=(plan.name, plan.ulysses_degree, plan.ring_degree),
+        plan_is_what_ran=bool(ran) and all(r is plan for r in ran),
+        ulysses_groups=plan.layout.ulysses,
+        default_degree=default.attention_plan(seq_len=35, text_len=TEXT).ulysses_degree,
+    )
+
+
+def test_ulysses_degree_reaches_the_attention(ranks) -> None:
+    """Catches ``ulysses_degree`` being dropped on its way from ``parallelize(pipe)`` to the
+    attention layers (they would run USP's default degree 4 on 1x4, which is a different
+    layout with the same numbers, so only the resolution shows it), the wrapper's plan not
+    being what the layers run, or degree 2 x Ring 2 giving another image than one process.
+    """
+    results = ranks(4).run(_ulysses_degree, topology="1x4", transport="shm")
+    for rank, res in enumerate(results):
+        assert res["default_degree"] == 4, (rank, res)  # so that asking for 2 is visible
+        assert res["ran"] == {("usp", 2, 2)}, (rank, res)
+        assert res["plan"] == ("usp", 2, 2) and res["plan_is_what_ran"], (rank, res)
+        assert res["ulysses_groups"] == ((0, 1), (2, 3)), (rank, res)  # neighbours first
+        assert res["image_rel_err"] < REL_TOL, (rank, res)
+        assert res["image_same_on_every_rank"], (rank, res)
+
+
+def _bad_degrees(ctx: sf_comm.Context) -> dict[str, Any]:
+    pipe = make_flux_pipe()
+    transformer = pipe.transformer
+    not_an_int: Any = 2.0
+    cases = [
+        lambda: parallelize(pipe, ctx=ctx, strategy="usp", ulysses_degree=3),
+        lambda: parallelize(pipe, ctx=ctx, strategy="auto", ulysses_degree=2),
+        lambda: parallelize(pipe, ctx=ctx, strategy="ring", ulysses_degree=2),
+        lambda: parallelize(
+            make_flux_transformer(heads=2), ctx=ctx, strategy="usp", ulysses_degree=4
+        ),
+        lambda: parallelize(pipe, ctx=ctx, strategy="usp", ulysses_degree=0),
+        lambda: parallelize(pipe, ctx=ctx, strategy="usp", ulysses_degree=not_an_int),
+    ]
+    msgs = error_messages(cases)
+    return dict(
+        msgs=msgs,
+        untouched=pipe.transformer is transformer and hook_count(transformer) == 0,
+        # no processor of the refused calls left behind: parallelizing still works
+        usable=parallelize(pipe, ctx=ctx, strategy="usp", ulysses_degree=1)
+        .transformer.attention_plan(seq_len=35, text_len=TEXT)
+        .ulysses_degree,
+    )
+
+
+def test_bad_ulysses_degrees_name_the_value(ranks) -> None:
+    """Catches a Ulysses degree the strategy cannot use being accepted (failing mid-forward or
+    silently running another degree), with a message that does not name the value and what
+    is allowed: one that does not divide the world (3 of 4), one with "auto" (the planner
+    picks the degree), one for Ring (degree 1 only), more than the heads, not a positive int.
+    Also catches a refused call leaving the pipeline half parallelized."""
+    res = ranks(4).run(_bad_degrees, topology="1x4", transport="shm")[0]
+    msgs = res["msgs"]
+    assert "allows Ulysses degrees [1, 2, 4], got 3" in msgs[0], msgs[0]
+    assert "ulysses_degree=2 needs a named strategy" in msgs[1], msgs[1]
+    assert "strategy 'ring'" in msgs[2] and "allows Ulysses degrees [1], got 2" in msgs[2], msgs
+    assert "needs at least 4 heads, got 2" in msgs[3] and "[1, 2]" in msgs[3], msgs[3]
+    for msg, value in ((msgs[4], "0"), (msgs[5], "2.0")):
+        assert (
+            f"ulysses_degree must be a positive int or None (the strategy's own), got {value}"
+            in msg
+        ), msg
+    assert res["untouched"], res
+    assert res["usable"] == 1, res
+
+
+@torch.no_grad()
+def _close(ctx: sf_comm.Context) -> dict[str, Any]:
+    pipe = make_flux_pipe()
+    transformer = pipe.transformer
+    processors = dict(transformer.attn_processors)
+    ref = pipe(**flux_args()).images
+    bar = progress_config(pipe)
+    with parallelize(pipe, ctx=ctx, strategy="usp") as sp:
+        out = sp(**flux_args()).images
+        bar_while = progress_config(pipe)
+    sp.close()  # again: harmless
+    before = ctx.transport.stats.snapshot()
+    after = pipe(**flux_args()).images
+    sent = sum((ctx.transport.stats - before).bytes_sent.values())
+    restored = dict(transformer.attn_processors)
+    res: dict[str, Any] = dict(
+        parallel_rel_err=rel_err(out, ref),
+        after_close_equal=torch.equal(after, ref),
+        bytes_sent_after_close=sent,
+        transformer_restored=pipe.transformer is transformer,
+        processors_restored=restored.keys() == processors.keys()
+        and all(restored[k] is p for k, p in processors.items()),
+        hooks_left=hook_count(transformer),
+        bar_while=bar_while.get("disable", False),
+        bar_restored=progress_config(pipe) == bar,
+        closed_call=error_messages([lambda: sp(**flux_args())], catch=RuntimeError)[0],
+    )
+    again = parallelize(sp, ctx=ctx, strategy="ring")  # a closed wrapper stands for its pipe
+    res["again_rel_err"] = rel_err(again(**flux_args()).images, ref)
+    res["again_parallel"] = pipe.transformer is not transformer
+    again.close()
+    return res
+
+
+def test_close_gives_the_single_process_pipeline_back(ranks) -> None:
+    """Catches ``close()`` leaving the pipeline unusable or still parallel: the transformer
+    attribute still the wrapper, parallel processors or hooks left in the model (re-parallelizing
+    would then say "already parallelized"), the progress bar left off on ranks other than 0,
+    or the closed pipeline still communicating. After close, ``pipe(...)`` on one process must
+    give the single-process image bit for bit; the closed wrapper must refuse calls with a
+    clear error, closing twice must be harmless, and parallelizing again must work."""
+    results = ranks(4).run(_close, topology="2x2", transport="shm")
+    for rank, res in enumerate(results):
+        assert res["parallel_rel_err"] < REL_TOL, (rank, res)
+        assert res["after_close_equal"] and res["bytes_sent_after_close"] == 0, (rank, res)
+        assert res["transformer_restored"] and res["processors_restored"], (rank, res)
+        assert res["hooks_left"] == 0, (rank, res)
+        assert res["bar_while"] == (rank != 0) and res["bar_restored"], (rank, res)
+        assert "this ParallelPipeline is closed" in res["closed_call"], (rank, res)
+        assert res["again_parallel"] and res["again_rel_err"] < REL_TOL, (rank, res)
+
+
+@torch.no_grad()
+def _context_closed_first() -> dict[str, Any]:
+    ctx = sf_comm.init(topology="2x2", transport="shm")  # this test's own: it closes it
+    pipe = make_flux_pipe()
+    ref = pipe(**flux_args()).images
+    sp = parallelize(pipe, ctx=ctx, strategy="ring")
+    ctx.close()
+    calls = [lambda: sp(**flux_args()), lambda: pipe(**flux_args())]
+    msgs = error_messages(calls, catch=RuntimeError)
+    sp.close()
+    return dict(msgs=msgs, after_close_equal=torch.equal(pipe(**flux_args()).images, ref))
+
+
+def test_closed_context_is_a_clear_error(ranks) -> None:
+    """Catches a pipeline still parallelized over a closed context failing obscurely (it
+    raised "unknown mesh axis 'world'"), whether called through the wrapper or directly; the
+    error must say to call ``sp.close()``, and after it the pipeline must run on one process
+    and give the single-process image."""
+    for rank, res in enumerate(ranks(4).run(_context_closed_first)):
+        wrapper, direct = res["msgs"]
+        assert "the context is closed" in wrapper and "call sp.close()" in wrapper, (rank, res)
+        assert "the context is closed" in direct and "sp.close()" in direct, (rank, res)
+        assert res["after_close_equal"], (rank, res)

@@ -25,7 +25,7 @@ from .backends import (  # noqa: E402
 from .layout import Layout, make_layout  # noqa: E402
 from .merge import merge_attention, merge_attention_  # noqa: E402
 from .planner import Plan, plan  # noqa: E402
-from .resolution import Resolution, resolve  # noqa: E402
+from .resolution import Resolution, recording_resolutions, resolve  # noqa: E402
 from .sharding import chunk_sizes, gather, shard  # noqa: E402
 from .sim import CostModel, SimResult, StepResult, simulate, simulate_step  # noqa: E402
 from .strategies import (  # noqa: E402
@@ -59,6 +59,7 @@ __all__ = [
     "merge_attention_",
     "parallel_attention",
     "plan",
+    "recording_resolutions",
     "reference_attention",
     "register_backend",
     "register_strategy",

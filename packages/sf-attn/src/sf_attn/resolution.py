@@ -10,8 +10,10 @@ one is asked for. Joint text tokens are replicated on every rank by every strate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -77,7 +79,7 @@ def resolve(
         ValueError: unknown strategy, "auto" with a degree, or heads/degrees the strategy
             cannot lay out on this topology (the message says what fits).
     """
-    return _resolve(
+    resolution = _resolve(
         ctx.topology,
         bool(ctx.transport.one_sided),
         seq_len,
@@ -89,6 +91,31 @@ def resolve(
         strategy,
         ulysses_degree,
     )
+    for seen in _RECORDERS:
+        if not any(r is resolution for r in seen):
+            seen.append(resolution)
+    return resolution
+
+
+_RECORDERS: list[list[Resolution]] = []
+
+
+@contextlib.contextmanager
+def recording_resolutions() -> Iterator[list[Resolution]]:
+    """Collect the distinct resolutions :func:`resolve` returns inside the ``with`` block, in
+    first-use order: what a job's attention layers actually ran with (e.g. to report the
+    planner's choice after a pipeline call)::
+
+        with sf_attn.recording_resolutions() as used:
+            pipe(prompt)
+        print([(r.name, r.ulysses_degree, r.ring_degree) for r in used])
+    """
+    seen: list[Resolution] = []
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDERS.remove(seen)
 
 
 @functools.lru_cache(maxsize=512)

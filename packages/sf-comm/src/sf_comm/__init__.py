@@ -9,7 +9,15 @@ is given none. The collectives (:func:`all_to_all`, :func:`shift`, :func:`ring_s
 from ._context_protocol import CommContext
 from ._version import __version__, require
 from .collectives import all_gather, all_to_all, ring_shift, shift
-from .context import AXES, Context, agree_on_env, close_default_contexts, default_context, init
+from .context import (
+    AXES,
+    Context,
+    agree_on_env,
+    close_default_contexts,
+    default_context,
+    init,
+    local_cuda_device,
+)
 from .topology import Topology
 from .transport import (
     CommError,
@@ -40,6 +48,7 @@ __all__ = [
     "close_default_contexts",
     "default_context",
     "init",
+    "local_cuda_device",
     "register_transport",
     "require",
     "ring_shift",

@@ -139,11 +139,22 @@ def _default_timeout() -> float:
     return float(os.environ.get("SF_TIMEOUT", 120))
 
 
+def local_cuda_device() -> torch.device:
+    """This process's GPU: ``LOCAL_RANK`` (torchrun's) modulo the visible devices, else the
+    current one (Note [One GPU per local rank])."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or not local.isdigit():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", int(local) % torch.cuda.device_count())
+
+
 def _ensure_process_group(timeout: float) -> None:
     if dist.is_initialized():
         return
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
         backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():  # before NCCL binds this process to a device
+            torch.cuda.set_device(local_cuda_device())
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
         return
     # A single process with no launcher: a world of one, so the same code runs everywhere.
@@ -320,8 +331,8 @@ def init(
         transport: one of "auto", "shm", "gloo", "nccl", "nvshmem", "torch-symm". "auto" takes
             nvshmem or torch-symm on CUDA where available (else nccl), shm on CPU.
         timeout: seconds any wait may take (default ``SF_TIMEOUT`` or 120).
-        device: where tensors live (default: this rank's CUDA device if the job uses NCCL,
-            else CPU).
+        device: where tensors live (default: with NCCL, the GPU of torchrun's ``LOCAL_RANK``,
+            made current; else CPU). "cuda" without an index also means that GPU.
         transport_options: passed to the transport's factory (e.g. ``slot_bytes`` for shm).
 
     Returns:
@@ -338,10 +349,12 @@ def init(
     topo = _agree_on_settings(topology, transport, timeout, device, transport_options)
     uses_nccl = "nccl" in str(dist.get_backend())
     if device is None:
-        device = (
-            torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
-        )
+        device = "cuda" if uses_nccl else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = local_cuda_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     tries = _auto_candidates(device) if transport == "auto" else [transport]
     # The mesh's device type picks the process groups' backend: CUDA meshes need NCCL, which
     # refuses several ranks on one GPU; a gloo job keeps a CPU mesh even for CUDA tensors.
@@ -377,6 +390,15 @@ def init(
     assert made is not None
     log.debug("rank %d: topology %s, transport %s", rank, topo, made.name)
     return Context(topology=topo, mesh=mesh, transport=made, device=device)
+
+
+# Note [One GPU per local rank]
+# torchrun starts one process per GPU and tells each its LOCAL_RANK; nothing binds the process
+# to that GPU, so without this every rank of a node would allocate on cuda:0 (and NCCL would
+# refuse the duplicate device). init (and the process group it creates) makes cuda:LOCAL_RANK
+# current, so tensors the user builds with device="cuda" afterwards land on the right GPU.
+# Several ranks sharing one GPU (CUDA MPS, tests on one device) take LOCAL_RANK modulo the
+# device count.
 
 
 # -- this process's default contexts -------------------------------------------------------

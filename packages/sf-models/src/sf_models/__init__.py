@@ -2,7 +2,8 @@
 
 Entry point: :func:`parallelize` (a diffusers transformer -> a module that takes the same full
 inputs and returns the same full outputs on every rank, with the token sequence split
-inside). The ``streamfusion`` command lives in :mod:`sf_models.cli`.
+inside); :func:`generate` (a local pipeline directory and a prompt -> an image or video, on
+every rank there is). The ``streamfusion`` command lives in :mod:`sf_models.cli`.
 """
 
 from sf_comm import require as _require
@@ -11,6 +12,7 @@ _require("sf-comm", "0.1.0", by="sf-models")
 _require("sf-attn", "0.1.0", by="sf-models")
 
 from .cfg import CFGPlan, register_cfg_plan, supported_cfg_pipelines  # noqa: E402
+from .generate import GenerateOptions, generate  # noqa: E402
 from .parallelize import parallelize  # noqa: E402
 from .pipeline import ParallelPipeline  # noqa: E402
 from .plan import (  # noqa: E402
@@ -26,11 +28,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CFGPlan",
+    "GenerateOptions",
     "ParallelPipeline",
     "SequenceParallelModel",
     "SequenceParallelPlan",
     "ShardState",
     "__version__",
+    "generate",
     "get_plan",
     "parallelize",
     "register_cfg_plan",

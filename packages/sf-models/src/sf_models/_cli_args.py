@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -228,6 +229,20 @@ def pixels_per_token(model: str) -> tuple[int, int]:
     """
     cfg = get_model(model)
     return cfg.vae_spatial * cfg.patch[1], cfg.vae_spatial * cfg.patch[2]
+
+
+class _NoImageProcessorFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def drop_image_processor_note() -> None:
+    """Silence transformers' note that its image processors fall back to PIL without
+    torchvision: it prints on every import of a diffusers pipeline (they import them), on
+    every rank, and concerns no text-to-image/video path. Other warnings stay."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoImageProcessorFallback) for f in logger.filters):
+        logger.addFilter(_NoImageProcessorFallback())
 
 
 # -- running a command ------------------------------------------------------------------------

@@ -90,7 +90,8 @@ def rewrite_arguments_hook(
 def install_module_hooks(
     modules: Mapping[str, torch.nn.Module], plan: SequenceParallelPlan, state: ShardState
 ) -> None:
-    """Register the plan's submodule hooks on ``modules`` (from :func:`hooked_modules`)."""
+    """Register the plan's submodule hooks on ``modules`` (from :func:`hooked_modules`); their
+    handles go to ``state.hooks``."""
     ctx = state.ctx
 
     def split_inputs_hook(
@@ -125,15 +126,17 @@ def install_module_hooks(
 
         return hook
 
+    hooks = state.hooks  # removed by SequenceParallelModel.close()
     for name in dict.fromkeys([*plan.split_module_inputs, *plan.sharded_text_module_inputs]):
         module = modules[name]
         dims = plan.split_module_inputs.get(name, {})
         text_dims = plan.sharded_text_module_inputs.get(name, {})
         hook = split_inputs_hook(name, dims, text_dims, module)
-        module.register_forward_pre_hook(hook, with_kwargs=True)
+        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     for name, dim in plan.split_module_outputs.items():
-        modules[name].register_forward_hook(split_output_hook(name, dim))
+        hooks.append(modules[name].register_forward_hook(split_output_hook(name, dim)))
     for name, dim in plan.sharded_text_module_outputs.items():
-        modules[name].register_forward_hook(split_output_hook(name, dim, text_only=True))
+        hook = split_output_hook(name, dim, text_only=True)
+        hooks.append(modules[name].register_forward_hook(hook))
     for name, dim in plan.gather_module_outputs.items():
-        modules[name].register_forward_hook(gather_output_hook(dim))
+        hooks.append(modules[name].register_forward_hook(gather_output_hook(dim)))

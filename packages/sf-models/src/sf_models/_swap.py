@@ -22,6 +22,7 @@ __all__ = [
     "SequenceParallelProcessor",
     "project_out",
     "project_qkv",
+    "restore_attention_processors",
     "split_tokens",
     "swap_attention_processors",
 ]
@@ -125,7 +126,13 @@ class SequenceParallelProcessor(abc.ABC):
         """
         state = self.state
         out = sf_attn.parallel_attention(
-            query, key, value, ctx=state.ctx, strategy=state.strategy, seq_len=self.seq_len
+            query,
+            key,
+            value,
+            ctx=state.ctx,
+            strategy=state.strategy,
+            seq_len=self.seq_len,
+            ulysses_degree=state.ulysses_degree,
         )
         assert isinstance(out, torch.Tensor)  # no joint: one tensor back
         return out.flatten(2, 3).to(query.dtype)
@@ -167,6 +174,7 @@ class SequenceParallelProcessor(abc.ABC):
             seq_len=self.seq_len,
             # Sharded: saves the text shape check. Replicated: the joint tensors' own length.
             text_len=self.text_len if sharded else None,
+            ulysses_degree=state.ulysses_degree,
         )
         return out.flatten(2, 3).to(query.dtype), text_out.flatten(2, 3).to(query.dtype)
 
@@ -228,15 +236,21 @@ def swap_attention_processors(
             stay (e.g. Wan's cross-attention, HunyuanVideo's token refiner).
 
     Raises:
-        ValueError: the strategy cannot split the model's heads on the context's topology
-            (sf_attn's message), the model is already parallelized, or a selected block uses
-            another processor (IP-Adapter, fused QKV, custom).
+        ValueError: the strategy (with ``state.ulysses_degree``) cannot split the model's heads
+            on the context's topology, or "auto" is given a degree (sf_attn's message), the
+            model is already parallelized, or a selected block uses another processor
+            (IP-Adapter, fused QKV, custom).
     """
     model: Any = module
     model_name, replaces = processor.model_name, processor.replaces
-    if state.strategy != "auto":
-        sf_attn.get_strategy(state.strategy).layout(
-            state.ctx.topology, model.config.num_attention_heads
+    if state.strategy != "auto" or state.ulysses_degree is not None:
+        # Fail here, not mid-forward. A named strategy's layout depends on the heads and the
+        # topology only, so any sequence length and dtype give the layout the layers will run.
+        state.resolve(
+            heads=model.config.num_attention_heads,
+            head_dim=model.config.attention_head_dim,
+            seq_len=state.ctx.world_size,
+            dtype=torch.float32,
         )
     processors = dict(model.attn_processors)  # {"transformer_blocks.0.attn.processor": proc, ...}
     if any(isinstance(p, processor) for p in processors.values()):
@@ -258,3 +272,18 @@ def swap_attention_processors(
     for name in chosen:
         processors[name] = processor(state, processors[name])
     model.set_attn_processor(processors)
+
+
+def restore_attention_processors(module: torch.nn.Module) -> None:
+    """Undo :func:`swap_attention_processors`: every :class:`SequenceParallelProcessor` of
+    ``module`` is replaced by the processor it wrapped (the very object it replaced)."""
+    model: Any = module
+    processors = dict(model.attn_processors)
+    if not any(isinstance(p, SequenceParallelProcessor) for p in processors.values()):
+        return
+    model.set_attn_processor(
+        {
+            name: proc.inner if isinstance(proc, SequenceParallelProcessor) else proc
+            for name, proc in processors.items()
+        }
+    )

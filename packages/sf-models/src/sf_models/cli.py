@@ -1,6 +1,8 @@
 """The ``streamfusion`` command.
 
-streamfusion run                 the main job (see ``streamfusion run --help``)
+streamfusion generate            a prompt in, an image or video out (the main job)
+streamfusion make-tiny           a complete tiny pipeline directory per model family
+streamfusion run                 the transformer alone on every strategy, checked against one process
 streamfusion bench comm          shm (one-sided) vs gloo collectives, medians and ratios
 streamfusion bench attention     every strategy on every transport, medians and ratios
 """
@@ -19,11 +21,12 @@ from diffusers.utils import constants as _hub
 from sf_attn import get_strategy, strategy_names
 from sf_comm import Topology
 
-from . import simulate_cmd
+from . import generate_cmd, simulate_cmd
 from ._cli_args import (
     UsageError,
     command_parser,
     cpu_transport,
+    drop_image_processor_note,
     inner_backend,
     nonneg_int,
     number_above,
@@ -282,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
         p.add_argument("--iters", type=positive_int, default=5)
 
+    generate_cmd.add_parsers(sub)
+
     run = sub.add_parser(
         "run", help="the main job: a DiT denoising on several ranks, checked against one"
     )
@@ -370,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``streamfusion``; returns the exit status (Note [Command-line errors])."""
+    drop_image_processor_note()
     return run_command(build_parser(), argv)
 
 

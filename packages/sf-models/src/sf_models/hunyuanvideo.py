@@ -200,14 +200,16 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
         select=lambda name: name.startswith(_BLOCK_LISTS),
     )
     prompt = _PromptMask()
-    model.context_embedder.register_forward_pre_hook(prompt.record, with_kwargs=True)
+    embedder = model.context_embedder
+    state.hooks.append(embedder.register_forward_pre_hook(prompt.record, with_kwargs=True))
     for proc in model.attn_processors.values():
         if isinstance(proc, HunyuanVideoSequenceParallelProcessor):
             proc.prompt = prompt
     if model.config.image_condition_type == "token_replace":
         for block_list in _BLOCK_LISTS:
             for block in getattr(model, block_list):
-                block.register_forward_pre_hook(_first_frame_hook(state, block), with_kwargs=True)
+                hook = _first_frame_hook(state, block)
+                state.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 HUNYUANVIDEO_PLAN = SequenceParallelPlan(

@@ -38,6 +38,7 @@ def parallelize(
     ctx: sf_comm.CommContext,
     strategy: str = "auto",
     text: TextLayout = "auto",
+    ulysses_degree: int | None = None,
 ) -> SequenceParallelModel: ...
 
 
@@ -49,7 +50,8 @@ def parallelize(
     strategy: str = "auto",
     text: TextLayout = "auto",
     cfg_parallel: bool = False,
-    decode_on: DecodeOn = "rank0",
+    decode_on: DecodeOn = "all",
+    ulysses_degree: int | None = None,
 ) -> ParallelPipeline: ...
 
 
@@ -60,18 +62,23 @@ def parallelize(
     strategy: str = "auto",
     text: TextLayout = "auto",
     cfg_parallel: bool = False,
-    decode_on: DecodeOn = "rank0",
+    decode_on: DecodeOn = "all",
+    ulysses_degree: int | None = None,
 ) -> SequenceParallelModel | ParallelPipeline:
     """Wrap a diffusers transformer so its token sequence is split across ``ctx``'s ranks.
 
     Given a diffusers pipeline instead (``DiffusionPipeline``), parallelizes its transformer
     in place and returns a :class:`~sf_models.pipeline.ParallelPipeline`; ``cfg_parallel`` and
     ``decode_on`` apply to pipelines only (see :func:`sf_models.pipeline.parallelize_pipeline`).
+    By default every rank then gets the pipeline's full output (images, frames), as one
+    process would.
 
     Every rank calls the returned module with the same full inputs and gets the same full
     outputs as ``model`` would return, up to floating-point rounding. ``model``'s attention
     processors are replaced in place; called directly (outside the wrapper) it still computes
-    the original model (Note [Inactive processors] in :mod:`sf_models.plan`).
+    the original model (Note [Inactive processors] in :mod:`sf_models.plan`). ``close()`` on
+    the returned object gives ``model`` (or the pipeline) back unparallelized; it does not
+    close ``ctx``.
 
     Args:
         model: a supported diffusers transformer (see :func:`sf_models.supported_models`) or a
@@ -88,7 +95,15 @@ def parallelize(
             "auto" ("sharded" where the model supports it, else "replicated").
         cfg_parallel: (pipelines) run the two classifier-free-guidance branches on the two
             halves of the world (:mod:`sf_models.cfg`).
-        decode_on: (pipelines) "rank0" (other ranks return latents) or "all".
+        decode_on: (pipelines) "all" (the default: every rank decodes and returns what the
+            pipeline returns in one process) or "rank0" (other ranks skip the VAE and return
+            latents; Note [Decode on every rank] in :mod:`sf_models.pipeline`).
+        ulysses_degree: the Ulysses (head-scatter) degree P_u of a named strategy ("usp",
+            "tas", "torus"; "ulysses" allows the world only, "ring" 1), or None for the
+            strategy's default; the Ring degree is then ``world / P_u`` (with
+            ``cfg_parallel``, the half world over it). See
+            :meth:`~sf_models.wrapper.SequenceParallelModel.attention_plan` for what the
+            layers run.
 
     Returns:
         The wrapping :class:`SequenceParallelModel` (a pipeline: a ``ParallelPipeline``).
@@ -98,8 +113,11 @@ def parallelize(
             strategy is unknown, or it cannot split the model's heads on ``ctx``'s topology
             (sf_attn's message, naming the heads and what fits); ``text`` is not one of
             "auto", "replicated", "sharded", or is "sharded" for a model that keeps text
-            replicated (the message lists the models that support it); for a pipeline, see
-            ``parallelize_pipeline``; ``cfg_parallel`` given with a bare transformer.
+            replicated (the message lists the models that support it); ``ulysses_degree`` is
+            not a positive int, is given with "auto", or the strategy cannot lay it out on the
+            topology or it exceeds the heads (the message names the degree and lists those
+            that fit); for a pipeline, see ``parallelize_pipeline``; ``cfg_parallel`` given
+            with a bare transformer.
     """
     if _is_pipeline(model):
         return parallelize_pipeline(  # the pipeline overload takes a Context
@@ -109,13 +127,16 @@ def parallelize(
             text=text,
             cfg_parallel=cfg_parallel,
             decode_on=decode_on,
+            ulysses_degree=ulysses_degree,
         )
     if cfg_parallel:
         raise ValueError(
             "parallelize: cfg_parallel=True needs the pipeline (it splits the pipeline's "
             f"guidance branches), got a {type(model).__name__}: call parallelize(pipe, ...)"
         )
-    return parallelize_transformer(model, ctx=ctx, strategy=strategy, text=text)
+    return parallelize_transformer(
+        model, ctx=ctx, strategy=strategy, text=text, ulysses_degree=ulysses_degree
+    )
 
 
 def _is_pipeline(model: Any) -> bool:

@@ -6,9 +6,16 @@ Plain code, and what every rank runs instead::
 
     sp = sf_models.parallelize(pipe, ctx=ctx)                  # every rank, same weights
     out = sp(prompt, generator=torch.Generator().manual_seed(s), ...)   # same arguments
-    # rank 0: ``image`` (up to floating-point rounding); other ranks: the final latents
+    # every rank: ``image`` (up to floating-point rounding), so ``out.images[0].save(...)``
+    sp.close()                                # ``pipe`` is the single-process pipeline again
+    ctx.close()                               # the context is the caller's to close
 
-What :func:`parallelize_pipeline` changes, in place, on ``pipe``:
+By default (``decode_on="all"``) every rank runs the whole pipeline, VAE decode included, and
+returns what the pipeline returns in one process; ``decode_on="rank0"`` skips the decode on
+the other ranks, which return the final latents (Note [Decode on every rank]).
+
+What :func:`parallelize_pipeline` changes, in place, on ``pipe`` (:meth:`ParallelPipeline.close`
+undoes all of it):
 
 - ``pipe.transformer`` (and ``pipe.transformer_2``, Wan 2.2) is replaced by its
   sequence-parallel wrapper (:func:`sf_models.parallelize` on the transformer, or on this
@@ -20,10 +27,11 @@ What :func:`parallelize_pipeline` changes, in place, on ``pipe``:
 - The progress bar is disabled on every rank but 0.
 
 The returned :class:`ParallelPipeline` is a thin wrapper: calling it calls ``pipe`` and adds
-what needs a view of the whole call (Note [Same inputs on every rank], decoding on rank 0,
+what needs a view of the whole call (Note [Same inputs on every rank], ``decode_on="rank0"``,
 pairing guidance calls for ``cfg_parallel``). Calling ``pipe`` directly still runs the
 transformer in parallel, but decodes on every rank and skips the input check; with paired
-``cfg_parallel`` (Flux, HunyuanVideo, Wan) it raises.
+``cfg_parallel`` (Flux, HunyuanVideo, Wan) it raises. Once the context is closed, calls of
+either raise until ``sp.close()`` gives the single-process pipeline back.
 
 Every rank must make the same calls with the same arguments: the transformer's
 communication is collective.
@@ -32,7 +40,7 @@ communication is collective.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -41,6 +49,9 @@ import sf_comm
 from .cfg import CFGParallelModel, CFGPlan, check_cfg_topology, get_cfg_plan
 from .plan import TextLayout, get_plan, resolve_text
 from .wrapper import SequenceParallelModel, parallelize_transformer
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 __all__ = ["DECODE_ON", "DecodeOn", "ParallelPipeline", "parallelize_pipeline"]
 
@@ -112,16 +123,30 @@ class ParallelPipeline:
 
     Built by :func:`parallelize_pipeline`. Call it like the pipeline, with the same arguments
     on every rank. Attribute reads and writes other than its own go to the pipeline
-    (``sp.vae``, ``sp.scheduler = ...``).
+    (``sp.vae``, ``sp.scheduler = ...``). :meth:`close` (or leaving a ``with`` block) gives
+    the single-process pipeline back.
 
     Attributes:
         pipe: the wrapped pipeline (modified in place, see the module docstring).
         ctx: the job's context.
-        decode_on: "rank0" or "all".
+        decode_on: "all" or "rank0".
         cfg_plan: the pipeline's CFG plan with ``cfg_parallel``, else None.
     """
 
-    __slots__ = ("_cfg_models", "_check", "_signature", "cfg_plan", "ctx", "decode_on", "pipe")
+    __slots__ = (
+        "_cfg_models",
+        "_check",
+        "_closed",
+        "_hooks",
+        "_originals",
+        "_progress_disable",
+        "_signature",
+        "_sp_models",
+        "cfg_plan",
+        "ctx",
+        "decode_on",
+        "pipe",
+    )
 
     def __init__(
         self,
@@ -132,14 +157,31 @@ class ParallelPipeline:
         cfg_plan: CFGPlan | None,
         check: _SameInputsCheck,
         cfg_models: list[CFGParallelModel],
+        originals: dict[str, torch.nn.Module],
+        sp_models: list[SequenceParallelModel],
+        hooks: list[RemovableHandle],
+        progress_disable: tuple[bool, Any] | None,
     ) -> None:
-        object.__setattr__(self, "pipe", pipe)
-        object.__setattr__(self, "ctx", ctx)
-        object.__setattr__(self, "decode_on", decode_on)
-        object.__setattr__(self, "cfg_plan", cfg_plan)
-        object.__setattr__(self, "_check", check)
-        object.__setattr__(self, "_cfg_models", cfg_models)
-        object.__setattr__(self, "_signature", inspect.signature(pipe.__call__))
+        """See :func:`parallelize_pipeline`; the arguments after ``check`` are what
+        :meth:`close` restores: ``originals`` the replaced components by name, ``sp_models``
+        the transformer wrappers, ``hooks`` the hooks added to the pipeline's wrappers,
+        ``progress_disable`` (whether the progress bar config had "disable", its value) when
+        it was changed."""
+        for name, value in (
+            ("pipe", pipe),
+            ("ctx", ctx),
+            ("decode_on", decode_on),
+            ("cfg_plan", cfg_plan),
+            ("_check", check),
+            ("_cfg_models", cfg_models),
+            ("_originals", originals),
+            ("_sp_models", sp_models),
+            ("_hooks", hooks),
+            ("_progress_disable", progress_disable),
+            ("_closed", False),
+            ("_signature", inspect.signature(pipe.__call__)),
+        ):
+            object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
         if name in ParallelPipeline.__slots__:  # not set yet: do not recurse into self.pipe
@@ -154,27 +196,85 @@ class ParallelPipeline:
     def __repr__(self) -> str:
         return (
             f"ParallelPipeline({type(self.pipe).__name__}, {self.ctx!r}, decode_on="
-            f"{self.decode_on!r}, cfg_parallel={self.cfg_plan is not None})"
+            f"{self.decode_on!r}, cfg_parallel={self.cfg_plan is not None}"
+            f"{', closed' if self._closed else ''})"
         )
+
+    def __enter__(self) -> ParallelPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` gave the pipeline back."""
+        return bool(self._closed)
+
+    def close(self) -> None:
+        """Give the single-process pipeline back: undo what :func:`parallelize_pipeline` did.
+
+        ``pipe.transformer`` (and ``pipe.transformer_2``) is the original module object again,
+        with its own attention processors and without the hooks parallelize installed, and
+        the progress bar setting is restored, so ``pipe(...)`` runs in one process and gives
+        the single-process result. Calling this wrapper afterwards raises; parallelize the
+        pipeline again to run it in parallel.
+
+        Not collective (each rank may close on its own) and calling it again does nothing. It
+        does not close ``ctx``, which the caller owns: close it afterwards with
+        ``ctx.close()`` (or close the context first: this still works, while calls of a
+        pipeline still parallelized over a closed context raise).
+        """
+        if self._closed:
+            return
+        object.__setattr__(self, "_closed", True)
+        for name, original in self._originals.items():
+            object.__setattr__(self.pipe, name, original)  # as in parallelize_pipeline
+        for model in self._sp_models:
+            model.close()
+        for hook in self._hooks:
+            hook.remove()
+        if self._progress_disable is not None:
+            had, value = self._progress_disable
+            config = dict(getattr(self.pipe, "_progress_bar_config", {}))
+            if had:
+                config["disable"] = value
+            else:
+                config.pop("disable", None)
+            self.pipe.set_progress_bar_config(**config)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the pipeline on every rank.
 
         Returns:
-            Rank 0, or every rank with ``decode_on="all"``: what the pipeline returns for these
-            arguments. Other ranks with ``decode_on="rank0"``: what the pipeline returns with
-            ``output_type="latent"``, i.e. its usual output object (or tuple, with
-            ``return_dict=False``) holding the final latents in the pipeline's latent layout
-            instead of decoded images/frames (Flux: packed ``[B, tokens, 4 * C]``; SD3
-            ``[B, C, H, W]``; CogVideoX ``[B, F, C, H, W]``; HunyuanVideo and Wan
-            ``[B, C, F, H, W]``), without running the VAE. Those latents are bit-identical
-            to rank 0's.
+            Every rank, with ``decode_on="all"`` (the default), or rank 0 with "rank0": what
+            the pipeline returns for these arguments in one process. Other ranks with
+            ``decode_on="rank0"``: what the pipeline returns with ``output_type="latent"``,
+            i.e. its usual output object (or tuple, with ``return_dict=False``) holding the
+            final latents in the pipeline's latent layout instead of decoded images/frames
+            (Flux: packed ``[B, tokens, 4 * C]``; SD3 ``[B, C, H, W]``; CogVideoX
+            ``[B, F, C, H, W]``; HunyuanVideo and Wan ``[B, C, F, H, W]``), without running
+            the VAE. Those latents are bit-identical to rank 0's.
 
         Raises:
             ValueError: with ``cfg_parallel``, the call runs no classifier-free guidance (the
                 message says which argument); the ranks' transformer inputs differ on the
                 first call (e.g. generators seeded differently).
+            RuntimeError: this wrapper was closed, or ``ctx`` was closed while the pipeline is
+                still parallelized (the message says to call :meth:`close`).
         """
+        if self._closed:
+            raise RuntimeError(
+                f"parallelize(pipe): this ParallelPipeline is closed (close() gave the "
+                f"{type(self.pipe).__name__} back); call the pipeline itself for a "
+                f"single-process run, or parallelize it again"
+            )
+        if self.ctx.transport.closed:
+            raise RuntimeError(
+                f"parallelize(pipe): the context is closed while the {type(self.pipe).__name__} "
+                f"is still parallelized; call sp.close() to get the single-process pipeline back "
+                f"(then parallelize it again with an open context to run it in parallel)"
+            )
         bound = self._signature.bind(*args, **kwargs)
         if self.cfg_plan is not None:
             full = self._signature.bind(*args, **kwargs)
@@ -211,7 +311,8 @@ def parallelize_pipeline(
     strategy: str = "auto",
     text: TextLayout = "auto",
     cfg_parallel: bool = False,
-    decode_on: DecodeOn = "rank0",
+    decode_on: DecodeOn = "all",
+    ulysses_degree: int | None = None,
 ) -> ParallelPipeline:
     """Run a stock diffusers pipeline's transformer sequence-parallel across ``ctx``'s ranks.
 
@@ -221,7 +322,8 @@ def parallelize_pipeline(
     Args:
         pipe: a diffusers pipeline whose ``transformer`` (and ``transformer_2``, if set) has a
             sequence-parallel plan: FluxPipeline, StableDiffusion3Pipeline, CogVideoXPipeline,
-            HunyuanVideoPipeline, WanPipeline and others built on those transformers.
+            HunyuanVideoPipeline, WanPipeline and others built on those transformers. A
+            closed :class:`ParallelPipeline` stands for its pipeline.
         ctx: the job's communication context.
         strategy: the ``sf_attn.parallel_attention`` strategy ("auto", "ulysses", "ring",
             "usp", "tas").
@@ -229,21 +331,32 @@ def parallelize_pipeline(
             :func:`sf_models.parallelize`).
         cfg_parallel: run the two classifier-free-guidance branches on the two halves of the
             world, each half doing sequence parallelism (:mod:`sf_models.cfg`).
-        decode_on: "rank0": only rank 0 decodes latents into images/frames, other ranks
-            return latents (see :meth:`ParallelPipeline.__call__`); "all": every rank decodes.
+        decode_on: "all" (the default): every rank decodes and returns what the pipeline
+            returns in one process; "rank0": only rank 0 decodes latents into images/frames,
+            other ranks skip the VAE and return latents (see :meth:`ParallelPipeline.__call__`
+            and Note [Decode on every rank]).
+        ulysses_degree: the Ulysses (head-scatter) degree of a named strategy, None for the
+            strategy's own; the Ring degree is the sequence-parallel world over it (with
+            ``cfg_parallel``, half the world).
 
     Returns:
         A :class:`ParallelPipeline` wrapping ``pipe``, which is modified in place (its
-        transformer replaced by the parallel one, progress bar off on ranks other than 0).
+        transformer replaced by the parallel one, progress bar off on ranks other than 0)
+        until :meth:`ParallelPipeline.close`.
 
     Raises:
         ValueError: a bad ``decode_on``; no transformer, or one without a plan (the message
             lists the supported models); a bad ``text``, or "sharded" for a transformer that
-            keeps text replicated; the pipeline is already parallelized; with
-            ``cfg_parallel``: the pipeline has no CFG plan (lists the supported ones), or the
-            topology does not split into two equal halves, or the strategy cannot split the
-            model's heads on a half (the messages say what would work).
+            keeps text replicated; a ``ulysses_degree`` that is not a positive int, is given
+            with "auto", or that the strategy cannot lay out on the (half) topology or that
+            exceeds the heads (the message lists the degrees that fit); the pipeline is
+            already parallelized; with ``cfg_parallel``: the pipeline has no CFG plan (lists
+            the supported ones), or the topology does not split into two equal halves, or the
+            strategy cannot split the model's heads on a half (the messages say what would
+            work).
     """
+    if isinstance(pipe, ParallelPipeline):
+        pipe = pipe.pipe  # still parallelized: refused below as "already parallelized"
     if decode_on not in DECODE_ON:
         raise ValueError(f"decode_on must be one of {DECODE_ON}, got {decode_on!r}")
     names = [n for n in TRANSFORMERS if getattr(pipe, n, None) is not None]
@@ -256,7 +369,8 @@ def parallelize_pipeline(
         if isinstance(getattr(pipe, name), SequenceParallelModel | CFGParallelModel):
             raise ValueError(
                 f"parallelize: {type(pipe).__name__}.{name} is already parallelized; use the "
-                f"ParallelPipeline the first parallelize(pipe, ...) returned"
+                f"ParallelPipeline the first parallelize(pipe, ...) returned (or close() it "
+                f"first)"
             )
         transformer = getattr(pipe, name)
         resolve_text(transformer, get_plan(transformer), text)  # fail before any collective
@@ -271,36 +385,71 @@ def parallelize_pipeline(
 
     check = _SameInputsCheck(ctx)
     cfg_models: list[CFGParallelModel] = []
+    sp_models: list[SequenceParallelModel] = []
+    originals: dict[str, torch.nn.Module] = {}
+    hooks: list[RemovableHandle] = []
     if cfg_plan is not None:
         sub, cross = ctx.split(2)  # collective: creates the part and cross process groups
-    for name in names:
-        transformer = getattr(pipe, name)
-        wrapper: torch.nn.Module
-        if cfg_plan is None:
-            wrapper = parallelize_transformer(transformer, ctx=ctx, strategy=strategy, text=text)
-        else:
+    try:
+        for name in names:
+            transformer = getattr(pipe, name)
+            wrapper: torch.nn.Module
             try:
-                model = parallelize_transformer(transformer, ctx=sub, strategy=strategy, text=text)
+                model = parallelize_transformer(
+                    transformer,
+                    ctx=ctx if cfg_plan is None else sub,
+                    strategy=strategy,
+                    text=text,
+                    ulysses_degree=ulysses_degree,
+                )
             except ValueError as exc:
+                if cfg_plan is None:
+                    raise
                 raise ValueError(
                     f"cfg_parallel=True: each half of topology {ctx.topology.shape[0]}x"
                     f"{ctx.topology.shape[1]} runs sequence parallelism on "
                     f"{sub.topology.shape[0]}x{sub.topology.shape[1]}: {exc}"
                 ) from exc
-            wrapper = CFGParallelModel(
-                model, cfg_plan, ctx=ctx, cross=cross, part=sub.index, forward=transformer.forward
-            )
-            cfg_models.append(wrapper)
-        wrapper.register_forward_pre_hook(check, with_kwargs=True)
-        # Plain attribute set: DiffusionPipeline.__setattr__ would re-register the component
-        # under the wrapper's class in the pipeline config.
-        object.__setattr__(pipe, name, wrapper)
+            sp_models.append(model)
+            wrapper = model
+            if cfg_plan is not None:
+                wrapper = CFGParallelModel(
+                    model,
+                    cfg_plan,
+                    ctx=ctx,
+                    cross=cross,
+                    part=sub.index,
+                    forward=transformer.forward,
+                )
+                cfg_models.append(wrapper)
+            hooks.append(wrapper.register_forward_pre_hook(check, with_kwargs=True))
+            # Plain attribute set: DiffusionPipeline.__setattr__ would re-register the component
+            # under the wrapper's class in the pipeline config.
+            object.__setattr__(pipe, name, wrapper)
+            originals[name] = transformer
+    except BaseException:  # e.g. transformer_2 refused: give transformer back too
+        for name, original in originals.items():
+            object.__setattr__(pipe, name, original)
+        for model in sp_models:
+            model.close()
+        raise
 
+    progress_disable = None
     if ctx.rank != 0:
         config = dict(getattr(pipe, "_progress_bar_config", {}))
+        progress_disable = ("disable" in config, config.get("disable"))
         pipe.set_progress_bar_config(**{**config, "disable": True})
     return ParallelPipeline(
-        pipe, ctx=ctx, decode_on=decode_on, cfg_plan=cfg_plan, check=check, cfg_models=cfg_models
+        pipe,
+        ctx=ctx,
+        decode_on=decode_on,
+        cfg_plan=cfg_plan,
+        check=check,
+        cfg_models=cfg_models,
+        originals=originals,
+        sp_models=sp_models,
+        hooks=hooks,
+        progress_disable=progress_disable,
     )
 
 
@@ -315,3 +464,16 @@ def parallelize_pipeline(
 # fingerprint of each tensor input (4 float64 numbers per input; one tiny exchange per
 # pipeline call) and all ranks raise the same ValueError if any differ. Stochastic scheduler
 # steps later in the call (CogVideoX's DPM) draw from the same generator, so they stay equal.
+
+
+# Note [Decode on every rank]
+# parallelize(pipe) defaults to decode_on="all": every rank runs the whole pipeline, VAE decode
+# included, and returns exactly what the pipeline returns in one process (the same images on
+# every rank, up to floating-point rounding against one process; bit-identical across ranks).
+# Code written for one process, ``pipe(...).images[0].save(...)``, then runs unchanged under a
+# launcher, which is what users of a diffusers pipeline expect; with "rank0" as the default,
+# every other rank got a latent tensor and failed on ``.images[0].save``. The decode is not
+# split: each rank repeats it, concurrently, so it adds no wall time over one process, only
+# one decode's compute and memory on every rank. decode_on="rank0" opts out of that: the
+# other ranks skip the VAE (output_type="latent") and return the final latents, for jobs whose
+# other ranks discard the output (long videos, where the decode's memory is the concern).

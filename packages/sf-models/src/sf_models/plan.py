@@ -43,6 +43,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 import sf_attn
 import sf_comm
@@ -81,13 +82,19 @@ class ShardState:
             submodule input by ``"<submodule>.<argument>"`` (``"blocks.0.hidden_states"``).
             Sharded text inputs are recorded with their full length too.
         text: the text layout, resolved: "replicated" or "sharded" (Note [Text layouts]).
+        ulysses_degree: the Ulysses degree asked for (``parallelize(..., ulysses_degree=)``),
+            or None for the strategy's own; the Ring degree is the world over it.
+        hooks: handles of every hook the plan installed (its ``attach`` and the submodule
+            hooks), removed by :meth:`sf_models.wrapper.SequenceParallelModel.close`.
     """
 
     ctx: sf_comm.CommContext
     strategy: str
     text: str = "replicated"
+    ulysses_degree: int | None = None
     active: bool = False
     lengths: dict[str, int] = dataclasses.field(default_factory=dict)
+    hooks: list[RemovableHandle] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_LAYOUTS[1:]:
@@ -95,6 +102,49 @@ class ShardState:
                 f"ShardState.text must be a resolved layout, one of {list(TEXT_LAYOUTS[1:])}; "
                 f"got {self.text!r} (resolve 'auto' with sf_models.plan.resolve_text)"
             )
+        degree = self.ulysses_degree
+        if degree is not None and (type(degree) is not int or degree < 1):
+            raise ValueError(
+                f"parallelize: ulysses_degree must be a positive int or None (the strategy's "
+                f"own), got {degree!r}"
+            )
+
+    def resolve(
+        self,
+        *,
+        heads: int,
+        head_dim: int,
+        seq_len: int,
+        text_len: int = 0,
+        dtype: torch.dtype,
+        batch: int = 1,
+    ) -> sf_attn.Resolution:
+        """What ``parallel_attention`` runs for one attention layer of the model: the same
+        :func:`sf_attn.resolve` call (same cached object), with this state's strategy,
+        Ulysses degree and text layout (sharded text is sequence in front of the image).
+
+        Args:
+            heads, head_dim, dtype, batch: the layer.
+            seq_len: the whole (unsplit) image/video token count.
+            text_len: the whole joint text token count (0: none).
+
+        Raises:
+            ValueError: sf_attn's: "auto" with a Ulysses degree, or a degree or head count
+                the strategy cannot lay out on the context's topology (the message lists the
+                degrees that fit).
+        """
+        sharded = self.text == "sharded"
+        return sf_attn.resolve(
+            self.ctx,
+            seq_len=seq_len + text_len if sharded else seq_len,
+            heads=heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            batch=batch,
+            text_len=0 if sharded else text_len,
+            strategy=self.strategy,
+            ulysses_degree=self.ulysses_degree,
+        )
 
     def text_rows(self, length: int) -> int:
         """How many of ``length`` text tokens this rank holds: all of them with replicated
@@ -156,7 +206,9 @@ class SequenceParallelPlan:
             along dim (e.g. ``{"proj_out": 1}`` before an unpatchify).
         attach: ``attach(model, state)`` swaps the model's attention for a sequence-parallel
             one that reads ``state``; it validates the model (heads vs strategy) and raises
-            ValueError for what it cannot run.
+            ValueError for what it cannot run. Hooks it registers go to ``state.hooks``, and
+            the processors it installs are :class:`sf_models._swap.SequenceParallelProcessor`
+            objects, so that ``close()`` can undo both.
     """
 
     split_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -280,9 +332,10 @@ def resolve_text(model: torch.nn.Module, plan: SequenceParallelPlan, text: str) 
 
 
 def registered_for(registry: Mapping[str, T], obj: object) -> T | None:
-    """``registry``'s entry for ``obj``'s class, or for its nearest base class, by class name
-    (plans are registered by name so that modules need not import the classes)."""
-    for cls in type(obj).__mro__:
+    """``registry``'s entry for ``obj``'s class (or ``obj`` itself, if a class), or for its
+    nearest base class, by class name (plans are registered by name so that modules need not
+    import the classes)."""
+    for cls in (obj if isinstance(obj, type) else type(obj)).__mro__:
         if cls.__name__ in registry:
             return registry[cls.__name__]
     return None

@@ -130,7 +130,8 @@ def _attach(module: torch.nn.Module, state: ShardState) -> None:
         processor=WanSequenceParallelProcessor,
         select=lambda name: name.endswith(".attn1.processor"),
     )
-    model.register_forward_pre_hook(_timestep_hook(model, state), with_kwargs=True)
+    hook = _timestep_hook(model, state)
+    state.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 WAN_PLAN = SequenceParallelPlan(

@@ -1,0 +1,128 @@
+"""Faults: ``streamfusion generate`` / ``make-tiny`` refuse bad input up front, in one line.
+
+Same contract as :mod:`tests.faults.test_cli` (exit status 2, one stderr line naming the
+option and the value, no traceback, nothing written, under CHECK_CPU_S CPU seconds so no
+rank started and no weight loaded), on real tiny pipeline directories: every check reads
+the directory's JSON files only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .test_cli import CHECK_CPU_S, Bad, _streamfusion
+
+GEN = "generate --prompt fox --out {cwd}/o.png --model-dir"
+BAD = [
+    Bad(f"{GEN} /nonexistent", ("--model-dir", "/nonexistent", "not a directory"), "hub", False),
+    Bad(f"{GEN} {{empty}}", ("--model-dir", "model_index.json"), "from_pretrained traceback"),
+    Bad(f"{GEN} {{sdxl}}", ("StableDiffusionXLPipeline", "FluxPipeline", "WanPipeline"), "ran"),
+    Bad(f"{GEN} {{flux}} --height 17", ("--height", "17", "16 or 20"), "rounded silently", False),
+    Bad(f"{GEN} {{flux}} --width 100", ("--width", "100"), "rounded silently"),
+    Bad(f"{GEN} {{flux}} --frames 5", ("--frames", "images", "wan"), "frames ignored", False),
+    Bad(
+        "generate --prompt fox --out {cwd}/o.mp4 --model-dir {wan} --frames 6",
+        ("--frames", "6", "5 or 9"),
+        "frames rounded silently",
+    ),
+    Bad(f"{GEN} {{flux}} --device cuda", ("--device", "cuda", "cpu"), "CUDA error late", False),
+    Bad(f"{GEN} {{flux}} --world 3 --topology 2x2", ("--topology", "2x2", "3"), "mismatch"),
+    Bad(f"{GEN} {{flux}} --strategy zigzag", ("--strategy", "zigzag", "torus"), "late"),
+    Bad(f"{GEN} {{flux}} --transport foo", ("--transport", "foo", "shm"), "late", False),
+    Bad(f"{GEN} {{flux}} --transport nccl", ("--transport", "nccl", "CPU"), "CUDA-only on CPU"),
+    Bad(f"{GEN} {{flux}} --world 8 --strategy ulysses", ("--strategy", "ulysses"), "heads"),
+    Bad(f"{GEN} {{flux}} --ulysses-degree 2", ("--ulysses-degree", "auto"), "degree ignored"),
+    Bad(f"{GEN} {{flux}} --world 3 --cfg-parallel", ("--cfg-parallel", "1x3"), "odd CFG split"),
+    Bad(
+        f"{GEN} {{flux}} --world 4 --cfg-parallel",
+        ("--cfg-parallel", "negative-prompt", "true-cfg-scale"),
+        "CFG parallel with no guidance ran the whole job",
+        False,
+    ),
+    Bad(f"{GEN} {{flux}} --world 4 --compile --cfg-parallel", ("--compile",), "combination"),
+    Bad(f"{GEN} {{wan}} --true-cfg-scale 3", ("--true-cfg-scale", "WanPipeline"), "ignored"),
+    Bad(
+        "generate --prompt fox --out {cwd}/o.mp4 --model-dir {flux}",
+        ("--out", "o.mp4", ".png"),
+        "an image written as a video",
+    ),
+    Bad(
+        "generate --prompt fox --out {cwd}/o.png --model-dir {wan}",
+        ("--out", "o.png", ".mp4"),
+        "a video written as one PNG",
+    ),
+    Bad(f"{GEN} {{flux}} --seed -1", ("--seed", "-1"), "negative seed"),
+    Bad(f"{GEN} {{flux}} --dtype fp64", ("--dtype", "fp64"), "argparse usage block"),
+    Bad("generate --prompt fox --model-dir {flux}", ("--out",), "nothing written"),
+    Bad("make-tiny {cwd}/t --model sdxl", ("--model", "sdxl", "flux"), "usage block", False),
+    Bad("make-tiny {flux} --model flux", ("dir", "not an empty directory"), "overwrote"),
+]
+
+
+@pytest.fixture(scope="module")
+def dirs(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-dirs")
+    (root / "empty").mkdir()
+    sdxl = root / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return {
+        "empty": root / "empty",
+        "sdxl": sdxl,
+        "flux": Path(tiny_pipeline("flux")),
+        "wan": Path(tiny_pipeline("wan")),
+    }
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b, id=b.argv.replace(GEN, "").strip(), marks=[pytest.mark.slow] * b.slow)
+        for b in BAD
+    ],
+)
+def test_bad_generate_option_is_one_line_exit_2(
+    bad: Bad, dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Catches a bad generate option that loads weights or starts ranks before failing, fails
+    with a traceback, or rounds/ignores a value silently (e.g. 17 px rendered at 16)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    argv = bad.argv.format(cwd=cwd, **dirs).split()
+    proc, cpu_s = _streamfusion(argv, cwd)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, (bad.bug, proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, bad.bug
+    assert len(lines) == 1 and "error" in lines[0], (bad.bug, proc.stderr)
+    for word in bad.says:
+        assert word in lines[0], (bad.bug, word, lines[0])
+    assert cpu_s < CHECK_CPU_S, (bad.bug, f"{cpu_s:.1f} CPU-s: did it start the job?")
+    assert not list(cwd.iterdir()), (bad.bug, "wrote output before failing")
+
+
+def test_world_disagreeing_with_torchrun_is_one_line(dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Catches --world being ignored (or the job starting) when torchrun started a different
+    number of processes: the variables torchrun sets make this process rank 0 of 2."""
+    env = {
+        **os.environ,
+        "TORCHELASTIC_RUN_ID": "test",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }
+    cmd = [sys.executable, "-m", "sf_models.generate", "--model-dir", str(dirs["flux"])]
+    cmd += ["--prompt", "fox", "--out", str(tmp_path / "o.png"), "--world", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and "--world" in line and "torchrun started 2" in line, line
