@@ -23,17 +23,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 
-step "install carried wheels and the four packages into /tmp/site"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-# installed, not from source: torch finds the backend through its entry point
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
-    --target /tmp/site packages/sf-comm packages/sf-attn packages/sf-models packages/sf-compile \
-    || exit 1
-export PYTHONPATH=/tmp/site
-# libnvshmem_host must be on the loader path (nvidia-nvshmem-cu13 is on the image)
-nvshmem_lib=$(python3 -c 'import os, nvidia.nvshmem as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null)
-export LD_LIBRARY_PATH=${nvshmem_lib}:${LD_LIBRARY_PATH:-}
+source tools/gpu_install.sh
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 - <<'EOF'

@@ -25,7 +25,7 @@ BAD = [
     Bad(f"{GEN} {{empty}}", ("--model-dir", "model_index.json"), "from_pretrained traceback"),
     Bad(f"{GEN} {{sdxl}}", ("StableDiffusionXLPipeline", "FluxPipeline", "WanPipeline"), "ran"),
     Bad(f"{GEN} {{flux}} --height 17", ("--height", "17", "16 or 20"), "rounded silently", False),
-    Bad(f"{GEN} {{flux}} --width 100", ("--width", "100"), "rounded silently"),
+    Bad(f"{GEN} {{flux}} --width 102", ("--width", "102", "100 or 104"), "rounded silently"),
     Bad(f"{GEN} {{flux}} --frames 5", ("--frames", "images", "wan"), "frames ignored", False),
     Bad(
         "generate --prompt fox --out {cwd}/o.mp4 --model-dir {wan} --frames 6",
@@ -47,7 +47,16 @@ BAD = [
         False,
     ),
     Bad(f"{GEN} {{flux}} --world 4 --compile --cfg-parallel", ("--compile",), "combination"),
-    Bad(f"{GEN} {{wan}} --true-cfg-scale 3", ("--true-cfg-scale", "WanPipeline"), "ignored"),
+    Bad(
+        "generate --prompt fox --out {cwd}/o.mp4 --model-dir {wan} --true-cfg-scale 3",
+        ("--true-cfg-scale", "WanPipeline"),
+        "ignored",
+    ),
+    Bad(
+        "generate --prompt fox --out {cwd}/o.mp4 --model-dir {wan} --world 2 --text sharded",
+        ("--text", "sharded", "replicated", "FluxTransformer2DModel"),
+        "weights loaded on every rank before the ranks refused the layout",
+    ),
     Bad(
         "generate --prompt fox --out {cwd}/o.mp4 --model-dir {flux}",
         ("--out", "o.mp4", ".png"),
@@ -126,3 +135,16 @@ def test_world_disagreeing_with_torchrun_is_one_line(dirs: dict[str, Path], tmp_
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip()
     assert "\n" not in line and "--world" in line and "torchrun started 2" in line, line
+
+
+def test_self_launching_commands_refuse_torchrun(tmp_path: Path) -> None:
+    """Catches `streamfusion run` under torchrun running the whole job once per process, each
+    on a rank pool of its own (N jobs where one was meant), silently."""
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "RANK": "0", "LOCAL_RANK": "0"}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    cmd = [sys.executable, "-m", "sf_models.cli", "run", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and "torchrun" in line and "sf_models.generate" in line, line
+    assert not (tmp_path / "o").exists()

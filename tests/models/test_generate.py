@@ -59,14 +59,13 @@ def _reference(model_dir: str, family: str, extra: tuple[tuple[str, Any], ...]) 
 
     pipe = DiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
+    args = {"num_inference_steps": STEPS, **TEST_SIZE[family], **dict(extra)}
     out = pipe(
         PROMPT,
         generator=torch.Generator("cpu").manual_seed(SEED),
-        num_inference_steps=STEPS,
         output_type="np",
         return_dict=False,
-        **TEST_SIZE[family],
-        **dict(extra),
+        **args,
     )
     return np.asarray(out[0][0], dtype=np.float32)
 
@@ -207,6 +206,25 @@ def test_torchrun_4_processes_equals_diffusers(
     assert info["launch"] == "torchrun" and info["world"] == 4 and info["topology"] == "2x2"
     err = float(np.abs(np.load(out) - _reference(model_dir, family, ())).max())
     assert err < MAX_ABS, err
+
+
+@pytest.mark.slow
+def test_compiled_generate_equals_diffusers(tiny_pipeline: Any, tmp_path: Path) -> None:
+    """Catches --compile (torch.compile(backend="streamfusion") on every rank instead of
+    parallelize) changing the image, or the first step's compile time being reported as the
+    per-step latency. Minutes on CPU (Inductor), so slow."""
+    model_dir = tiny_pipeline("flux")
+    import sf_models
+
+    out = str(tmp_path / "c.npy")
+    summary = sf_models.generate(
+        model_dir, PROMPT, out=out, seed=SEED, steps=3, compile=True, world=4,
+        topology="2x2", **_size_args("flux"),
+    )  # fmt: skip
+    assert summary is not None
+    ref = _reference(model_dir, "flux", (("num_inference_steps", 3),))
+    assert float(np.abs(np.load(out) - ref).max()) < MAX_ABS
+    assert summary["compiled"] and summary["step_s_median"] < summary["step_s"][0]
 
 
 def test_one_process_is_the_plain_pipeline(tiny_pipeline: Any, tmp_path: Path) -> None:

@@ -148,11 +148,21 @@ def local_cuda_device() -> torch.device:
     return torch.device("cuda", int(local) % torch.cuda.device_count())
 
 
+def _one_rank_per_gpu() -> bool:
+    """Whether each local rank has a GPU of its own (NCCL refuses two ranks on one GPU; with
+    more local ranks than GPUs, e.g. under CUDA MPS, the job's process group is gloo and the
+    GPU transports carry the data: Note [One GPU per local rank])."""
+    if not torch.cuda.is_available():
+        return False
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return not local.isdigit() or int(local) <= torch.cuda.device_count()
+
+
 def _ensure_process_group(timeout: float) -> None:
     if dist.is_initialized():
         return
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
-        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        backend = "cuda:nccl,cpu:gloo" if _one_rank_per_gpu() else "gloo"
         if torch.cuda.is_available():  # before NCCL binds this process to a device
             torch.cuda.set_device(local_cuda_device())
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
@@ -398,7 +408,8 @@ def init(
 # refuse the duplicate device). init (and the process group it creates) makes cuda:LOCAL_RANK
 # current, so tensors the user builds with device="cuda" afterwards land on the right GPU.
 # Several ranks sharing one GPU (CUDA MPS, tests on one device) take LOCAL_RANK modulo the
-# device count.
+# device count; NCCL refuses that ("duplicate GPU"), so such a job's process group is gloo
+# (a CPU mesh) and its tensors move through a one-sided GPU transport or gloo.
 
 
 # -- this process's default contexts -------------------------------------------------------

@@ -38,6 +38,7 @@ from ._cli_args import (
     sizes_mb,
     topology,
 )
+from .generate import under_torchrun
 
 # Options are checked before anything runs; errors are one line (Note [Command-line errors]
 # in sf_models._cli_args).
@@ -49,7 +50,16 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _world_and_topology(args: argparse.Namespace) -> tuple[int, Topology]:
-    """--world and --topology, each defaulting from the other (neither: 4 ranks as 2x2)."""
+    """--world and --topology, each defaulting from the other (neither: 4 ranks as 2x2).
+
+    For the sub-commands that start their own CPU ranks: under torchrun each process would
+    run the whole job on a pool of its own, so that is refused.
+    """
+    if under_torchrun():
+        raise ValueError(
+            f"streamfusion {args.command} starts its own CPU ranks; under torchrun (one process "
+            f"per GPU) use `python -m sf_models.generate ...` (streamfusion generate)"
+        )
     topo: Topology | None = args.topology
     world: int = args.world if args.world is not None else (topo.world_size if topo else 4)
     if topo is None:

@@ -112,9 +112,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['world']} rank(s) ({s['launch']}), topology {s['topology']}, {s['device']}, "
         f"transport {s['transport']}",
         f"strategy: {how}",
-        f"denoising: {s['steps']} steps, {step * 1e3:.1f} ms/step (median)"
+        f"denoising: {s['steps']} steps, {step * 1e3:.1f} ms/step (median"
+        + (f"; the first, which compiles: {s['step_s'][0]:.1f} s)" if s["compiled"] else ")")
         if step is not None
-        else "denoising: no step ran",
+        else f"denoising: {s['steps']} step(s), no median",
         f"wall time: text encoding {phases['text_encoding']:.2f} s, denoising "
         f"{phases['denoising']:.2f} s, decode {phases['decode']:.2f} s (load {phases['load']:.2f} s)",
         f"peak memory per rank ({s['peak_memory_kind']}), MiB: {_mib(s['peak_memory_bytes'])}",

@@ -92,6 +92,7 @@ class ModelDir:
             pipeline's own rule, which it would otherwise round to silently).
         temporal: the VAE's temporal factor (video: frames - 1 must be a multiple), else 0.
         heads: the transformer's attention heads.
+        transformer: the transformer's class name.
         fps: frames per second of a written video.
     """
 
@@ -102,6 +103,7 @@ class ModelDir:
     pixel_step: int
     temporal: int
     heads: int
+    transformer: str
     fps: int
 
     def check_size(self, option: str, value: int) -> str | None:
@@ -185,5 +187,6 @@ def inspect_model_dir(path: str) -> ModelDir:
         pixel_step=step,
         temporal=temporal,
         heads=int(transformer.get("num_attention_heads", 0)),
+        transformer=str(transformer.get("_class_name", "")),
         fps=family.fps,
     )

@@ -216,17 +216,6 @@ def check_options(options: GenerateOptions, model: ModelDir, launch: Launch) -> 
 
 def _check_parallel(options: GenerateOptions, model: ModelDir, launch: Launch) -> None:
     sp_topo = launch.topology
-    if options.cfg_parallel:
-        from sf_comm.split import part_layout
-
-        from ..cfg import check_cfg_topology
-
-        try:
-            check_cfg_topology(launch.topology)
-        except ValueError as exc:
-            raise UsageError("--cfg-parallel", str(exc)) from None
-        sp_topo = part_layout(launch.topology, 2)[1]
-        _check_guidance_runs(options, model)
     if options.compile:
         for option, given in (
             ("--cfg-parallel", options.cfg_parallel),
@@ -239,6 +228,19 @@ def _check_parallel(options: GenerateOptions, model: ModelDir, launch: Launch) -
                     "not with --compile (the compile backend keeps text replicated, picks its "
                     "own degrees and runs no CFG-parallel split); drop one of them",
                 )
+    if options.text == "sharded":
+        _check_text_sharded(model)
+    if options.cfg_parallel:
+        from sf_comm.split import part_layout
+
+        from ..cfg import check_cfg_topology
+
+        try:
+            check_cfg_topology(launch.topology)
+        except ValueError as exc:
+            raise UsageError("--cfg-parallel", str(exc)) from None
+        sp_topo = part_layout(launch.topology, 2)[1]
+        _check_guidance_runs(options, model)
     if options.ulysses_degree is not None and options.strategy == "auto":
         raise UsageError(
             "--ulysses-degree", "--strategy auto picks its own degree; name a strategy to set one"
@@ -249,6 +251,28 @@ def _check_parallel(options: GenerateOptions, model: ModelDir, launch: Launch) -
         except ValueError as exc:
             option = "--strategy" if options.ulysses_degree is None else "--ulysses-degree"
             raise UsageError(option, f"{exc} ({model.family}: {model.heads} heads)") from None
+
+
+def _check_text_sharded(model: ModelDir) -> None:
+    """--text sharded needs a transformer whose plan splits text (by class, no weights)."""
+    import diffusers
+
+    from ..plan import get_plan, sharded_text_models
+
+    cls = getattr(diffusers, model.transformer, None)
+    if cls is None:
+        return  # not a diffusers class: parallelize names what it does not support
+    try:
+        shards = get_plan(cls).shards_text
+    except ValueError:
+        return  # no plan: parallelize's message lists the supported models
+    if not shards:
+        raise UsageError(
+            "--text",
+            f"sharded, but {model.transformer} keeps text replicated (its attention needs "
+            f"every text key on every rank); use --text replicated or auto. Models that shard "
+            f"text: {', '.join(sharded_text_models())}",
+        )
 
 
 def _check_guidance_runs(options: GenerateOptions, model: ModelDir) -> None:

@@ -170,6 +170,10 @@ def _per_rank(ctx: sf_comm.Context, values: list[float]) -> list[list[float]]:
     return [row.tolist() for row in sf_comm.all_gather(ctx, ctx.group("world"), mine).wait()]
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _peak_memory(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
@@ -289,7 +293,8 @@ def run_rank(
         "compiled": options.compile,
         "steps": len(step_times),
         "step_s": step_times,
-        "step_s_median": statistics.median(step_times) if step_times else None,
+        # compiled: the first step compiles; its time says nothing about the steps after it
+        "step_s_median": _median(step_times[1:] if options.compile else step_times),
         "phases_s": {
             "load": load_s,
             "text_encoding": phases.encode_s,
