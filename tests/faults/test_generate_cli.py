@@ -8,10 +8,13 @@ the directory's JSON files only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +151,65 @@ def test_self_launching_commands_refuse_torchrun(tmp_path: Path) -> None:
     line = proc.stderr.strip()
     assert "\n" not in line and "torchrun" in line and "sf_models.generate" in line, line
     assert not (tmp_path / "o").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGKILL, id="SIGKILL"),
+        pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow),
+    ],
+)
+def test_killing_generate_stops_its_ranks(
+    dirs: dict[str, Path], tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Catches self-launched ranks outliving the command that started them: killed (SIGKILL)
+    or terminated (SIGTERM, a scheduler's stop) mid-denoising, the ranks kept running the
+    whole job as orphans (a rank reads its pipe's EOF only between jobs)."""
+    cmd = [sys.executable, "-m", "sf_models.cli", "generate", "--model-dir", str(dirs["flux"])]
+    cmd += ["--prompt", "fox", "--world", "2", "--steps", "5000", "--out", str(tmp_path / "o.png")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    ranks: list[int] = []
+    try:
+        seen = b""
+        assert proc.stderr is not None
+        while b"it/s" not in seen and b"s/it" not in seen:  # the progress bar: denoising
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, f"the command ended before denoising: {seen[-2000:]!r}"
+            seen += chunk
+        ranks = _children(proc.pid)
+        assert ranks, "no rank processes found"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(r) for r in ranks), "ranks outlived the command"
+    finally:
+        proc.kill()
+        for r in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(r, signal.SIGKILL)

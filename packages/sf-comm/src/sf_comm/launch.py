@@ -22,7 +22,9 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -44,9 +46,40 @@ def close_contexts() -> None:
     sf_comm.close_default_contexts()
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this rank soon after ``parent`` (the process that started the pool) dies, even by
+    SIGKILL: a rank busy in a long job would otherwise run it to the end as an orphan (the
+    pipe's EOF is only read between jobs). Linux sends SIGTERM on the parent's death
+    (PR_SET_PDEATHSIG); a daemon thread watching the parent's pid covers other systems. The
+    parent's pid comes from the parent: a rank still importing when it died would otherwise
+    take its new parent (init) for it. Either ends the rank without cleanup, which the
+    segments do not need past set-up (Note [shm cleanup])."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # died before the request took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sf-parent-watch", daemon=True).start()
+
+
 def _worker(
-    rank: int, world: int, store: str, conn: Any, env: dict[str, str], threads: int
+    rank: int,
+    world: int,
+    store: str,
+    conn: Any,
+    env: dict[str, str],
+    threads: int,
+    parent: int,
 ) -> None:
+    _die_with_parent(parent)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch
@@ -143,7 +176,7 @@ class RankPool:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker,
-                args=(rank, self.world_size, store, child, self.env, self.threads),
+                args=(rank, self.world_size, store, child, self.env, self.threads, os.getpid()),
                 daemon=True,
                 name=f"sf-rank-{rank}",
             )

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -271,6 +273,19 @@ def _library_error(exc: Exception) -> str | None:
     return None
 
 
+def _terminate_as_exit() -> None:
+    """SIGTERM (a job scheduler, ``kill``) unwinds like Ctrl-C: ``with`` blocks close, so a
+    command's rank pool is stopped and its files removed instead of left running."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+        def terminate(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, terminate)
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Run the sub-command ``argv`` names; returns the exit status (Note [Command-line errors]).
 
@@ -278,6 +293,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         parser: from :func:`command_parser`, with its sub-commands added.
         argv: the arguments after ``streamfusion`` (None: ``sys.argv[1:]``).
     """
+    _terminate_as_exit()
     args: Any
     args, extra = parser.parse_known_args(argv)
     sub: _Parser = args.parser
