@@ -153,9 +153,10 @@ def _generate(ctx: sf_comm.Context, strategy: str, decode_on: DecodeOn | None) -
         progress_bar_disabled=pipe._progress_bar_config.get("disable", False),
         out_shape=tuple(out.shape),
     )
-    if sp.decode_on == "all":
+    res["decode_on"] = sp.decode_on
+    if sp.decode_on in ("all", "parallel"):
         res["image_same_on_every_rank"] = same_on_every_rank(ctx, out)  # collective: all ranks
-    if sp.decode_on == "all" or ctx.rank == 0:
+    if sp.decode_on in ("all", "parallel") or ctx.rank == 0:
         res["image_rel_err"] = rel_err(out, ref)
     else:
         # output_type="latent": the pipeline's packed final latents, exactly rank 0's.
@@ -189,12 +190,14 @@ def test_flux_pipeline_same_image_on_4_ranks(ranks, strategy: str) -> None:
 
 def test_default_output_is_the_pipelines_on_every_rank(ranks) -> None:
     """Catches the default going back to decoding on rank 0 only (other ranks then got
-    latents, and the usual ``sp(...).images[0].save(...)`` failed there), or ``"all"`` being
-    ignored, or the ranks decoding different images: by default every rank must decode once
-    and return the images one process returns, identical on all ranks.
+    latents, and the usual ``sp(...).images[0].save(...)`` failed there), or the decode not
+    split across the ranks although Flux's VAE can be (sf_models.vae), or the ranks decoding
+    different images: by default every rank must return the images one process returns,
+    identical on all ranks, with the decode split ("auto" -> "parallel").
     """
     results = ranks(4).run(_generate, "ring", None, topology="2x2", transport="shm")
     for rank, res in enumerate(results):
+        assert res["decode_on"] == "parallel", (rank, res)
         assert res["decodes"] == 1, (rank, res)
         assert res["out_shape"] == (1, 3, HEIGHT, WIDTH), (rank, res)
         assert res["image_rel_err"] < REL_TOL, (rank, res)
@@ -238,7 +241,9 @@ def test_misuse_names_the_problem(ranks) -> None:
     split), a pipeline parallelized twice (the second wrapper would shard shards), and a
     model with no plan."""
     msgs = ranks(4).run(_misuse, topology="2x2", transport="shm")[0]
-    assert "decode_on must be one of ('rank0', 'all'), got 'gpu0'" in msgs[0], msgs[0]
+    assert "decode_on must be one of ('auto', 'parallel', 'all', 'rank0'), got 'gpu0'" in msgs[0], (
+        msgs[0]
+    )
     assert "text must be one of ['auto', 'replicated', 'sharded'], got 'split'" in msgs[1], msgs[1]
     assert "cfg_parallel=True needs the pipeline" in msgs[2], msgs[2]
     assert "already parallelized" in msgs[3], msgs[3]
@@ -345,13 +350,15 @@ def test_bad_ulysses_degrees_name_the_value(ranks) -> None:
 @torch.no_grad()
 def _close(ctx: sf_comm.Context) -> dict[str, Any]:
     pipe = make_flux_pipe()
-    transformer = pipe.transformer
+    transformer, vae = pipe.transformer, pipe.vae
     processors = dict(transformer.attn_processors)
+    vae_processors = dict(vae.attn_processors)
     ref = pipe(**flux_args()).images
     bar = progress_config(pipe)
     with parallelize(pipe, ctx=ctx, strategy="usp") as sp:
         out = sp(**flux_args()).images
         bar_while = progress_config(pipe)
+        vae_parallel = pipe.vae is not vae  # decode_on="auto": Flux's VAE decodes in parallel
     sp.close()  # again: harmless
     before = ctx.transport.stats.snapshot()
     after = pipe(**flux_args()).images
@@ -364,7 +371,10 @@ def _close(ctx: sf_comm.Context) -> dict[str, Any]:
         transformer_restored=pipe.transformer is transformer,
         processors_restored=restored.keys() == processors.keys()
         and all(restored[k] is p for k, p in processors.items()),
-        hooks_left=hook_count(transformer),
+        hooks_left=hook_count(transformer) + hook_count(vae),
+        vae_restored=vae_parallel
+        and pipe.vae is vae
+        and all(vae.attn_processors[k] is p for k, p in vae_processors.items()),
         bar_while=bar_while.get("disable", False),
         bar_restored=progress_config(pipe) == bar,
         closed_call=error_messages([lambda: sp(**flux_args())], catch=RuntimeError)[0],
@@ -388,7 +398,7 @@ def test_close_gives_the_single_process_pipeline_back(ranks) -> None:
         assert res["parallel_rel_err"] < REL_TOL, (rank, res)
         assert res["after_close_equal"] and res["bytes_sent_after_close"] == 0, (rank, res)
         assert res["transformer_restored"] and res["processors_restored"], (rank, res)
-        assert res["hooks_left"] == 0, (rank, res)
+        assert res["hooks_left"] == 0 and res["vae_restored"], (rank, res)
         assert res["bar_while"] == (rank != 0) and res["bar_restored"], (rank, res)
         assert "this ParallelPipeline is closed" in res["closed_call"], (rank, res)
         assert res["again_parallel"] and res["again_rel_err"] < REL_TOL, (rank, res)

@@ -88,6 +88,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+_DECODE_WHERE = {"parallel": "split across the ranks", "rank0": "on rank 0", "all": "whole"}
+
+
 def _mib(values: list[float]) -> str:
     return ", ".join(f"{v / 2**20:.0f}" for v in values)
 
@@ -117,7 +120,8 @@ def format_summary(s: dict[str, Any]) -> str:
         if step is not None
         else f"denoising: {s['steps']} step(s), no median",
         f"wall time: text encoding {phases['text_encoding']:.2f} s, denoising "
-        f"{phases['denoising']:.2f} s, decode {phases['decode']:.2f} s (load {phases['load']:.2f} s)",
+        f"{phases['denoising']:.2f} s, decode {phases['decode']:.2f} s "
+        f"({_DECODE_WHERE.get(s['decode_on'], s['decode_on'])}; load {phases['load']:.2f} s)",
         f"peak memory per rank ({s['peak_memory_kind']}), MiB: {_mib(s['peak_memory_bytes'])}",
         "sent per step per rank, MB: "
         + ", ".join(f"{b / 1e6:.2f}" for b in s["bytes_sent_per_step"]),

@@ -23,12 +23,17 @@ import sf_comm
 from . import cogvideox, flux, hunyuanvideo, sd3, wan  # noqa: F401  (register their plans)
 from .pipeline import DecodeOn, ParallelPipeline, parallelize_pipeline
 from .plan import TextLayout
+from .vae import ParallelVAE, parallelize_vae
 from .wrapper import SequenceParallelModel, parallelize_transformer
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
 __all__ = ["parallelize"]
+
+
+@overload
+def parallelize(model: AutoencoderKL, *, ctx: sf_comm.CommContext) -> ParallelVAE: ...
 
 
 @overload
@@ -50,7 +55,7 @@ def parallelize(
     strategy: str = "auto",
     text: TextLayout = "auto",
     cfg_parallel: bool = False,
-    decode_on: DecodeOn = "all",
+    decode_on: DecodeOn = "auto",
     ulysses_degree: int | None = None,
 ) -> ParallelPipeline: ...
 
@@ -62,9 +67,9 @@ def parallelize(
     strategy: str = "auto",
     text: TextLayout = "auto",
     cfg_parallel: bool = False,
-    decode_on: DecodeOn = "all",
+    decode_on: DecodeOn = "auto",
     ulysses_degree: int | None = None,
-) -> SequenceParallelModel | ParallelPipeline:
+) -> SequenceParallelModel | ParallelPipeline | ParallelVAE:
     """Wrap a diffusers transformer so its token sequence is split across ``ctx``'s ranks.
 
     Given a diffusers pipeline instead (``DiffusionPipeline``), parallelizes its transformer
@@ -95,9 +100,11 @@ def parallelize(
             "auto" ("sharded" where the model supports it, else "replicated").
         cfg_parallel: (pipelines) run the two classifier-free-guidance branches on the two
             halves of the world (:mod:`sf_models.cfg`).
-        decode_on: (pipelines) "all" (the default: every rank decodes and returns what the
-            pipeline returns in one process) or "rank0" (other ranks skip the VAE and return
-            latents; Note [Decode on every rank] in :mod:`sf_models.pipeline`).
+        decode_on: (pipelines) "auto" (the default: "parallel" where the VAE has a parallel
+            decode, else "all"), "parallel" (the decode split across the ranks), "all" (every
+            rank decodes it all) -- each returns what the pipeline returns in one process on
+            every rank -- or "rank0" (other ranks skip the VAE and return latents; Note
+            [Decode on every rank] in :mod:`sf_models.pipeline`).
         ulysses_degree: the Ulysses (head-scatter) degree P_u of a named strategy ("usp",
             "tas", "torus"; "ulysses" allows the world only, "ring" 1), or None for the
             strategy's default; the Ring degree is then ``world / P_u`` (with
@@ -105,8 +112,12 @@ def parallelize(
             :meth:`~sf_models.wrapper.SequenceParallelModel.attention_plan` for what the
             layers run.
 
+    Given a diffusers VAE (``AutoencoderKL``), returns a :class:`~sf_models.vae.ParallelVAE`
+    whose ``decode`` splits the latent's rows across the ranks, exactly (:mod:`sf_models.vae`).
+
     Returns:
-        The wrapping :class:`SequenceParallelModel` (a pipeline: a ``ParallelPipeline``).
+        The wrapping :class:`SequenceParallelModel` (a pipeline: a ``ParallelPipeline``; a
+        VAE: a ``ParallelVAE``).
 
     Raises:
         ValueError: the model class has no plan (the message lists the supported ones), the
@@ -129,6 +140,8 @@ def parallelize(
             decode_on=decode_on,
             ulysses_degree=ulysses_degree,
         )
+    if _is_vae(model):
+        return parallelize_vae(model, ctx=ctx)
     if cfg_parallel:
         raise ValueError(
             "parallelize: cfg_parallel=True needs the pipeline (it splits the pipeline's "
@@ -137,6 +150,11 @@ def parallelize(
     return parallelize_transformer(
         model, ctx=ctx, strategy=strategy, text=text, ulysses_degree=ulysses_degree
     )
+
+
+def _is_vae(model: Any) -> bool:
+    """A diffusers autoencoder (any ``AutoencoderKL*``; unsupported ones get a clear error)."""
+    return type(model).__name__.startswith("AutoencoderKL")
 
 
 def _is_pipeline(model: Any) -> bool:

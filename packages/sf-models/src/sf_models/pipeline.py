@@ -10,9 +10,11 @@ Plain code, and what every rank runs instead::
     sp.close()                                # ``pipe`` is the single-process pipeline again
     ctx.close()                               # the context is the caller's to close
 
-By default (``decode_on="all"``) every rank runs the whole pipeline, VAE decode included, and
-returns what the pipeline returns in one process; ``decode_on="rank0"`` skips the decode on
-the other ranks, which return the final latents (Note [Decode on every rank]).
+Every rank returns what the pipeline returns in one process. By default (``decode_on="auto"``)
+the VAE decode is split across the ranks where the VAE supports it (``"parallel"``,
+:mod:`sf_models.vae`, exact), else every rank runs the whole decode (``"all"``);
+``decode_on="rank0"`` skips the decode on the other ranks, which return the final latents
+(Note [Decode on every rank]).
 
 What :func:`parallelize_pipeline` changes, in place, on ``pipe`` (:meth:`ParallelPipeline.close`
 undoes all of it):
@@ -48,6 +50,7 @@ import sf_comm
 
 from .cfg import CFGParallelModel, CFGPlan, check_cfg_topology, get_cfg_plan
 from .plan import TextLayout, get_plan, resolve_text
+from .vae import ParallelVAE, parallelize_vae, supported_vaes
 from .wrapper import SequenceParallelModel, parallelize_transformer
 
 if TYPE_CHECKING:
@@ -55,8 +58,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DECODE_ON", "DecodeOn", "ParallelPipeline", "parallelize_pipeline"]
 
-DecodeOn = Literal["rank0", "all"]
-DECODE_ON = ("rank0", "all")
+DecodeOn = Literal["auto", "parallel", "all", "rank0"]
+DECODE_ON = ("auto", "parallel", "all", "rank0")
 TRANSFORMERS = ("transformer", "transformer_2")  # pipeline components run under SP
 
 
@@ -129,7 +132,7 @@ class ParallelPipeline:
     Attributes:
         pipe: the wrapped pipeline (modified in place, see the module docstring).
         ctx: the job's context.
-        decode_on: "all" or "rank0".
+        decode_on: "parallel", "all" or "rank0" (resolved from "auto").
         cfg_plan: the pipeline's CFG plan with ``cfg_parallel``, else None.
     """
 
@@ -158,7 +161,7 @@ class ParallelPipeline:
         check: _SameInputsCheck,
         cfg_models: list[CFGParallelModel],
         originals: dict[str, torch.nn.Module],
-        sp_models: list[SequenceParallelModel],
+        sp_models: list[SequenceParallelModel | ParallelVAE],
         hooks: list[RemovableHandle],
         progress_disable: tuple[bool, Any] | None,
     ) -> None:
@@ -311,7 +314,7 @@ def parallelize_pipeline(
     strategy: str = "auto",
     text: TextLayout = "auto",
     cfg_parallel: bool = False,
-    decode_on: DecodeOn = "all",
+    decode_on: DecodeOn = "auto",
     ulysses_degree: int | None = None,
 ) -> ParallelPipeline:
     """Run a stock diffusers pipeline's transformer sequence-parallel across ``ctx``'s ranks.
@@ -331,8 +334,10 @@ def parallelize_pipeline(
             :func:`sf_models.parallelize`).
         cfg_parallel: run the two classifier-free-guidance branches on the two halves of the
             world, each half doing sequence parallelism (:mod:`sf_models.cfg`).
-        decode_on: "all" (the default): every rank decodes and returns what the pipeline
-            returns in one process; "rank0": only rank 0 decodes latents into images/frames,
+        decode_on: every rank returns what the pipeline returns in one process with
+            "parallel" (the VAE decode split across the ranks, :mod:`sf_models.vae`) and
+            "all" (every rank decodes it all); "auto" (the default) is "parallel" where the
+            VAE supports it and the world is > 1, else "all"; "rank0": only rank 0 decodes,
             other ranks skip the VAE and return latents (see :meth:`ParallelPipeline.__call__`
             and Note [Decode on every rank]).
         ulysses_degree: the Ulysses (head-scatter) degree of a named strategy, None for the
@@ -345,7 +350,8 @@ def parallelize_pipeline(
         until :meth:`ParallelPipeline.close`.
 
     Raises:
-        ValueError: a bad ``decode_on``; no transformer, or one without a plan (the message
+        ValueError: a bad ``decode_on``, or "parallel" with a VAE that has no parallel
+            decode; no transformer, or one without a plan (the message
             lists the supported models); a bad ``text``, or "sharded" for a transformer that
             keeps text replicated; a ``ulysses_degree`` that is not a positive int, is given
             with "auto", or that the strategy cannot lay out on the (half) topology or that
@@ -383,9 +389,18 @@ def parallelize_pipeline(
     if cfg_plan is not None:
         check_cfg_topology(ctx.topology)
 
+    vae_name = type(getattr(pipe, "vae", None)).__name__
+    if decode_on == "auto":  # Note [Decode on every rank]
+        decode_on = "parallel" if vae_name in supported_vaes() and ctx.world_size > 1 else "all"
+    if decode_on == "parallel" and vae_name not in supported_vaes():
+        raise ValueError(
+            f"decode_on='parallel': no parallel decode for {vae_name} yet (supported VAEs: "
+            f"{supported_vaes()}); use decode_on='all' or 'rank0'"
+        )
+
     check = _SameInputsCheck(ctx)
     cfg_models: list[CFGParallelModel] = []
-    sp_models: list[SequenceParallelModel] = []
+    sp_models: list[SequenceParallelModel | ParallelVAE] = []
     originals: dict[str, torch.nn.Module] = {}
     hooks: list[RemovableHandle] = []
     if cfg_plan is not None:
@@ -427,11 +442,16 @@ def parallelize_pipeline(
             # under the wrapper's class in the pipeline config.
             object.__setattr__(pipe, name, wrapper)
             originals[name] = transformer
+        if decode_on == "parallel":
+            parallel_vae = parallelize_vae(pipe.vae, ctx=ctx)
+            sp_models.append(parallel_vae)
+            object.__setattr__(pipe, "vae", parallel_vae)  # as for the transformers
+            originals["vae"] = parallel_vae.vae
     except BaseException:  # e.g. transformer_2 refused: give transformer back too
         for name, original in originals.items():
             object.__setattr__(pipe, name, original)
-        for model in sp_models:
-            model.close()
+        for made in sp_models:
+            made.close()
         raise
 
     progress_disable = None
@@ -467,7 +487,9 @@ def parallelize_pipeline(
 
 
 # Note [Decode on every rank]
-# parallelize(pipe) defaults to decode_on="all": every rank runs the whole pipeline, VAE decode
+# parallelize(pipe) defaults to decode_on="auto": "parallel" where the pipeline's VAE has a
+# parallel decode (sf_models.vae: the latent's rows split across the ranks, exact, the image
+# gathered on every rank), else "all". With "all" every rank runs the whole pipeline, VAE decode
 # included, and returns exactly what the pipeline returns in one process (the same images on
 # every rank, up to floating-point rounding against one process; bit-identical across ranks).
 # Code written for one process, ``pipe(...).images[0].save(...)``, then runs unchanged under a

@@ -32,6 +32,7 @@ import sf_attn
 import sf_comm
 
 from ..model_dir import ModelDir
+from ..pipeline import DecodeOn
 from ..plan import TextLayout
 from . import DTYPES, GenerateOptions, Launch, pipeline_arguments
 
@@ -147,8 +148,16 @@ def _parallel(pipe: Any, ctx: sf_comm.Context, options: GenerateOptions) -> Any:
         ulysses_degree=options.ulysses_degree,
         text=cast("TextLayout", options.text),
         cfg_parallel=options.cfg_parallel,
-        decode_on="rank0",
+        decode_on=_decode_on(pipe),
     )
+
+
+def _decode_on(pipe: Any) -> DecodeOn:
+    """Split the decode across the ranks where the VAE can be; else only rank 0 decodes (it
+    alone writes the output)."""
+    from ..vae import supported_vaes
+
+    return "parallel" if type(pipe.vae).__name__ in supported_vaes() else "rank0"
 
 
 def _shared_seed(ctx: sf_comm.Context, seed: int | None) -> int:
@@ -291,6 +300,7 @@ def run_rank(
         "text_layout": _text_layout(pipe.transformer),
         "cfg_parallel": options.cfg_parallel,
         "compiled": options.compile,
+        "decode_on": getattr(sp, "decode_on", "all"),
         "steps": len(step_times),
         "step_s": step_times,
         # compiled: the first step compiles; its time says nothing about the steps after it

@@ -1,0 +1,264 @@
+"""Exact parallel VAE decode: the latent split by rows across ranks, nothing approximated.
+
+Plain code, and what every rank runs instead::
+
+    image = vae.decode(z).sample                               # one process
+
+    pvae = sf_models.parallelize(vae, ctx=ctx)                 # every rank, same weights
+    image = pvae.decode(z).sample                              # the same z on every rank
+    # every rank: ``image`` up to float32 rounding
+
+Each rank decodes a contiguous band of latent rows (``torch.tensor_split`` of the height, so
+any height and world size, uneven bands allowed) through the unchanged diffusers decoder,
+with three kinds of hooks that make the band's result exactly the rows of the whole image:
+
+- every convolution with a kernel taller than one row first receives ``k // 2`` halo rows
+  from the bands above and below (zeros at the image's top and bottom, as the convolution's
+  own padding), and its output is trimmed back to the band (Note [Halo rows]);
+- every GroupNorm normalises with statistics over the whole image: per-rank sums and
+  squared deviations are all-gathered in float32 and summed in rank order, two passes, so
+  every rank uses the same mean and variance (not a per-band one: no seams);
+- the decoder's self-attention (the mid block's) gives each band's queries the keys and
+  values of every band (all-gathered; the attention matrix stays local to the queries).
+
+Nearest-neighbour upsampling and 1x1 convolutions act on rows independently and need
+nothing. The decoded bands are all-gathered, so every rank returns the whole image.
+``AutoencoderKL`` (Flux, SD3) is supported; the video VAEs are not yet (their causal
+temporal convolutions and frame caches need the same treatment along time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+import sf_attn
+import sf_comm
+
+__all__ = ["ParallelVAE", "parallelize_vae", "supported_vaes"]
+
+_SUPPORTED = ("AutoencoderKL",)
+
+
+def supported_vaes() -> list[str]:
+    """VAE class names :func:`parallelize_vae` accepts."""
+    return list(_SUPPORTED)
+
+
+@dataclasses.dataclass(slots=True)
+class _Band:
+    """This rank's band during a parallel decode (``active`` only inside ``decode``)."""
+
+    ctx: sf_comm.CommContext
+    active: bool = False
+
+    @property
+    def group(self) -> sf_comm.Group:
+        return self.ctx.group("world")
+
+    def halo(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``x`` [B, C, h, W] with ``rows`` rows of the neighbouring bands above and below
+        (zeros beyond the image's edges): [B, C, rows + h + rows, W]."""
+        group = self.group
+        top, bottom = x[:, :, :rows].contiguous(), x[:, :, -rows:].contiguous()
+        from_above = sf_comm.shift(self.ctx, group, bottom, 1).wait()  # the band above's last
+        from_below = sf_comm.shift(self.ctx, group, top, -1).wait()  # the band below's first
+        if group.index == 0:
+            from_above = torch.zeros_like(from_above)
+        if group.index == group.size - 1:
+            from_below = torch.zeros_like(from_below)
+        return torch.cat([from_above, x, from_below], dim=2)
+
+    def total(self, local: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``local`` (same shape everywhere), in rank order."""
+        every = sf_comm.all_gather(self.ctx, self.group, local.contiguous()).wait()
+        return torch.stack(every).sum(0)
+
+    def gather_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every band's ``x`` concatenated along ``dim`` (bands may differ in size)."""
+        sizes = self.total(
+            F.one_hot(torch.tensor(self.group.index), self.group.size) * x.shape[dim]
+        ).tolist()
+        shapes = [(*x.shape[:dim], n, *x.shape[dim + 1 :]) for n in sizes]
+        every = sf_comm.all_gather(self.ctx, self.group, x.contiguous(), shapes).wait()
+        return torch.cat(every, dim=dim)
+
+
+# Note [Halo rows]
+# A convolution of kernel height k (stride 1, padding k // 2) reads k // 2 rows above and
+# below each output row. With the band's input extended by k // 2 rows from each neighbour
+# and the convolution's own zero padding left in place, the band's output has k // 2 extra
+# rows at each end; trimming them leaves exactly the band's rows of the whole image's output.
+# At the image's top and bottom the halo is zeros, so the trimmed rows see the zero rows the
+# padding would have given. The pre-hook extends, the hook trims: the module is not touched.
+
+
+def _conv_pre(band: _Band, module: torch.nn.Conv2d, args: tuple[Any, ...]) -> Any:
+    rows = module.kernel_size[0] // 2
+    if not band.active or rows == 0:
+        return None
+    return (band.halo(args[0], rows), *args[1:])
+
+
+def _conv_post(band: _Band, module: torch.nn.Conv2d, args: Any, out: torch.Tensor) -> Any:
+    rows = module.kernel_size[0] // 2
+    if not band.active or rows == 0:
+        return None
+    return out[:, :, rows:-rows]
+
+
+def _group_norm_post(band: _Band, module: torch.nn.GroupNorm, args: Any, out: Any) -> Any:
+    """GroupNorm over the whole image: the same statistics on every band."""
+    if not band.active:
+        return None
+    x = args[0]
+    batch, channels = x.shape[:2]
+    groups = module.num_groups
+    xg = x.float().reshape(batch, groups, -1)
+    count = band.total(torch.tensor([float(xg.shape[-1])], device=x.device))
+    mean = band.total(xg.sum(-1)) / count  # [B, G]
+    centred = xg - mean[..., None]
+    var = band.total(centred.square().sum(-1)) / count
+    y = (centred * torch.rsqrt(var[..., None] + module.eps)).reshape(x.shape)
+    if module.affine:
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        y = y * module.weight.float().reshape(shape) + module.bias.float().reshape(shape)
+    return y.to(x.dtype)
+
+
+class _BandAttnProcessor:
+    """The decoder's spatial self-attention for one band: its queries over every band's keys
+    and values. Equivalent plain code (diffusers' processor on the whole image)::
+
+        t = group_norm(x).flatten(2).transpose(1, 2)           # [B, H*W, C]
+        o = sdpa(to_q(t), to_k(t), to_v(t))                    # heads of attn.heads
+        x = (to_out(o).transpose(1, 2).reshape(x.shape) + x) / rescale
+    """
+
+    def __init__(self, band: _Band, original: Any) -> None:
+        self.band = band
+        self.original = original
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> Any:
+        if not self.band.active:
+            return self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb=temb
+            )
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("parallel VAE decode: the decoder's attention is self-attention")
+        residual = hidden_states
+        batch, channels, height, width = hidden_states.shape
+        x = hidden_states.view(batch, channels, height * width)
+        if attn.group_norm is not None:
+            x = attn.group_norm(x)
+        tokens = x.transpose(1, 2)  # [B, h*W, C]
+        q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+        heads = attn.heads
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))  # [B, h*W, heads, D]
+        k_all = self.band.gather_rows(k, 1)  # [B, H*W, heads, D]
+        v_all = self.band.gather_rows(v, 1)
+        out, _ = sf_attn.attention_with_lse(q, k_all, v_all)
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2).to(q.dtype)))
+        out = out.transpose(1, 2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class ParallelVAE(torch.nn.Module):
+    """A VAE whose ``decode`` splits the latent's rows across ``ctx``'s ranks (see the
+    module docstring); every other attribute is the wrapped VAE's."""
+
+    def __init__(self, vae: Any, band: _Band, handles: list[Any], processors: list[Any]) -> None:
+        super().__init__()
+        self.vae = vae
+        self._band = band
+        self._handles = handles
+        self._processors = processors
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["vae"], name)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
+        """``vae.decode(z)``, with ``z`` [B, C, H, W] the same on every rank; every rank
+        gets the whole decoded image.
+
+        Raises:
+            ValueError: fewer latent rows than ranks (each band needs a row).
+        """
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        band, world = self._band, self._band.group.size
+        if z.shape[2] < world:
+            raise ValueError(
+                f"parallel VAE decode: the latent has {z.shape[2]} rows, fewer than the "
+                f"{world} ranks (each decodes a band of at least one row); decode on fewer "
+                f"ranks or a taller latent"
+            )
+        mine = torch.tensor_split(z, world, dim=2)[band.group.index]
+        band.active = True
+        try:
+            local = self.vae.decode(mine, return_dict=False, **kwargs)[0]
+        finally:
+            band.active = False
+        sample = band.gather_rows(local, 2)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def close(self) -> Any:
+        """Remove the hooks and processors; returns the VAE as it was."""
+        for handle in self._handles:
+            handle.remove()
+        for attn, processor in self._processors:
+            attn.set_processor(processor)
+        self._handles, self._processors = [], []
+        return self.vae
+
+
+def parallelize_vae(vae: Any, *, ctx: sf_comm.CommContext) -> ParallelVAE:
+    """:func:`sf_models.parallelize` for a diffusers VAE (see the module docstring).
+
+    Raises:
+        ValueError: the VAE class is not supported (the message lists those that are), or
+            its decoder has a convolution this split does not handle (a stride other than 1).
+    """
+    from diffusers.models.attention_processor import Attention
+
+    if type(vae).__name__ not in _SUPPORTED:
+        raise ValueError(
+            f"parallelize: no parallel decode for {type(vae).__name__}; supported VAEs: "
+            f"{supported_vaes()}"
+        )
+    band = _Band(ctx=ctx)
+    handles: list[Any] = []
+    processors: list[Any] = []
+    for name, module in vae.decoder.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
+            if module.stride[0] != 1 or module.padding[0] != module.kernel_size[0] // 2:
+                raise ValueError(
+                    f"parallelize: decoder.{name} has stride {module.stride} / padding "
+                    f"{module.padding}; the row split handles stride 1 with 'same' padding"
+                )
+            handles.append(module.register_forward_pre_hook(lambda m, a: _conv_pre(band, m, a)))
+            handles.append(module.register_forward_hook(lambda m, a, o: _conv_post(band, m, a, o)))
+        elif isinstance(module, torch.nn.GroupNorm):
+            handles.append(
+                module.register_forward_hook(lambda m, a, o: _group_norm_post(band, m, a, o))
+            )
+        elif isinstance(module, Attention):
+            processors.append((module, module.processor))
+            module.set_processor(cast(Any, _BandAttnProcessor(band, module.processor)))
+    return ParallelVAE(vae, band, handles, processors)
