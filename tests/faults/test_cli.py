@@ -105,6 +105,7 @@ BAD = [
     Bad("bench attention --batch 0", ("--batch", "'0'"), "zero batch"),
     Bad("bench attention --head-dim -1", ("--head-dim", "-1"), "negative head dim"),
     Bad("bench memory", ("what", "memory", "comm"), "argparse usage block"),
+    Bad("bench vae --latent 0x4", ("--latent", "0x4"), "an empty latent decoded"),
     Bad("bench", ("what",), "argparse usage block"),
     # the command itself
     Bad("", ("command",), "argparse usage block"),

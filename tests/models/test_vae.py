@@ -142,3 +142,14 @@ def test_bad_inputs_are_named(ranks: Any) -> None:
     msgs = ranks(2).run(_bad_inputs, topology="1x2", transport="shm")[0]
     assert "AutoencoderKLWan" in msgs[0] and "AutoencoderKL" in msgs[0], msgs[0]
     assert "1 rows" in msgs[1] and "2 ranks" in msgs[1], msgs[1]
+
+
+def test_bench_vae_rows() -> None:
+    """Catches the VAE bench reporting a decode that differs between world sizes (it compares
+    each world's image with one rank's), or losing a rank's memory figure."""
+    from sf_models import vae_bench
+
+    rows = vae_bench.run((1, 2), latent=(9, 5), config=VAES["sd3-like"], iters=1)
+    assert [r["world"] for r in rows] == [1, 2]
+    assert [len(r["peak_growth_bytes"]) for r in rows] == [1, 2]
+    assert rows[1]["max_abs_vs_first"] < 1e-4 and rows[1]["decode_s"] > 0

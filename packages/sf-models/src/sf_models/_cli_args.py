@@ -207,6 +207,19 @@ def pretrained_dir(text: str) -> str:
     return text
 
 
+def latent_size(text: str) -> tuple[int, int]:
+    """A ``type=`` for a latent size ``HxW`` (each >= 1)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected HEIGHTxWIDTH in latent rows, e.g. 64x64, got {text!r}"
+        )
+    return h, w
+
+
 def sizes_mb(text: str) -> tuple[float, ...]:
     """A ``type=`` for a comma-separated list of positive sizes in MB."""
     try:

@@ -5,6 +5,7 @@ streamfusion make-tiny           a complete tiny pipeline directory per model fa
 streamfusion run                 the transformer alone on every strategy, checked against one process
 streamfusion bench comm          shm (one-sided) vs gloo collectives, medians and ratios
 streamfusion bench attention     every strategy on every transport, medians and ratios
+streamfusion bench vae           the parallel VAE decode on 1, 2, 4 ranks: time, peak memory
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ._cli_args import (
     cpu_transport,
     drop_image_processor_note,
     inner_backend,
+    latent_size,
     nonneg_int,
     number_above,
     out_dir,
@@ -134,6 +136,20 @@ def _check_run(
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     world, topo = _world_and_topology(args)
+    if args.what == "vae":
+        from . import vae_bench
+
+        worlds = tuple(sorted({w for w in (1, 2, 4) if w < world} | {world}))
+        rows = vae_bench.run(worlds, latent=args.latent, iters=args.iters)
+        print(
+            f"parallel VAE decode (AutoencoderKL, Flux-shaped, narrow channels), latent "
+            f"{args.latent[0]}x{args.latent[1]}, float32, CPU ranks (1xN); median of the "
+            f"slowest rank per call"
+        )
+        print(vae_bench.format_table(rows))
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        return 0
     if args.what == "comm":
         from sf_comm import collective_bench as bench
 
@@ -364,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cmd.add_parser(sub)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks")
-    bench.add_argument("what", choices=["comm", "attention"])
+    bench.add_argument("what", choices=["comm", "attention", "vae"])
     common(bench, seq=4096, heads=24)
     bench.add_argument(
         "--sizes-mb", type=sizes_mb, default="0.0625,1,16,64", help="comm: message sizes in MB"
@@ -377,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["replicated", "sharded", "both"],
         default="both",
         help="attention: how the joint text is laid out across ranks (default: both, side by side)",
+    )
+    bench.add_argument(
+        "--latent", type=latent_size, default=(64, 64), help="vae: latent HxW (64x64: 512 px)"
     )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(fn=_cmd_bench)
