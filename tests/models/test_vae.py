@@ -26,40 +26,60 @@ from sf_models import parallelize
 REL_TOL = 1e-4  # see the module docstring
 BF16_TOL = 2e-2
 
-# (name, AutoencoderKL config): Flux-like (no quant convs, 3 levels) and SD3-like
-VAES = {
-    "flux-like": dict(
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+# name -> (class, config): Flux-like (no quant convs, 3 levels), SD3-like, Wan 2.1-like
+# (causal 3D convolutions with frame caches, a temporal upsampling, per-frame attention)
+VAES: dict[str, tuple[str, dict[str, Any]]] = {
+    "flux-like": (
+        "AutoencoderKL",
+        dict(
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
     ),
-    "sd3-like": dict(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=2,
+    "sd3-like": (
+        "AutoencoderKL",
+        dict(
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=2,
+        ),
+    ),
+    "wan-like": (
+        "AutoencoderKLWan",
+        dict(
+            base_dim=16,
+            z_dim=4,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+        ),
     ),
 }
+LATENT_CHANNELS = 4
+FRAMES = 3  # latent frames of the video VAEs
 
 
 def _vae(name: str, dtype: torch.dtype = torch.float32) -> Any:
-    from diffusers import AutoencoderKL
+    import diffusers
 
+    cls, config = VAES[name]
     torch.manual_seed(0)
-    return AutoencoderKL(**VAES[name]).eval().to(dtype)
+    return getattr(diffusers, cls)(**config).eval().to(dtype)
 
 
 def _latent(name: str, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    channels = VAES[name]["latent_channels"]
+    frames = (FRAMES,) if VAES[name][0] == "AutoencoderKLWan" else ()
     g = torch.Generator().manual_seed(height * 100 + width)
-    return torch.randn(1, channels, height, width, generator=g).to(dtype)
+    return torch.randn(1, LATENT_CHANNELS, *frames, height, width, generator=g).to(dtype)
 
 
 def _decode_on_ranks(
@@ -88,7 +108,8 @@ def test_parallel_decode_equals_one_process(
     taken from the wrong neighbour, the image edge padded twice), a band's rows gathered out
     of order, or attention over the band's own keys only; and a rank doing more than its
     share of the decoder's work (the halo rows aside)."""
-    ref = _vae(name).decode(_latent(name, height, width, torch.float32)).sample.detach()
+    with torch.no_grad():
+        ref = _vae(name).decode(_latent(name, height, width, torch.float32)).sample
     outs = ranks(world).run(
         _decode_on_ranks, name, height, width, torch.float32, topology=topology, transport="shm"
     )
@@ -107,7 +128,8 @@ def test_parallel_decode_equals_one_process(
 def test_bf16_decode(ranks: Any) -> None:
     """Catches float32-only statistics code (GroupNorm sums in bf16 lose whole digits)."""
     name = "flux-like"
-    ref = _vae(name).decode(_latent(name, 11, 7, torch.float32)).sample.detach()
+    with torch.no_grad():
+        ref = _vae(name).decode(_latent(name, 11, 7, torch.float32)).sample
     outs = ranks(2).run(
         _decode_on_ranks, name, 11, 7, torch.bfloat16, topology="1x2", transport="shm"
     )
@@ -116,7 +138,7 @@ def test_bf16_decode(ranks: Any) -> None:
 
 
 def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
-    from diffusers import AutoencoderKLWan
+    from diffusers import AutoencoderKLCogVideoX
 
     from tests.models._common import error_messages
 
@@ -124,7 +146,12 @@ def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
     pvae = parallelize(vae, ctx=ctx)
     msgs = error_messages(
         [
-            lambda: parallelize(AutoencoderKLWan(base_dim=8, z_dim=4), ctx=ctx),
+            lambda: parallelize(
+                AutoencoderKLCogVideoX(
+                    block_out_channels=(8,) * 4, norm_num_groups=4, latent_channels=4
+                ),
+                ctx=ctx,
+            ),
             lambda: pvae.decode(_latent("sd3-like", 1, 5, torch.float32)),
         ]
     )
@@ -140,7 +167,7 @@ def test_bad_inputs_are_named(ranks: Any) -> None:
     latent with fewer rows than ranks giving an empty band, and the hooks changing what the
     VAE computes when called on its own."""
     msgs = ranks(2).run(_bad_inputs, topology="1x2", transport="shm")[0]
-    assert "AutoencoderKLWan" in msgs[0] and "AutoencoderKL" in msgs[0], msgs[0]
+    assert "AutoencoderKLCogVideoX" in msgs[0] and "AutoencoderKLWan" in msgs[0], msgs[0]
     assert "1 rows" in msgs[1] and "2 ranks" in msgs[1], msgs[1]
 
 
@@ -149,7 +176,7 @@ def test_bench_vae_rows() -> None:
     each world's image with one rank's), or losing a rank's memory figure."""
     from sf_models import vae_bench
 
-    rows = vae_bench.run((1, 2), latent=(9, 5), config=VAES["sd3-like"], iters=1)
+    rows = vae_bench.run((1, 2), latent=(9, 5), config=VAES["sd3-like"][1], iters=1)
     assert [r["world"] for r in rows] == [1, 2]
     assert [len(r["peak_growth_bytes"]) for r in rows] == [1, 2]
     assert rows[1]["max_abs_vs_first"] < 1e-4 and rows[1]["decode_s"] > 0

@@ -40,7 +40,7 @@ import sf_comm
 
 __all__ = ["ParallelVAE", "parallelize_vae", "supported_vaes"]
 
-_SUPPORTED = ("AutoencoderKL",)
+_SUPPORTED = ("AutoencoderKL", "AutoencoderKLWan")
 
 
 def supported_vaes() -> list[str]:
@@ -60,17 +60,17 @@ class _Band:
         return self.ctx.group("world")
 
     def halo(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """``x`` [B, C, h, W] with ``rows`` rows of the neighbouring bands above and below
-        (zeros beyond the image's edges): [B, C, rows + h + rows, W]."""
+        """``x`` [..., h, W] with ``rows`` rows of the neighbouring bands above and below
+        (zeros beyond the image's edges): [..., rows + h + rows, W]."""
         group = self.group
-        top, bottom = x[:, :, :rows].contiguous(), x[:, :, -rows:].contiguous()
+        top, bottom = x[..., :rows, :].contiguous(), x[..., -rows:, :].contiguous()
         from_above = sf_comm.shift(self.ctx, group, bottom, 1).wait()  # the band above's last
         from_below = sf_comm.shift(self.ctx, group, top, -1).wait()  # the band below's first
         if group.index == 0:
             from_above = torch.zeros_like(from_above)
         if group.index == group.size - 1:
             from_below = torch.zeros_like(from_below)
-        return torch.cat([from_above, x, from_below], dim=2)
+        return torch.cat([from_above, x, from_below], dim=-2)
 
     def total(self, local: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of ``local`` (same shape everywhere), in rank order."""
@@ -96,18 +96,26 @@ class _Band:
 # padding would have given. The pre-hook extends, the hook trims: the module is not touched.
 
 
-def _conv_pre(band: _Band, module: torch.nn.Conv2d, args: tuple[Any, ...]) -> Any:
-    rows = module.kernel_size[0] // 2
-    if not band.active or rows == 0:
-        return None
-    return (band.halo(args[0], rows), *args[1:])
+def _halo_rows(module: torch.nn.Module) -> int:
+    """Rows above and below an output row that a convolution reads (kernel height // 2)."""
+    kernel: tuple[int, ...] = getattr(module, "kernel_size", (1, 1))
+    return int(kernel[-2]) // 2
 
 
-def _conv_post(band: _Band, module: torch.nn.Conv2d, args: Any, out: torch.Tensor) -> Any:
-    rows = module.kernel_size[0] // 2
+def _conv_pre(band: _Band, module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+    rows = _halo_rows(module)
     if not band.active or rows == 0:
         return None
-    return out[:, :, rows:-rows]
+    # A causal video convolution's second argument is its frame cache: the last frames of
+    # the band's previous input, which need the same halo (Note [Halo rows]).
+    return tuple(band.halo(a, rows) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _conv_post(band: _Band, module: torch.nn.Module, args: Any, out: torch.Tensor) -> Any:
+    rows = _halo_rows(module)
+    if not band.active or rows == 0:
+        return None
+    return out[..., rows:-rows, :]
 
 
 def _group_norm_post(band: _Band, module: torch.nn.GroupNorm, args: Any, out: Any) -> Any:
@@ -175,6 +183,24 @@ class _BandAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def _wan_attention_post(band: _Band, module: Any, args: Any, out: Any) -> Any:
+    """Wan's per-frame spatial self-attention for one band: its queries over every band's
+    keys and values (the band's own-keys output is discarded). Equivalent plain code: the
+    block's forward on the whole image."""
+    if not band.active:
+        return None
+    x = args[0]
+    batch, channels, time, height, width = x.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(batch * time, channels, height, width)
+    qkv = module.to_qkv(module.norm(frames)).reshape(batch * time, 1, channels * 3, -1)
+    q, k, v = qkv.permute(0, 1, 3, 2).contiguous().chunk(3, dim=-1)  # [B*T, 1, h*W, C]
+    k_all, v_all = band.gather_rows(k, 2), band.gather_rows(v, 2)
+    y = F.scaled_dot_product_attention(q, k_all, v_all)
+    y = y.squeeze(1).permute(0, 2, 1).reshape(batch * time, channels, height, width)
+    y = module.proj(y).view(batch, time, channels, height, width).permute(0, 2, 1, 3, 4)
+    return y + x
+
+
 class ParallelVAE(torch.nn.Module):
     """A VAE whose ``decode`` splits the latent's rows across ``ctx``'s ranks (see the
     module docstring); every other attribute is the wrapped VAE's."""
@@ -194,8 +220,8 @@ class ParallelVAE(torch.nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
-        """``vae.decode(z)``, with ``z`` [B, C, H, W] the same on every rank; every rank
-        gets the whole decoded image.
+        """``vae.decode(z)``, with ``z`` [B, C, H, W] (a video VAE: [B, C, F, H, W]) the same
+        on every rank; every rank gets the whole decoded image or video.
 
         Raises:
             ValueError: fewer latent rows than ranks (each band needs a row).
@@ -203,19 +229,20 @@ class ParallelVAE(torch.nn.Module):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         band, world = self._band, self._band.group.size
-        if z.shape[2] < world:
+        rows = z.dim() - 2
+        if z.shape[rows] < world:
             raise ValueError(
-                f"parallel VAE decode: the latent has {z.shape[2]} rows, fewer than the "
+                f"parallel VAE decode: the latent has {z.shape[rows]} rows, fewer than the "
                 f"{world} ranks (each decodes a band of at least one row); decode on fewer "
                 f"ranks or a taller latent"
             )
-        mine = torch.tensor_split(z, world, dim=2)[band.group.index]
+        mine = torch.tensor_split(z, world, dim=rows)[band.group.index]
         band.active = True
         try:
             local = self.vae.decode(mine, return_dict=False, **kwargs)[0]
         finally:
             band.active = False
-        sample = band.gather_rows(local, 2)
+        sample = band.gather_rows(local, rows)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def close(self) -> Any:
@@ -246,14 +273,21 @@ def parallelize_vae(vae: Any, *, ctx: sf_comm.CommContext) -> ParallelVAE:
     handles: list[Any] = []
     processors: list[Any] = []
     for name, module in vae.decoder.named_modules():
-        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
-            if module.stride[0] != 1 or module.padding[0] != module.kernel_size[0] // 2:
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Conv3d) and _halo_rows(module) > 0:
+            # a causal video convolution pads by hand (``_padding``: W, W, H, H, T, 0)
+            padding = getattr(module, "_padding", None)
+            row_padding = padding[2] if padding is not None else module.padding[-2]
+            if module.stride[-2] != 1 or row_padding != _halo_rows(module):
                 raise ValueError(
-                    f"parallelize: decoder.{name} has stride {module.stride} / padding "
-                    f"{module.padding}; the row split handles stride 1 with 'same' padding"
+                    f"parallelize: decoder.{name} has stride {module.stride} / row padding "
+                    f"{row_padding}; the row split handles stride 1 with 'same' padding"
                 )
             handles.append(module.register_forward_pre_hook(lambda m, a: _conv_pre(band, m, a)))
             handles.append(module.register_forward_hook(lambda m, a, o: _conv_post(band, m, a, o)))
+        elif type(module).__name__ == "WanAttentionBlock":
+            handles.append(
+                module.register_forward_hook(lambda m, a, o: _wan_attention_post(band, m, a, o))
+            )
         elif isinstance(module, torch.nn.GroupNorm):
             handles.append(
                 module.register_forward_hook(lambda m, a, o: _group_norm_post(band, m, a, o))
