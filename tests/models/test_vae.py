@@ -26,8 +26,9 @@ from sf_models import parallelize
 REL_TOL = 1e-4  # see the module docstring
 BF16_TOL = 2e-2
 
-# name -> (class, config): Flux-like (no quant convs, 3 levels), SD3-like, Wan 2.1-like
-# (causal 3D convolutions with frame caches, a temporal upsampling, per-frame attention)
+# name -> (class, config): Flux-like (no quant convs, 3 levels), SD3-like, CogVideoX-like
+# (causal 3D convolutions with conv caches, spatial norms conditioned on the latent), Wan
+# 2.1-like (causal 3D convolutions with frame caches, temporal upsampling, per-frame attention)
 VAES: dict[str, tuple[str, dict[str, Any]]] = {
     "flux-like": (
         "AutoencoderKL",
@@ -51,6 +52,15 @@ VAES: dict[str, tuple[str, dict[str, Any]]] = {
             latent_channels=4,
             norm_num_groups=4,
             layers_per_block=2,
+        ),
+    ),
+    "cogvideox-like": (
+        "AutoencoderKLCogVideoX",
+        dict(
+            block_out_channels=(8, 16, 16, 16),
+            norm_num_groups=4,
+            latent_channels=4,
+            layers_per_block=1,
         ),
     ),
     "wan-like": (
@@ -77,7 +87,7 @@ def _vae(name: str, dtype: torch.dtype = torch.float32) -> Any:
 
 
 def _latent(name: str, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    frames = (FRAMES,) if VAES[name][0] == "AutoencoderKLWan" else ()
+    frames = (FRAMES,) if VAES[name][0] != "AutoencoderKL" else ()
     g = torch.Generator().manual_seed(height * 100 + width)
     return torch.randn(1, LATENT_CHANNELS, *frames, height, width, generator=g).to(dtype)
 
@@ -138,7 +148,7 @@ def test_bf16_decode(ranks: Any) -> None:
 
 
 def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
-    from diffusers import AutoencoderKLCogVideoX
+    from diffusers import AutoencoderKLHunyuanVideo
 
     from tests.models._common import error_messages
 
@@ -147,7 +157,7 @@ def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
     msgs = error_messages(
         [
             lambda: parallelize(
-                AutoencoderKLCogVideoX(
+                AutoencoderKLHunyuanVideo(
                     block_out_channels=(8,) * 4, norm_num_groups=4, latent_channels=4
                 ),
                 ctx=ctx,
@@ -167,7 +177,7 @@ def test_bad_inputs_are_named(ranks: Any) -> None:
     latent with fewer rows than ranks giving an empty band, and the hooks changing what the
     VAE computes when called on its own."""
     msgs = ranks(2).run(_bad_inputs, topology="1x2", transport="shm")[0]
-    assert "AutoencoderKLCogVideoX" in msgs[0] and "AutoencoderKLWan" in msgs[0], msgs[0]
+    assert "AutoencoderKLHunyuanVideo" in msgs[0] and "AutoencoderKLWan" in msgs[0], msgs[0]
     assert "1 rows" in msgs[1] and "2 ranks" in msgs[1], msgs[1]
 
 

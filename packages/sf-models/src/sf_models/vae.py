@@ -21,10 +21,16 @@ with three kinds of hooks that make the band's result exactly the rows of the wh
 - the decoder's self-attention (the mid block's) gives each band's queries the keys and
   values of every band (all-gathered; the attention matrix stays local to the queries).
 
-Nearest-neighbour upsampling and 1x1 convolutions act on rows independently and need
-nothing. The decoded bands are all-gathered, so every rank returns the whole image.
-``AutoencoderKL`` (Flux, SD3) is supported; the video VAEs are not yet (their causal
-temporal convolutions and frame caches need the same treatment along time).
+Nearest-neighbour upsampling, 1x1 convolutions and per-pixel norms act on rows independently
+and need nothing. The decoded bands are all-gathered, so every rank returns the whole image.
+
+Supported: ``AutoencoderKL`` (Flux, SD3); ``AutoencoderKLCogVideoX``, whose causal 3D
+convolutions keep their time cache per band (the cache is taken from the band's input before
+the hooked inner convolution, so it needs no halo of its own) and whose spatial norms
+interpolate the band's latent to the band; ``AutoencoderKLWan``, whose causal convolutions get
+the halo on their frame cache too and whose per-frame attention gathers keys like the mid
+block's. Not yet: ``AutoencoderKLHunyuanVideo`` (replicate padding at the image edge and a
+frame-causal attention mask over the whole image).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import sf_comm
 
 __all__ = ["ParallelVAE", "parallelize_vae", "supported_vaes"]
 
-_SUPPORTED = ("AutoencoderKL", "AutoencoderKLWan")
+_SUPPORTED = ("AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLWan")
 
 
 def supported_vaes() -> list[str]:
