@@ -27,8 +27,10 @@ REL_TOL = 1e-4  # see the module docstring
 BF16_TOL = 2e-2
 
 # name -> (class, config): Flux-like (no quant convs, 3 levels), SD3-like, CogVideoX-like
-# (causal 3D convolutions with conv caches, spatial norms conditioned on the latent), Wan
-# 2.1-like (causal 3D convolutions with frame caches, temporal upsampling, per-frame attention)
+# (causal 3D convolutions with conv caches, spatial norms conditioned on the latent),
+# HunyuanVideo-like (replicate padding at the edges, a frame-causal mask in the mid block's
+# attention), Wan 2.1-like (causal 3D convolutions with frame caches, temporal upsampling,
+# per-frame attention)
 VAES: dict[str, tuple[str, dict[str, Any]]] = {
     "flux-like": (
         "AutoencoderKL",
@@ -56,6 +58,15 @@ VAES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "cogvideox-like": (
         "AutoencoderKLCogVideoX",
+        dict(
+            block_out_channels=(8, 16, 16, 16),
+            norm_num_groups=4,
+            latent_channels=4,
+            layers_per_block=1,
+        ),
+    ),
+    "hunyuanvideo-like": (
+        "AutoencoderKLHunyuanVideo",
         dict(
             block_out_channels=(8, 16, 16, 16),
             norm_num_groups=4,
@@ -148,7 +159,7 @@ def test_bf16_decode(ranks: Any) -> None:
 
 
 def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
-    from diffusers import AutoencoderKLHunyuanVideo
+    from diffusers import AutoencoderKLTemporalDecoder
 
     from tests.models._common import error_messages
 
@@ -157,9 +168,7 @@ def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
     msgs = error_messages(
         [
             lambda: parallelize(
-                AutoencoderKLHunyuanVideo(
-                    block_out_channels=(8,) * 4, norm_num_groups=4, latent_channels=4
-                ),
+                AutoencoderKLTemporalDecoder(block_out_channels=(32,), latent_channels=4),
                 ctx=ctx,
             ),
             lambda: pvae.decode(_latent("sd3-like", 1, 5, torch.float32)),
@@ -177,7 +186,7 @@ def test_bad_inputs_are_named(ranks: Any) -> None:
     latent with fewer rows than ranks giving an empty band, and the hooks changing what the
     VAE computes when called on its own."""
     msgs = ranks(2).run(_bad_inputs, topology="1x2", transport="shm")[0]
-    assert "AutoencoderKLHunyuanVideo" in msgs[0] and "AutoencoderKLWan" in msgs[0], msgs[0]
+    assert "AutoencoderKLTemporalDecoder" in msgs[0] and "AutoencoderKLWan" in msgs[0], msgs[0]
     assert "1 rows" in msgs[1] and "2 ranks" in msgs[1], msgs[1]
 
 

@@ -24,13 +24,17 @@ with three kinds of hooks that make the band's result exactly the rows of the wh
 Nearest-neighbour upsampling, 1x1 convolutions and per-pixel norms act on rows independently
 and need nothing. The decoded bands are all-gathered, so every rank returns the whole image.
 
-Supported: ``AutoencoderKL`` (Flux, SD3); ``AutoencoderKLCogVideoX``, whose causal 3D
-convolutions keep their time cache per band (the cache is taken from the band's input before
-the hooked inner convolution, so it needs no halo of its own) and whose spatial norms
-interpolate the band's latent to the band; ``AutoencoderKLWan``, whose causal convolutions get
-the halo on their frame cache too and whose per-frame attention gathers keys like the mid
-block's. Not yet: ``AutoencoderKLHunyuanVideo`` (replicate padding at the image edge and a
-frame-causal attention mask over the whole image).
+Supported, the VAEs of the five families:
+
+- ``AutoencoderKL`` (Flux, SD3);
+- ``AutoencoderKLCogVideoX``: its causal 3D convolutions keep their time cache per band (the
+  cache is taken from the band's input before the hooked inner convolution, so it needs no
+  halo of its own) and its spatial norms interpolate the band's latent to the band;
+- ``AutoencoderKLHunyuanVideo``: its causal convolutions pad by replicating the edge row, so
+  the halo beyond the image's edge is that row, not zeros; the mid block's attention carries
+  a frame-causal mask, rebuilt for the band's queries against every band's keys;
+- ``AutoencoderKLWan``: its causal convolutions get the halo on their frame cache too, and
+  its per-frame attention gathers keys like the mid block's.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ import sf_comm
 
 __all__ = ["ParallelVAE", "parallelize_vae", "supported_vaes"]
 
-_SUPPORTED = ("AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLWan")
+_SUPPORTED = (
+    "AutoencoderKL",
+    "AutoencoderKLCogVideoX",
+    "AutoencoderKLHunyuanVideo",
+    "AutoencoderKLWan",
+)
 
 
 def supported_vaes() -> list[str]:
@@ -65,17 +74,26 @@ class _Band:
     def group(self) -> sf_comm.Group:
         return self.ctx.group("world")
 
-    def halo(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """``x`` [..., h, W] with ``rows`` rows of the neighbouring bands above and below
-        (zeros beyond the image's edges): [..., rows + h + rows, W]."""
+    def halo(self, x: torch.Tensor, rows: int, edge: str = "zeros") -> torch.Tensor:
+        """``x`` [..., h, W] with ``rows`` rows of the neighbouring bands above and below:
+        [..., rows + h + rows, W]. Beyond the image's edges: zeros, or with ``edge=
+        "replicate"`` the edge row repeated (what the convolution's padding would add)."""
         group = self.group
         top, bottom = x[..., :rows, :].contiguous(), x[..., -rows:, :].contiguous()
         from_above = sf_comm.shift(self.ctx, group, bottom, 1).wait()  # the band above's last
         from_below = sf_comm.shift(self.ctx, group, top, -1).wait()  # the band below's first
         if group.index == 0:
-            from_above = torch.zeros_like(from_above)
+            from_above = (
+                x[..., :1, :].expand_as(from_above)
+                if edge == "replicate"
+                else torch.zeros_like(from_above)
+            )
         if group.index == group.size - 1:
-            from_below = torch.zeros_like(from_below)
+            from_below = (
+                x[..., -1:, :].expand_as(from_below)
+                if edge == "replicate"
+                else torch.zeros_like(from_below)
+            )
         return torch.cat([from_above, x, from_below], dim=-2)
 
     def total(self, local: torch.Tensor) -> torch.Tensor:
@@ -104,14 +122,23 @@ class _Band:
 
 def _halo_rows(module: torch.nn.Module) -> int:
     """Rows above and below an output row that a convolution reads (kernel height // 2)."""
-    kernel: tuple[int, ...] = getattr(module, "kernel_size", (1, 1))
+    inner = getattr(module, "conv", module)  # HunyuanVideo's causal conv wraps a Conv3d
+    kernel: tuple[int, ...] = getattr(inner, "kernel_size", (1, 1))
     return int(kernel[-2]) // 2
+
+
+def _halo_edge(module: torch.nn.Module) -> str:
+    """How the convolution pads at the image's edge: HunyuanVideo's causal convolutions
+    replicate the edge row, the others add zeros."""
+    return "replicate" if getattr(module, "pad_mode", "zeros") == "replicate" else "zeros"
 
 
 def _conv_pre(band: _Band, module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
     rows = _halo_rows(module)
     if not band.active or rows == 0:
         return None
+    if _halo_edge(module) == "replicate":
+        return (band.halo(args[0], rows, "replicate"), *args[1:])
     # A causal video convolution's second argument is its frame cache: the last frames of
     # the band's previous input, which need the same halo (Note [Halo rows]).
     return tuple(band.halo(a, rows) if isinstance(a, torch.Tensor) else a for a in args)
@@ -168,25 +195,48 @@ class _BandAttnProcessor:
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb=temb
             )
-        if encoder_hidden_states is not None or attention_mask is not None:
+        if encoder_hidden_states is not None:
             raise ValueError("parallel VAE decode: the decoder's attention is self-attention")
         residual = hidden_states
-        batch, channels, height, width = hidden_states.shape
-        x = hidden_states.view(batch, channels, height * width)
+        image = hidden_states.dim() == 4  # [B, C, h, W]; else tokens [B, L, C]
+        if image:
+            batch, channels, height, width = hidden_states.shape
+            x = hidden_states.view(batch, channels, height * width)
+        else:
+            x = hidden_states.transpose(1, 2)
         if attn.group_norm is not None:
             x = attn.group_norm(x)
-        tokens = x.transpose(1, 2)  # [B, h*W, C]
+        tokens = x.transpose(1, 2)  # [B, L_band, C]
         q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
         heads = attn.heads
-        q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))  # [B, h*W, heads, D]
-        k_all = self.band.gather_rows(k, 1)  # [B, H*W, heads, D]
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))  # [B, L_band, heads, D]
+        k_all = self.band.gather_rows(k, 1)  # [B, L, heads, D]
         v_all = self.band.gather_rows(v, 1)
-        out, _ = sf_attn.attention_with_lse(q, k_all, v_all)
+        if attention_mask is None:
+            out, _ = sf_attn.attention_with_lse(q, k_all, v_all)
+        else:
+            mask = self._frame_causal_mask(attention_mask, k_all.dtype)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask
+            ).transpose(1, 2)
         out = attn.to_out[1](attn.to_out[0](out.flatten(2).to(q.dtype)))
-        out = out.transpose(1, 2).reshape(batch, channels, height, width)
+        if image:
+            out = out.transpose(1, 2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _frame_causal_mask(self, local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The band's queries x every band's keys of HunyuanVideo's frame-causal mask (a
+        key is seen when its frame is not later than the query's), rebuilt from the band's
+        own mask [B, L_band, L_band]: its rows tell each token's frame."""
+        allowed = local[0] == 0  # [L_band, L_band]
+        per_frame = int(allowed[0].sum())  # the first token (frame 0) sees frame 0's tokens
+        frame = allowed.sum(-1) // per_frame - 1  # [L_band]
+        key_frame = self.band.gather_rows(frame[None], 1)[0]  # [L], band after band
+        visible = key_frame[None, :] <= frame[:, None]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=local.device)
+        return mask.masked_fill(~visible, float("-inf"))[None, None]
 
 
 def _wan_attention_post(band: _Band, module: Any, args: Any, out: Any) -> Any:
@@ -278,7 +328,19 @@ def parallelize_vae(vae: Any, *, ctx: sf_comm.CommContext) -> ParallelVAE:
     band = _Band(ctx=ctx)
     handles: list[Any] = []
     processors: list[Any] = []
+    wrapped: set[int] = set()  # inner convolutions whose wrapper is hooked instead
     for name, module in vae.decoder.named_modules():
+        if id(module) in wrapped:
+            continue
+        if type(module).__name__ == "HunyuanVideoCausalConv3d":
+            # pads by hand (F.pad, replicate) before an unpadded Conv3d: hook the wrapper
+            wrapped.add(id(module.conv))
+            if _halo_rows(module) > 0:
+                handles.append(module.register_forward_pre_hook(lambda m, a: _conv_pre(band, m, a)))
+                handles.append(
+                    module.register_forward_hook(lambda m, a, o: _conv_post(band, m, a, o))
+                )
+            continue
         if isinstance(module, torch.nn.Conv2d | torch.nn.Conv3d) and _halo_rows(module) > 0:
             # a causal video convolution pads by hand (``_padding``: W, W, H, H, T, 0)
             padding = getattr(module, "_padding", None)

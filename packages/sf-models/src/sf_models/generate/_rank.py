@@ -153,8 +153,8 @@ def _parallel(pipe: Any, ctx: sf_comm.Context, options: GenerateOptions) -> Any:
 
 
 def _decode_on(pipe: Any) -> DecodeOn:
-    """Split the decode across the ranks where the VAE can be; else only rank 0 decodes (it
-    alone writes the output)."""
+    """Split the decode across the ranks where the VAE can be (the five families' VAEs);
+    else only rank 0 decodes (it alone writes the output)."""
     from ..vae import supported_vaes
 
     return "parallel" if type(pipe.vae).__name__ in supported_vaes() else "rank0"
