@@ -172,6 +172,7 @@ def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
                 ctx=ctx,
             ),
             lambda: pvae.decode(_latent("sd3-like", 1, 5, torch.float32)),
+            lambda: pvae.decode(_latent("sd3-like", 5 + ctx.rank, 5, torch.float32)[..., :5, :]),
         ]
     )
     z = _latent("sd3-like", 5, 5, torch.float32)
@@ -183,11 +184,13 @@ def _bad_inputs(ctx: sf_comm.Context) -> list[str]:
 
 def test_bad_inputs_are_named(ranks: Any) -> None:
     """Catches an unsupported VAE decoding wrongly (or hanging) instead of a clear error, a
-    latent with fewer rows than ranks giving an empty band, and the hooks changing what the
+    latent with fewer rows than ranks giving an empty band, ranks given different latents
+    (rank-seeded noise) stitching bands of different images, and the hooks changing what the
     VAE computes when called on its own."""
     msgs = ranks(2).run(_bad_inputs, topology="1x2", transport="shm")[0]
     assert "AutoencoderKLTemporalDecoder" in msgs[0] and "AutoencoderKLWan" in msgs[0], msgs[0]
     assert "1 rows" in msgs[1] and "2 ranks" in msgs[1], msgs[1]
+    assert "different latents (ranks [1] differ from rank 0)" in msgs[2], msgs[2]
 
 
 def test_bench_vae_rows() -> None:

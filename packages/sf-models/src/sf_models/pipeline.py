@@ -48,6 +48,7 @@ import torch
 
 import sf_comm
 
+from ._fingerprint import fingerprint, same_fingerprint
 from .cfg import CFGParallelModel, CFGPlan, check_cfg_topology, get_cfg_plan
 from .plan import TextLayout, get_plan, resolve_text
 from .vae import ParallelVAE, parallelize_vae, supported_vaes
@@ -78,12 +79,12 @@ class _SameInputsCheck:
         tensors = [(name, t) for name, value in named for t in _tensors(value)]
         if not tensors:
             return
-        mine = torch.stack([_fingerprint(t) for _, t in tensors])  # [inputs, 4] float64
+        mine = torch.stack([fingerprint(t) for _, t in tensors])  # [inputs, 4] float64
         every = sf_comm.all_gather(self.ctx, self.ctx.group("world"), mine).wait()
         differ: dict[str, list[int]] = {}
         for rank, theirs in enumerate(every):
             for (name, _), a, b in zip(tensors, every[0], theirs, strict=True):
-                if not _same_fingerprint(a, b):
+                if not same_fingerprint(a, b):
                     differ.setdefault(name, []).append(rank)
         if differ:
             found = "; ".join(
@@ -103,22 +104,6 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, tuple | list):
         return [t for v in value for t in _tensors(v)]
     return []
-
-
-def _fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """[sum, sum |x|, sum x^2, sum x * ramp] of ``t`` in float64; the ramp makes it order-aware."""
-    flat = t.detach().reshape(-1).to(torch.float64)
-    ramp = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
-    return torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum(), (flat * ramp).sum()])
-
-
-def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Identical tensors may sum in another order on a differently configured rank: allow 1e-9
-    # of the magnitude (float64 rounding is ~1e-16 per term), while noise from another seed
-    # moves the sums by ~1/sqrt(numel) of it (1e-4 for 1e8 elements).
-    tol = 1e-9 * torch.stack([a[1], a[1], a[2], a[1]])
-    close = ((a - b).abs() <= tol) | torch.isclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
-    return bool(close.all())
 
 
 class ParallelPipeline:

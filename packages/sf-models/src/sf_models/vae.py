@@ -48,6 +48,8 @@ import torch.nn.functional as F
 import sf_attn
 import sf_comm
 
+from ._fingerprint import fingerprint, same_fingerprint
+
 __all__ = ["ParallelVAE", "parallelize_vae", "supported_vaes"]
 
 _SUPPORTED = (
@@ -280,7 +282,8 @@ class ParallelVAE(torch.nn.Module):
         on every rank; every rank gets the whole decoded image or video.
 
         Raises:
-            ValueError: fewer latent rows than ranks (each band needs a row).
+            ValueError: fewer latent rows than ranks (each band needs a row), or the ranks
+                were given different latents.
         """
         from diffusers.models.autoencoders.vae import DecoderOutput
 
@@ -292,6 +295,7 @@ class ParallelVAE(torch.nn.Module):
                 f"{world} ranks (each decodes a band of at least one row); decode on fewer "
                 f"ranks or a taller latent"
             )
+        self._check_same_latent(z)
         mine = torch.tensor_split(z, world, dim=rows)[band.group.index]
         band.active = True
         try:
@@ -300,6 +304,19 @@ class ParallelVAE(torch.nn.Module):
             band.active = False
         sample = band.gather_rows(local, rows)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def _check_same_latent(self, z: torch.Tensor) -> None:
+        """Every rank must decode the same latent (each takes its band of it): compare a
+        4-number fingerprint across the ranks, the same ValueError on all of them."""
+        band = self._band
+        every = band.gather_rows(fingerprint(z)[None], 0)  # [world, 4]
+        differ = [r for r in range(band.group.size) if not same_fingerprint(every[0], every[r])]
+        if differ:
+            raise ValueError(
+                f"parallel VAE decode: the ranks were given different latents (ranks {differ} "
+                f"differ from rank 0); every rank must pass the same z (the same noise, seed "
+                f"and steps)"
+            )
 
     def close(self) -> Any:
         """Remove the hooks and processors; returns the VAE as it was."""
