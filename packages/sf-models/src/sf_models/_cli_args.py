@@ -260,6 +260,33 @@ def drop_image_processor_note() -> None:
         logger.addFilter(_NoImageProcessorFallback())
 
 
+def world_and_topology(
+    world: int | None,
+    topo: Topology | None,
+    *,
+    default_world: int,
+    world_source: str = "--world",
+) -> tuple[int, Topology]:
+    """The ranks and their topology from --world and --topology, each defaulting from the
+    other (neither: ``default_world`` ranks, 4 as 2x2, else 1xN).
+
+    Raises:
+        UsageError: the topology's ranks are not the world (``world_source`` says where the
+            world came from).
+    """
+    if world is None:
+        world = topo.world_size if topo else default_world
+    if topo is None:
+        topo = Topology.parse("2x2" if world == 4 else f"1x{world}")
+    if topo.world_size != world:
+        raise UsageError(
+            "--topology",
+            f"{topo} has {topo.world_size} ranks but {world_source} is {world}; use a "
+            f"MACHINESxGPUS split whose product is {world}",
+        )
+    return world, topo
+
+
 # -- running a command ------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from ._cli_args import (
     run_command,
     sizes_mb,
     topology,
+    world_and_topology,
 )
 from .generate import under_torchrun
 
@@ -62,17 +63,7 @@ def _world_and_topology(args: argparse.Namespace) -> tuple[int, Topology]:
             f"streamfusion {args.command} starts its own CPU ranks; under torchrun (one process "
             f"per GPU) use `python -m sf_models.generate ...` (streamfusion generate)"
         )
-    topo: Topology | None = args.topology
-    world: int = args.world if args.world is not None else (topo.world_size if topo else 4)
-    if topo is None:
-        topo = Topology.parse("2x2" if world == 4 else f"1x{world}")
-    if topo.world_size != world:
-        raise UsageError(
-            "--topology",
-            f"{topo} has {topo.world_size} ranks but --world is {world}; use a "
-            f"MACHINESxGPUS split whose product is {world}",
-        )
-    return world, topo
+    return world_and_topology(args.world, args.topology, default_world=4)
 
 
 def _check_heads(
@@ -147,10 +138,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"slowest rank per call"
         )
         print(vae_bench.format_table(rows))
-        if args.json:
-            print(json.dumps(rows, indent=1))
-        return 0
-    if args.what == "comm":
+    elif args.what == "comm":
         from sf_comm import collective_bench as bench
 
         sizes = tuple(int(mb * 2**20) for mb in args.sizes_mb)

@@ -36,7 +36,7 @@ import torch
 from sf_attn import get_strategy, strategy_names
 from sf_comm import Topology, transport_names
 
-from .._cli_args import UsageError
+from .._cli_args import UsageError, world_and_topology
 from ..model_dir import ModelDir, inspect_model_dir
 
 __all__ = ["CHECK_MAX_ABS", "DTYPES", "GenerateOptions", "Launch", "generate", "plan_launch", "run"]
@@ -160,16 +160,11 @@ def plan_launch(options: GenerateOptions) -> Launch:
                 topo = Topology.parse(spec) if spec else Topology.detect(world_size=world)
             except ValueError as exc:
                 raise UsageError("--topology", str(exc)) from None
-    else:
-        world = options.world if options.world is not None else (topo.world_size if topo else 1)
-        if topo is None:
-            topo = Topology.parse("2x2" if world == 4 else f"1x{world}")
-    if topo.world_size != world:
-        raise UsageError(
-            "--topology",
-            f"{topo} has {topo.world_size} ranks but the world is {world}; use a "
-            f"MACHINESxGPUS split whose product is {world}",
+        world, topo = world_and_topology(
+            world, topo, default_world=world, world_source="torchrun's WORLD_SIZE"
         )
+    else:
+        world, topo = world_and_topology(options.world, topo, default_world=1)
     mode = "torchrun" if torchrun else ("single" if world == 1 else "pool")
     if mode == "pool" and device == "cuda":
         raise UsageError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import functools
 import itertools
 import os
@@ -323,16 +322,8 @@ def run_in_process(
     options: GenerateOptions, model: ModelDir, launch: Launch
 ) -> dict[str, Any] | None:
     """:func:`run_rank` in this process: torchrun's rank, or the only one (world 1)."""
-    created = not dist.is_initialized()
+    created = not dist.is_initialized()  # sf_comm.init makes the process group if none is
     timeout = float(os.environ.get("SF_TIMEOUT", 300))
-    if created and launch.mode == "single":
-        dist.init_process_group(
-            "gloo",
-            store=dist.HashStore(),
-            rank=0,
-            world_size=1,
-            timeout=datetime.timedelta(seconds=timeout),
-        )
     ctx = sf_comm.init(
         topology=launch.topology,
         transport=launch.transport,
