@@ -106,7 +106,7 @@ class ModelDir:
     transformer: str
     fps: int
 
-    def check_size(self, option: str, value: int) -> str | None:
+    def check_size(self, value: int) -> str | None:
         """None if ``value`` px fits, else what is wrong and the nearest values that fit."""
         if value % self.pixel_step == 0:
             return None

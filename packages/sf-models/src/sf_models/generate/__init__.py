@@ -196,7 +196,7 @@ def check_options(options: GenerateOptions, model: ModelDir, launch: Launch) -> 
                 f"{options.out!r}: {model.family} makes {kind}; write one of {', '.join(allowed)}",
             )
     for option, value in (("--height", options.height), ("--width", options.width)):
-        problem = None if value is None else model.check_size(option, value)
+        problem = None if value is None else model.check_size(value)
         if problem:
             raise UsageError(option, problem)
     if options.frames is not None and (problem := model.check_frames(options.frames)):
