@@ -30,7 +30,8 @@ def hooked_modules(
     """The submodules ``plan`` hooks, by name (each once).
 
     Raises:
-        ValueError: ``model`` has no submodule of one of those names.
+        ValueError: ``model`` has no submodule of one of those names, or a
+            ``patch_convolutions`` one is not a patch convolution.
     """
     names = [
         *plan.split_module_inputs,
@@ -38,8 +39,12 @@ def hooked_modules(
         *plan.split_module_outputs,
         *plan.sharded_text_module_outputs,
         *plan.gather_module_outputs,
+        *plan.patch_convolutions,
     ]
-    return {name: _submodule(model, name) for name in dict.fromkeys(names)}
+    modules = {name: _submodule(model, name) for name in dict.fromkeys(names)}
+    for name in plan.patch_convolutions:
+        _check_patch_convolution(name, modules[name])
+    return modules
 
 
 def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -103,7 +108,11 @@ def install_module_hooks(
                 value = arguments.get(arg)
                 if value is None:
                     continue
-                state.lengths[f"{name}.{arg}"] = _first_length(value, dim)
+                key = f"{name}.{arg}"
+                if key in state.presplit:  # Note [Sharded patch embedding]
+                    state.lengths[key] = state.presplit.pop(key)
+                    continue
+                state.lengths[key] = _first_length(value, dim)
                 arguments[arg] = _map_tensors(value, partial(sf_attn.shard, ctx=ctx, dim=dim))
             return True
 
@@ -112,6 +121,9 @@ def install_module_hooks(
     def split_output_hook(name: str, dim: int, text_only: bool = False) -> Any:
         def hook(_: torch.nn.Module, __: Any, out: Any) -> Any:
             if not state.active or (text_only and state.text != "sharded"):
+                return None
+            if name in state.presplit:  # Note [Sharded patch embedding]
+                state.lengths[name] = state.presplit.pop(name)
                 return None
             state.lengths[name] = _first_length(out, dim)
             return _map_tensors(out, partial(sf_attn.shard, ctx=ctx, dim=dim))
@@ -140,3 +152,47 @@ def install_module_hooks(
         hooks.append(modules[name].register_forward_hook(hook))
     for name, dim in plan.gather_module_outputs.items():
         hooks.append(modules[name].register_forward_hook(gather_output_hook(dim)))
+    for name, point in plan.patch_convolutions.items():
+        conv = modules[name]
+        hooks.append(conv.register_forward_pre_hook(partial(_patch_strip, state, point)))
+
+
+def _check_patch_convolution(name: str, conv: torch.nn.Module) -> None:
+    """Raises ValueError unless ``conv`` embeds each patch on its own (kernel = stride, no
+    padding), which the sharded patch embedding needs (Note [Sharded patch embedding])."""
+    kernel = getattr(conv, "kernel_size", None)
+    if (
+        not isinstance(conv, torch.nn.Conv2d | torch.nn.Conv3d)
+        or tuple(conv.stride) != tuple(kernel or ())
+        or any(conv.padding)  # type: ignore[arg-type]
+        or any(d != 1 for d in conv.dilation)
+        or conv.groups != 1
+    ):
+        raise ValueError(
+            f"parallelize: {name} is not a patch convolution (Conv2d/Conv3d with kernel = "
+            f"stride, no padding, dilation or groups): {conv}"
+        )
+
+
+def _patch_strip(state: ShardState, point: str, conv: torch.nn.Module, args: Any) -> Any:
+    """Pre-hook of a patch convolution: this rank's patches of the latent, side by side in a
+    strip one patch tall (Note [Sharded patch embedding]). Equivalent plain code::
+
+        tokens = conv(latent).flatten(2).transpose(1, 2)       # [B, L, D], every patch
+        mine = sf_attn.shard(tokens, ctx, 1)                   # what the strip gives
+    """
+    if not state.active:
+        return None
+    latent = args[0]
+    patch = tuple(conv.kernel_size)  # type: ignore[arg-type]
+    grid = [size // p for size, p in zip(latent.shape[2:], patch, strict=True)]
+    batch, channels, n = latent.shape[0], latent.shape[1], len(patch)
+    crop = latent[(..., *(slice(0, g * p) for g, p in zip(grid, patch, strict=True)))]
+    split = crop.reshape(batch, channels, *(v for g, p in zip(grid, patch) for v in (g, p)))
+    grid_axes, patch_axes = range(2, 2 + 2 * n, 2), range(3, 3 + 2 * n, 2)
+    patches = split.permute(0, *grid_axes, 1, *patch_axes).reshape(batch, -1, channels, *patch)
+    state.presplit[point] = patches.shape[1]
+    mine = sf_attn.shard(patches, state.ctx, 1)  # [B, L_local, C, *patch]
+    # [B, C, p_0, .., p_{n-2}, L_local, p_{n-1}]: the strip, patches side by side
+    strip = mine.permute(0, 2, *range(3, 2 + n), 1, 2 + n)
+    return (strip.reshape(batch, channels, *patch[:-1], -1), *args[1:])

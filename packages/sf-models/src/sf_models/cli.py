@@ -127,7 +127,23 @@ def _check_run(
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     world, topo = _world_and_topology(args)
-    if args.what == "vae":
+    if args.what == "memory":
+        from . import memory_bench
+
+        if world not in (1, 2, 4):
+            raise UsageError(
+                "--world",
+                f"bench memory runs on 1, 2 or 4 ranks (its model has 4 heads), got {world}",
+            )
+        worlds = tuple(w for w in (2, 4) if w <= world)
+        rows = memory_bench.run(args.model, grid=args.grid, worlds=worlds)
+        print(
+            f"peak activation memory of one transformer forward ({args.model}-shaped, 4 heads "
+            f"x 32, {args.grid[0]}x{args.grid[1]} tokens"
+            f"{' per frame, 4 frames' if args.model == 'wan' else ''}), float32, CPU ranks"
+        )
+        print(memory_bench.format_table(rows))
+    elif args.what == "vae":
         from . import vae_bench
 
         worlds = tuple(sorted({w for w in (1, 2, 4) if w < world} | {world}))
@@ -368,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cmd.add_parser(sub)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks")
-    bench.add_argument("what", choices=["comm", "attention", "vae"])
+    bench.add_argument("what", choices=["comm", "attention", "vae", "memory"])
     common(bench, seq=4096, heads=24)
     bench.add_argument(
         "--sizes-mb", type=sizes_mb, default="0.0625,1,16,64", help="comm: message sizes in MB"
@@ -384,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--latent", type=latent_size, default=(64, 64), help="vae: latent HxW (64x64: 512 px)"
+    )
+    bench.add_argument(
+        "--model", choices=["flux", "wan"], default="flux", help="memory: the transformer's shape"
+    )
+    bench.add_argument(
+        "--grid",
+        type=latent_size,
+        default=(64, 64),
+        help="memory: HxW tokens (Flux: the image; Wan: per frame of 4 frames)",
     )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(fn=_cmd_bench)

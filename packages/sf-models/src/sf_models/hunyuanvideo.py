@@ -218,6 +218,7 @@ HUNYUANVIDEO_PLAN = SequenceParallelPlan(
         "rope": 0,  # (cos, sin), each [f*h*w, D]
     },
     gather_module_outputs={"proj_out": 1},  # [B, f*h*w, p_t*p*p*C], before the unpatchify
+    patch_convolutions={f"{_VIDEO}.proj": _VIDEO},
     replicated_inputs={"encoder_hidden_states": 1},
     # text="sharded": the refined prompt tokens [B, T, D] split as they leave the refiner.
     sharded_text_module_outputs={_TEXT: 1},

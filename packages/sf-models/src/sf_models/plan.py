@@ -86,6 +86,9 @@ class ShardState:
             or None for the strategy's own; the Ring degree is the world over it.
         hooks: handles of every hook the plan installed (its ``attach`` and the submodule
             hooks), removed by :meth:`sf_models.wrapper.SequenceParallelModel.close`.
+        presplit: split points whose tokens arrive already split in the current call (a
+            sharded patch embedding made them), with their full length
+            (Note [Sharded patch embedding]).
     """
 
     ctx: sf_comm.CommContext
@@ -95,6 +98,7 @@ class ShardState:
     active: bool = False
     lengths: dict[str, int] = dataclasses.field(default_factory=dict)
     hooks: list[RemovableHandle] = dataclasses.field(default_factory=list)
+    presplit: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_LAYOUTS[1:]:
@@ -204,6 +208,12 @@ class SequenceParallelPlan:
             tuple of tensors such as RoPE ``(cos, sin)``: each one) is sharded along dim.
         gather_module_outputs: submodule name -> dim: that submodule's output is gathered
             along dim (e.g. ``{"proj_out": 1}`` before an unpatchify).
+        patch_convolutions: submodule name of a patch-embedding convolution (kernel = stride,
+            no padding, its output flattened to tokens by ``flatten(2).transpose(1, 2)``) ->
+            the split point its tokens reach (a ``split_module_outputs`` name, or
+            ``"<submodule>.<argument>"`` of ``split_module_inputs``): the convolution then
+            embeds only this rank's patches and the split point passes them on as they are
+            (Note [Sharded patch embedding]).
         attach: ``attach(model, state)`` swaps the model's attention for a sequence-parallel
             one that reads ``state``; it validates the model (heads vs strategy) and raises
             ValueError for what it cannot run. Hooks it registers go to ``state.hooks``, and
@@ -223,6 +233,7 @@ class SequenceParallelPlan:
     split_module_inputs: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
     split_module_outputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     gather_module_outputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    patch_convolutions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     attach: Attach
 
     def __post_init__(self) -> None:
@@ -240,6 +251,16 @@ class SequenceParallelPlan:
         _check_dims("split_module_outputs", self.split_module_outputs, str)
         _check_dims("sharded_text_module_outputs", self.sharded_text_module_outputs, str)
         _check_dims("gather_module_outputs", self.gather_module_outputs, str)
+        points = {
+            *self.split_module_outputs,
+            *(f"{m}.{a}" for m, d in self.split_module_inputs.items() for a in d),
+        }
+        stray_points = sorted(set(self.patch_convolutions.values()) - points)
+        if stray_points:
+            raise ValueError(
+                f"SequenceParallelPlan.patch_convolutions leads to {stray_points}, which are not "
+                f"split points; use one of {sorted(points)}"
+            )
         both = sorted(set(self.split_inputs) & set(self.replicated_inputs))
         if both:
             raise ValueError(f"SequenceParallelPlan: inputs {both} are both split and replicated")
@@ -260,6 +281,7 @@ class SequenceParallelPlan:
             "split_module_outputs",
             "sharded_text_module_outputs",
             "gather_module_outputs",
+            "patch_convolutions",
         ):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         for name in ("split_module_inputs", "sharded_text_module_inputs"):
@@ -360,6 +382,18 @@ def registered_for(registry: Mapping[str, T], obj: object) -> T | None:
 # full sequence. RoPE tables computed from the full grid are sharded the same way, so each
 # rank holds exactly the rows of its own tokens. The hooks are no-ops outside a parallel
 # forward (Note [Inactive processors]) and must sit on submodules that run once per forward.
+
+# Note [Sharded patch embedding]
+# Embedding every patch on every rank makes one full-sequence tensor at the full hidden
+# width per call, the largest tensor of the step at high world sizes. Where the patch
+# embedding is a convolution whose kernel equals its stride (a linear map of each patch on
+# its own) followed by flatten(2).transpose(1, 2), a pre-hook instead hands the convolution
+# only this rank's patches, laid side by side in a strip one patch tall (pure data movement on
+# the latent, whose width is channels x patch volume, not the hidden width): the convolution
+# then returns [B, D, 1, .., 1, L_local], which the model flattens into this rank's tokens in
+# order. The hook records the full token count in ``state.presplit`` under the split point
+# the tokens reach, and that split point records it in ``state.lengths`` and passes the
+# tokens on unsplit. Each token is the same dot product over the same patch as before.
 
 
 # Note [Text layouts]

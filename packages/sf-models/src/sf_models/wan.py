@@ -138,6 +138,7 @@ WAN_PLAN = SequenceParallelPlan(
     split_module_inputs={"blocks.0": {"hidden_states": 1}},  # video tokens [B, f*h*w, D]
     split_module_outputs={"rope": 1},  # (cos, sin), each [1, f*h*w, 1, D]
     gather_module_outputs={"proj_out": 1},  # [B, f*h*w, p_t*p_h*p_w*C], before the unpatchify
+    patch_convolutions={"patch_embedding": "blocks.0.hidden_states"},
     replicated_inputs={"encoder_hidden_states": 1},
     output_dims={},  # the output latent is already whole (gathered before unpatchify)
     attach=_attach,

@@ -134,7 +134,7 @@ class SequenceParallelModel(torch.nn.Module):
                 raise ValueError(f"parallelize: {type(self.module).__name__} needs input {name!r}")
             lengths[name] = value.shape[dim]
             inputs[name] = sf_attn.shard(value, ctx, dim)
-        state.lengths, state.active = lengths, True
+        state.lengths, state.presplit, state.active = lengths, {}, True
         try:
             out = self.module(*bound.args, **bound.kwargs)
         finally:
