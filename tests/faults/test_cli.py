@@ -104,7 +104,9 @@ BAD = [
     Bad("bench attention --world 4 --topology 2x3", ("--topology", "2x3", "4"), "mismatch"),
     Bad("bench attention --batch 0", ("--batch", "'0'"), "zero batch"),
     Bad("bench attention --head-dim -1", ("--head-dim", "-1"), "negative head dim"),
-    Bad("bench memory", ("what", "memory", "comm"), "argparse usage block"),
+    Bad("bench everything", ("what", "memory", "comm"), "argparse usage block"),
+    Bad("bench memory --world 3", ("--world", "1, 2 or 4"), "heads a world cannot split"),
+    Bad("bench memory --grid 0x4", ("--grid", "0x4"), "an empty sequence"),
     Bad("bench vae --latent 0x4", ("--latent", "0x4"), "an empty latent decoded"),
     Bad("bench", ("what",), "argparse usage block"),
     # the command itself

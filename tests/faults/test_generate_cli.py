@@ -50,6 +50,7 @@ BAD = [
         False,
     ),
     Bad(f"{GEN} {{flux}} --world 4 --compile --cfg-parallel", ("--compile",), "combination"),
+    Bad(f"{GEN} {{flux}} --world 4 --offload", ("--offload", "CUDA"), "offload on CPU ranks"),
     Bad(
         "generate --prompt fox --out {cwd}/o.mp4 --model-dir {wan} --true-cfg-scale 3",
         ("--true-cfg-scale", "WanPipeline"),

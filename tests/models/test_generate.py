@@ -270,3 +270,68 @@ def test_video_is_written_as_mp4(tiny_pipeline: Any, tmp_path: Path) -> None:
     ref = np.round(summary["output"] * 255)
     # lossy video coding: close, not equal
     assert float(np.abs(frames.astype(np.float64) - ref).mean()) < 20
+
+
+def test_offload_keeps_the_output(ranks: Any, tiny_pipeline: Any, tmp_path: Path) -> None:
+    """Catches the offload hooks and the parallel wrappers getting in each other's way (a
+    model left on the wrong device, a wrapper bypassing the hook, the parallel VAE decoding
+    before its hook ran): with model CPU offload (here on CPU ranks, where it moves nothing,
+    so only the plumbing is tested; the command refuses --offload without CUDA) the output
+    equals plain diffusers."""
+    model_dir = tiny_pipeline("flux")
+    options = GenerateOptions(
+        model_dir=model_dir,
+        prompt=PROMPT,
+        seed=SEED,
+        steps=STEPS,
+        offload=True,
+        **_size_args("flux"),
+    )
+    summary = ranks(4).run(
+        run_rank,
+        options,
+        inspect_model_dir(model_dir),
+        LAUNCH_2X2,
+        topology="2x2",
+        transport="shm",
+        timeout=300,
+    )[0]
+    ref = _reference(model_dir, "flux", ())
+    assert float(np.abs(summary["output"] - ref).max()) < MAX_ABS
+    assert summary["decode_on"] == "parallel"
+
+
+def _hooks_after_calls(ctx: Any, model_dir: str) -> list[bool]:
+    from diffusers import DiffusionPipeline
+
+    from sf_models import parallelize
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    sp = parallelize(pipe, ctx=ctx)
+    for _ in range(2):  # the pipeline resets its hooks at the end of each call
+        generator = torch.Generator().manual_seed(SEED)
+        sp(
+            PROMPT,
+            num_inference_steps=1,
+            output_type="np",
+            generator=generator,
+            **TEST_SIZE["flux"],
+        )
+    wrappers = (pipe.transformer, pipe.vae)
+    sp.close()
+    return [
+        *("_hf_hook" in vars(m) for m in (pipe.transformer, pipe.vae)),  # the models: hooked
+        *("_hf_hook" not in vars(w) for w in wrappers),  # the wrappers: never
+    ]
+
+
+def test_offload_hooks_stay_on_the_models(ranks: Any, tiny_pipeline: Any) -> None:
+    """Catches the pipeline's end-of-call hook reset moving the offload hooks onto the
+    parallel wrappers (where the VAE's decode would never move the VAE to the GPU) or failing
+    to unhook a wrapper."""
+    out = ranks(4).run(
+        _hooks_after_calls, tiny_pipeline("flux"), topology="2x2", transport="shm", timeout=300
+    )
+    assert out == [[True] * 4] * 4, out

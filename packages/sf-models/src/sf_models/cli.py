@@ -147,11 +147,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from . import vae_bench
 
         worlds = tuple(sorted({w for w in (1, 2, 4) if w < world} | {world}))
-        rows = vae_bench.run(worlds, latent=args.latent, iters=args.iters)
+        rows = vae_bench.run(worlds, latent=args.latent, iters=args.iters, shape=args.model)
+        cls, _, frames = vae_bench.SHAPES[args.model]
         print(
-            f"parallel VAE decode (AutoencoderKL, Flux-shaped, narrow channels), latent "
-            f"{args.latent[0]}x{args.latent[1]}, float32, CPU ranks (1xN); median of the "
-            f"slowest rank per call"
+            f"parallel VAE decode ({cls}, {args.model}-shaped, narrow channels), latent "
+            f"{f'{frames}x' if frames else ''}{args.latent[0]}x{args.latent[1]}, float32, CPU "
+            f"ranks (1xN); median of the slowest rank per call"
         )
         print(vae_bench.format_table(rows))
     elif args.what == "comm":
@@ -402,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--latent", type=latent_size, default=(64, 64), help="vae: latent HxW (64x64: 512 px)"
     )
     bench.add_argument(
-        "--model", choices=["flux", "wan"], default="flux", help="memory: the transformer's shape"
+        "--model",
+        choices=["flux", "wan"],
+        default="flux",
+        help="memory, vae: the transformer's or VAE's shape",
     )
     bench.add_argument(
         "--grid",

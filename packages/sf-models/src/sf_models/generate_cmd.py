@@ -168,6 +168,11 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help='torch.compile(backend="streamfusion") instead of sf_models.parallelize',
     )
+    gen.add_argument(
+        "--offload",
+        action="store_true",
+        help="diffusers' model CPU offload: each model on the GPU only while it runs",
+    )
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     gen.add_argument("--device", choices=DEVICES, default=None)
     gen.add_argument("--transport", type=_transport, default="auto")

@@ -231,6 +231,19 @@ class ParallelPipeline:
                 config.pop("disable", None)
             self.pipe.set_progress_bar_config(**config)
 
+    def _free_model_hooks(self) -> None:
+        """The pipeline's ``maybe_free_model_hooks``, run with its original models in place
+        (Note [Offload hooks])."""
+        pipe = self.pipe
+        wrappers = {name: getattr(pipe, name) for name in self._originals}
+        for name, original in self._originals.items():
+            object.__setattr__(pipe, name, original)
+        try:
+            type(pipe).maybe_free_model_hooks(pipe)
+        finally:
+            for name, wrapper in wrappers.items():
+                object.__setattr__(pipe, name, wrapper)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the pipeline on every rank.
 
@@ -279,6 +292,8 @@ class ParallelPipeline:
         self._check.armed = True
         for model in self._cfg_models:
             model.begin_call()
+        # Note [Offload hooks]: the pipeline's own hook reset sees the original models
+        object.__setattr__(self.pipe, "maybe_free_model_hooks", self._free_model_hooks)
         try:
             out = self.pipe(*bound.args, **bound.kwargs)
         except BaseException:
@@ -287,6 +302,7 @@ class ParallelPipeline:
             raise
         finally:
             self._check.armed = False
+            object.__delattr__(self.pipe, "maybe_free_model_hooks")
         for model in self._cfg_models:
             model.end_call()
         return out
@@ -484,3 +500,14 @@ def parallelize_pipeline(
 # one decode's compute and memory on every rank. decode_on="rank0" opts out of that: the
 # other ranks skip the VAE (output_type="latent") and return the final latents, for jobs whose
 # other ranks discard the output (long videos, where the decode's memory is the concern).
+
+
+# Note [Offload hooks]
+# With diffusers' model CPU offload (``pipe.enable_model_cpu_offload()``, ``generate
+# --offload``) accelerate hooks sit on the pipeline's models, and the wrappers reach them:
+# they call the models' own forward and decode. At the end of every call the pipeline resets
+# the hooks (``maybe_free_model_hooks``: remove them from every component, add them again).
+# Seen through the wrappers, which pass attribute reads to the model, a component would look
+# hooked but could not be unhooked, and the new hook would land on the wrapper, where the
+# VAE's decode never calls it. So during a call the pipeline's reset runs with the original
+# models in place, and the wrappers go back afterwards.

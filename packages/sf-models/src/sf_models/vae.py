@@ -19,7 +19,8 @@ with three kinds of hooks that make the band's result exactly the rows of the wh
   squared deviations are all-gathered in float32 and summed in rank order, two passes, so
   every rank uses the same mean and variance (not a per-band one: no seams);
 - the decoder's self-attention (the mid block's) gives each band's queries the keys and
-  values of every band (all-gathered; the attention matrix stays local to the queries).
+  values of every band, one band at a time in a ring pass (sf_attn's attention with
+  log-sum-exp and its online-softmax merge), so no rank holds the whole image's keys.
 
 Nearest-neighbour upsampling, 1x1 convolutions and per-pixel norms act on rows independently
 and need nothing. The decoded bands are all-gathered, so every rank returns the whole image.
@@ -32,14 +33,16 @@ Supported, the VAEs of the five families:
   halo of its own) and its spatial norms interpolate the band's latent to the band;
 - ``AutoencoderKLHunyuanVideo``: its causal convolutions pad by replicating the edge row, so
   the halo beyond the image's edge is that row, not zeros; the mid block's attention carries
-  a frame-causal mask, rebuilt for the band's queries against every band's keys;
+  a frame-causal mask: each query frame attends to the prefix of every band's keys up to its
+  own frame;
 - ``AutoencoderKLWan``: its causal convolutions get the halo on their frame cache too, and
-  its per-frame attention gathers keys like the mid block's.
+  its per-frame attention visits every band's keys like the mid block's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, cast
 
 import torch
@@ -60,6 +63,10 @@ _SUPPORTED = (
 )
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HEADER = 8  # dtype, ndim, up to 6 dims
+
+
 def supported_vaes() -> list[str]:
     """VAE class names :func:`parallelize_vae` accepts."""
     return list(_SUPPORTED)
@@ -67,14 +74,16 @@ def supported_vaes() -> list[str]:
 
 @dataclasses.dataclass(slots=True)
 class _Band:
-    """This rank's band during a parallel decode (``active`` only inside ``decode``)."""
+    """This rank's band during a parallel decode (``active`` only inside ``decode``); the
+    bands are those of ``members`` (the world, or its first ranks: Note [Fewer bands])."""
 
     ctx: sf_comm.CommContext
     active: bool = False
+    members: sf_comm.Group | None = None
 
     @property
     def group(self) -> sf_comm.Group:
-        return self.ctx.group("world")
+        return self.members if self.members is not None else self.ctx.group("world")
 
     def halo(self, x: torch.Tensor, rows: int, edge: str = "zeros") -> torch.Tensor:
         """``x`` [..., h, W] with ``rows`` rows of the neighbouring bands above and below:
@@ -103,14 +112,75 @@ class _Band:
         every = sf_comm.all_gather(self.ctx, self.group, local.contiguous()).wait()
         return torch.stack(every).sum(0)
 
+    def sizes(self, n: int) -> list[int]:
+        """Every band's ``n`` (this band's is ``n``), in band order."""
+        return [
+            int(v)
+            for v in self.total(F.one_hot(torch.tensor(self.group.index), self.group.size) * n)
+        ]
+
     def gather_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every band's ``x`` concatenated along ``dim`` (bands may differ in size)."""
-        sizes = self.total(
-            F.one_hot(torch.tensor(self.group.index), self.group.size) * x.shape[dim]
-        ).tolist()
-        shapes = [(*x.shape[:dim], n, *x.shape[dim + 1 :]) for n in sizes]
+        shapes = [(*x.shape[:dim], n, *x.shape[dim + 1 :]) for n in self.sizes(x.shape[dim])]
         every = sf_comm.all_gather(self.ctx, self.group, x.contiguous(), shapes).wait()
         return torch.cat(every, dim=dim)
+
+    def attend_all(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int = 0
+    ) -> torch.Tensor:
+        """Attention of this band's queries over every band's keys and values, one band's
+        K/V at a time: a ring pass in which the next band's K/V travel while this one is
+        computed, so a rank holds two bands' K/V, never the whole image's. Layout
+        [B, L_band, heads, D] (sf_attn's); with ``frames`` > 0 the tokens are frame-major
+        (``frames`` frames per band) and a query sees only keys of frames not later than its
+        own (HunyuanVideo's frame-causal mask). Equivalent plain code::
+
+            k_all, v_all = (cat of every band's k), (cat of every band's v)
+            out = sdpa(q, k_all, v_all)     # with frames: mask[i, j] = frame(j) <= frame(i)
+        """
+        group, me = self.group, self.group.index
+        sizes = self.sizes(k.shape[1])
+        block = torch.cat([k, v], dim=-1)  # one message per step
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+        for step in range(group.size):
+            owner = (me - step) % group.size
+            incoming = None
+            if step < group.size - 1:  # the band after this one, while this one is computed
+                source = (me - step - 1) % group.size
+                shape = (block.shape[0], sizes[source], *block.shape[2:])
+                incoming = sf_comm.shift(self.ctx, group, block, 1, out_shape=shape)
+            k_blk, v_blk = block.split(k.shape[-1], dim=-1)
+            for rows, (o, o_lse) in _frame_causal_blocks(q, k_blk, v_blk, frames, sizes[owner]):
+                sf_attn.merge_attention_(out[:, rows], lse[..., rows], o.float(), o_lse)
+            if incoming is not None:
+                block = incoming.wait()
+        return out.to(q.dtype)
+
+
+def _frame_causal_blocks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, keys: int
+) -> Any:
+    """``(query rows, (out, lse))`` of the queries against one band's ``keys`` keys: all of
+    them at once, or with ``frames`` (frame-major tokens) each query frame against the keys
+    of its own and earlier frames, a prefix of the band's (so no mask is built)."""
+    if frames == 0:
+        yield slice(None), sf_attn.attention_with_lse(q, k, v)
+        return
+    per_query_frame, per_key_frame = q.shape[1] // frames, keys // frames
+    for f in range(frames):
+        rows = slice(f * per_query_frame, (f + 1) * per_query_frame)
+        visible = (f + 1) * per_key_frame
+        yield rows, sf_attn.attention_with_lse(q[:, rows], k[:, :visible], v[:, :visible])
+
+
+# Note [Fewer bands]
+# A band must be at least as tall as the largest halo it lends its neighbours (one latent row
+# for the 3x3 convolutions of every supported decoder; bands only grow with upsampling), so a
+# latent of R rows splits into at most R // halo bands. With fewer than one per rank, the
+# first R // halo ranks decode (their own group: the halos, norms and attention see only
+# them) and rank 0 sends the image to the others, which wait. It is said once per shape,
+# on rank 0, as a warning: the decode is still exact, only less parallel.
 
 
 # Note [Halo rows]
@@ -212,15 +282,8 @@ class _BandAttnProcessor:
         q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
         heads = attn.heads
         q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))  # [B, L_band, heads, D]
-        k_all = self.band.gather_rows(k, 1)  # [B, L, heads, D]
-        v_all = self.band.gather_rows(v, 1)
-        if attention_mask is None:
-            out, _ = sf_attn.attention_with_lse(q, k_all, v_all)
-        else:
-            mask = self._frame_causal_mask(attention_mask, k_all.dtype)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask
-            ).transpose(1, 2)
+        frames = 0 if attention_mask is None else _frames(attention_mask)
+        out = self.band.attend_all(q, k, v, frames)
         out = attn.to_out[1](attn.to_out[0](out.flatten(2).to(q.dtype)))
         if image:
             out = out.transpose(1, 2).reshape(batch, channels, height, width)
@@ -228,17 +291,12 @@ class _BandAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _frame_causal_mask(self, local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The band's queries x every band's keys of HunyuanVideo's frame-causal mask (a
-        key is seen when its frame is not later than the query's), rebuilt from the band's
-        own mask [B, L_band, L_band]: its rows tell each token's frame."""
-        allowed = local[0] == 0  # [L_band, L_band]
-        per_frame = int(allowed[0].sum())  # the first token (frame 0) sees frame 0's tokens
-        frame = allowed.sum(-1) // per_frame - 1  # [L_band]
-        key_frame = self.band.gather_rows(frame[None], 1)[0]  # [L], band after band
-        visible = key_frame[None, :] <= frame[:, None]
-        mask = torch.zeros(visible.shape, dtype=dtype, device=local.device)
-        return mask.masked_fill(~visible, float("-inf"))[None, None]
+
+def _frames(mask: torch.Tensor) -> int:
+    """The number of frames of HunyuanVideo's frame-causal mask [B, L_band, L_band] (0 =
+    attend): the band's first token (frame 0) sees exactly the first frame's tokens."""
+    per_frame = int((mask[0, 0] == 0).sum())
+    return mask.shape[-1] // per_frame
 
 
 def _wan_attention_post(band: _Band, module: Any, args: Any, out: Any) -> Any:
@@ -251,10 +309,9 @@ def _wan_attention_post(band: _Band, module: Any, args: Any, out: Any) -> Any:
     batch, channels, time, height, width = x.shape
     frames = x.permute(0, 2, 1, 3, 4).reshape(batch * time, channels, height, width)
     qkv = module.to_qkv(module.norm(frames)).reshape(batch * time, 1, channels * 3, -1)
-    q, k, v = qkv.permute(0, 1, 3, 2).contiguous().chunk(3, dim=-1)  # [B*T, 1, h*W, C]
-    k_all, v_all = band.gather_rows(k, 2), band.gather_rows(v, 2)
-    y = F.scaled_dot_product_attention(q, k_all, v_all)
-    y = y.squeeze(1).permute(0, 2, 1).reshape(batch * time, channels, height, width)
+    q, k, v = qkv.permute(0, 3, 1, 2).chunk(3, dim=-1)  # [B*T, h*W, 1, C]: sf_attn's layout
+    y = band.attend_all(q.contiguous(), k.contiguous(), v.contiguous())
+    y = y.squeeze(2).permute(0, 2, 1).reshape(batch * time, channels, height, width)
     y = module.proj(y).view(batch, time, channels, height, width).permute(0, 2, 1, 3, 4)
     return y + x
 
@@ -263,10 +320,14 @@ class ParallelVAE(torch.nn.Module):
     """A VAE whose ``decode`` splits the latent's rows across ``ctx``'s ranks (see the
     module docstring); every other attribute is the wrapped VAE's."""
 
-    def __init__(self, vae: Any, band: _Band, handles: list[Any], processors: list[Any]) -> None:
+    def __init__(
+        self, vae: Any, band: _Band, handles: list[Any], processors: list[Any], min_rows: int
+    ) -> None:
         super().__init__()
         self.vae = vae
         self._band = band
+        self._min_rows = min_rows  # latent rows a band needs: the largest halo, at least 1
+        self._warned: set[tuple[int, int]] = set()
         self._handles = handles
         self._processors = processors
 
@@ -279,31 +340,75 @@ class ParallelVAE(torch.nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
         """``vae.decode(z)``, with ``z`` [B, C, H, W] (a video VAE: [B, C, F, H, W]) the same
-        on every rank; every rank gets the whole decoded image or video.
+        on every rank; every rank gets the whole decoded image or video. A latent with too
+        few rows for a band per rank is decoded by the first ranks only, with a warning
+        (Note [Fewer bands]).
 
         Raises:
-            ValueError: fewer latent rows than ranks (each band needs a row), or the ranks
-                were given different latents.
+            ValueError: the ranks were given different latents.
         """
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        band, world = self._band, self._band.group.size
-        rows = z.dim() - 2
-        if z.shape[rows] < world:
-            raise ValueError(
-                f"parallel VAE decode: the latent has {z.shape[rows]} rows, fewer than the "
-                f"{world} ranks (each decodes a band of at least one row); decode on fewer "
-                f"ranks or a taller latent"
-            )
+        band, world = self._band, self._band.ctx.group("world")
+        dim = z.dim() - 2
         self._check_same_latent(z)
-        mine = torch.tensor_split(z, world, dim=rows)[band.group.index]
-        band.active = True
+        bands = max(1, min(world.size, z.shape[dim] // self._min_rows))
+        if bands < world.size:
+            band.members = self._first_ranks(bands, z.shape[dim])
         try:
-            local = self.vae.decode(mine, return_dict=False, **kwargs)[0]
+            if world.index < bands:
+                mine = torch.tensor_split(z, bands, dim=dim)[world.index]
+                band.active = True
+                try:
+                    local = self.vae.decode(mine, return_dict=False, **kwargs)[0]
+                finally:
+                    band.active = False
+                sample = band.gather_rows(local, dim)
+            else:
+                sample = None
+            if bands < world.size:
+                sample = self._to_the_others(sample, bands)
         finally:
-            band.active = False
-        sample = band.gather_rows(local, rows)
+            band.members = None
+        assert sample is not None  # every rank decoded, or was sent rank 0's image
         return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def _first_ranks(self, bands: int, rows: int) -> sf_comm.Group:
+        """The group of the first ``bands`` ranks (the others alone), saying so once."""
+        ctx, world = self._band.ctx, self._band.ctx.group("world")
+        if world.index == 0 and (bands, rows) not in self._warned:
+            self._warned.add((bands, rows))
+            warnings.warn(
+                f"parallel VAE decode: the latent has {rows} rows, too few for {world.size} "
+                f"bands of at least {self._min_rows}; decoding on the first {bands} ranks",
+                stacklevel=3,
+            )
+        partition = [list(range(bands)), *([r] for r in range(bands, world.size))]
+        return ctx.subgroup(partition, name=f"vae-bands-{bands}")
+
+    def _to_the_others(self, sample: torch.Tensor | None, bands: int) -> torch.Tensor:
+        """Rank 0's decoded ``sample`` on the ranks that decoded nothing (a header with its
+        shape and dtype first)."""
+        ctx, world = self._band.ctx, self._band.ctx.group("world")
+        idle = world.ranks[bands:]
+        if world.index == 0:
+            assert sample is not None
+            header = torch.tensor(
+                [_DTYPES.index(sample.dtype), sample.dim(), *sample.shape], device=sample.device
+            )
+            header = F.pad(header, (0, _HEADER - header.numel()))
+            ctx.transport.exchange(world, [(r, header) for r in idle], [], op="vae_header").wait()
+            ctx.transport.exchange(world, [(r, sample) for r in idle], [], op="vae_sample").wait()
+            return sample
+        if sample is not None:
+            return sample
+        source = world.ranks[0]
+        recv = [(source, torch.Size([_HEADER]), torch.int64)]
+        (header,) = ctx.transport.exchange(world, [], recv, op="vae_header").wait()
+        dtype, ndim = _DTYPES[int(header[0])], int(header[1])
+        shape = torch.Size(int(n) for n in header[2 : 2 + ndim])
+        (got,) = ctx.transport.exchange(world, [], [(source, shape, dtype)], op="vae_sample").wait()
+        return got
 
     def _check_same_latent(self, z: torch.Tensor) -> None:
         """Every rank must decode the same latent (each takes its band of it): compare a
@@ -380,4 +485,9 @@ def parallelize_vae(vae: Any, *, ctx: sf_comm.CommContext) -> ParallelVAE:
         elif isinstance(module, Attention):
             processors.append((module, module.processor))
             module.set_processor(cast(Any, _BandAttnProcessor(band, module.processor)))
-    return ParallelVAE(vae, band, handles, processors)
+    halos = [
+        _halo_rows(m)
+        for m in vae.decoder.modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d)
+    ]
+    return ParallelVAE(vae, band, handles, processors, max([1, *halos]))

@@ -2,16 +2,16 @@
 
 One latent, one VAE (seeded: the same weights on every rank and world), decoded by
 :func:`sf_models.parallelize` (``sf_models.vae``) on each world size in turn: the median
-time of the slowest rank, the ratio to one rank, each rank's peak memory growth during the
-first decode (CUDA: ``max_memory_allocated`` above what was allocated before; CPU: the growth
-of the process's peak RSS, a lower bound when earlier work peaked higher), and the largest
-difference from the one-rank image. The default VAE is a Flux-shaped ``AutoencoderKL``
-(16 latent channels, four levels) with narrower channels, so the CPU run takes seconds.
+time of the slowest rank, the ratio to one rank, each rank's peak activation memory during
+the first decode (:class:`sf_models.memory.ActivationMeter`: the tensors the decode creates;
+the weights are the same on every rank) and the largest difference from the one-rank image.
+Two VAEs, with narrower channels than the real ones so a CPU run takes seconds: a
+Flux-shaped ``AutoencoderKL`` (16 latent channels, four levels) and a Wan-shaped
+``AutoencoderKLWan`` (16 latent channels, causal 3D convolutions, a 3-frame latent).
 """
 
 from __future__ import annotations
 
-import resource
 import statistics
 from typing import Any
 
@@ -21,7 +21,9 @@ import sf_comm
 from sf_comm.collective_bench import slowest_rank_times
 from sf_comm.launch import RankPool
 
-__all__ = ["FLUX_SHAPED", "format_table", "run"]
+from .memory import ActivationMeter
+
+__all__ = ["FLUX_SHAPED", "SHAPES", "WAN_SHAPED", "format_table", "run"]
 
 FLUX_SHAPED = dict(
     block_out_channels=(32, 64, 128, 128),
@@ -33,40 +35,41 @@ FLUX_SHAPED = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
-
-
-def _peak_bytes(device: torch.device) -> float:
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+WAN_SHAPED = dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
+WAN_FRAMES = 3  # latent frames: 9 video frames
+# name: (diffusers class, config, latent frames (0: an image))
+SHAPES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "flux": ("AutoencoderKL", FLUX_SHAPED, 0),
+    "wan": ("AutoencoderKLWan", WAN_SHAPED, WAN_FRAMES),
+}
 
 
 @torch.no_grad()
 def _rank_decode(
-    ctx: sf_comm.Context, config: dict[str, Any], latent: tuple[int, int], iters: int
+    ctx: sf_comm.Context, shape: str, config: dict[str, Any], latent: tuple[int, int], iters: int
 ) -> dict[str, Any]:
-    from diffusers import AutoencoderKL
+    import diffusers
 
     from .parallelize import parallelize
 
+    cls, _, frames = SHAPES[shape]
+    channels = config.get("latent_channels") or config["z_dim"]
     torch.manual_seed(0)
-    vae: Any = AutoencoderKL(**config)
+    vae: Any = getattr(diffusers, cls)(**config)
     vae = vae.eval().to(ctx.device)
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(1, config["latent_channels"], *latent, generator=g).to(ctx.device)
+    size = (frames, *latent) if frames else latent
+    z = torch.randn(1, channels, *size, generator=g).to(ctx.device)
     pvae = parallelize(vae, ctx=ctx)
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    before = (
-        float(torch.cuda.memory_allocated(ctx.device))
-        if ctx.device.type == "cuda"
-        else _peak_bytes(ctx.device)
-    )
-    image = pvae.decode(z).sample
-    growth = _peak_bytes(ctx.device) - before
+    with ActivationMeter() as meter:
+        image = pvae.decode(z).sample
     times = slowest_rank_times(ctx, lambda: pvae.decode(z), iters)
     pvae.close()
-    return {"image": image.cpu() if ctx.rank == 0 else None, "growth": growth, "times": times}
+    return {
+        "image": image.cpu() if ctx.rank == 0 else None,
+        "peak": meter.peak_bytes,
+        "times": times,
+    }
 
 
 def run(
@@ -74,15 +77,18 @@ def run(
     latent: tuple[int, int] = (64, 64),
     config: dict[str, Any] | None = None,
     iters: int = 3,
+    shape: str = "flux",
 ) -> list[dict[str, Any]]:
-    """Decode on each world size (topology 1xN, shm); one row per world, in order."""
-    config = dict(config or FLUX_SHAPED)
+    """Decode on each world size (topology 1xN, shm); one row per world, in order.
+    ``shape``: a :data:`SHAPES` name; ``config`` overrides its VAE config."""
+    config = dict(config or SHAPES[shape][1])
     rows: list[dict[str, Any]] = []
     first: torch.Tensor | None = None
     for world in worlds:
         with RankPool(world, env={"SF_TIMEOUT": "300"}) as pool:
             out = pool.run(
                 _rank_decode,
+                shape,
                 config,
                 latent,
                 iters,
@@ -96,7 +102,7 @@ def run(
             {
                 "world": world,
                 "decode_s": statistics.median(out[0]["times"]),
-                "peak_growth_bytes": [r["growth"] for r in out],
+                "peak_bytes": [r["peak"] for r in out],
                 "max_abs_vs_first": float((image - first).abs().max()),
                 "image_shape": list(image.shape),
             }
@@ -108,13 +114,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     base = rows[0]["decode_s"]
     head = (
         f"{'ranks':>5} {'decode ms':>10} {'vs ' + str(rows[0]['world']) + ' rank':>9} "
-        f"{'peak growth per rank, MiB':>26} {'max abs diff':>13}"
+        f"{'peak activation per rank, MiB':>30} {'max abs diff':>13}"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
-        growth = ", ".join(f"{g / 2**20:.0f}" for g in row["peak_growth_bytes"])
+        peaks = ", ".join(f"{g / 2**20:.0f}" for g in row["peak_bytes"])
         lines.append(
             f"{row['world']:>5} {row['decode_s'] * 1e3:>10.1f} {base / row['decode_s']:>8.2f}x "
-            f"{growth:>26} {row['max_abs_vs_first']:>13.1e}"
+            f"{peaks:>30} {row['max_abs_vs_first']:>13.1e}"
         )
     return "\n".join(lines)

@@ -79,6 +79,7 @@ class GenerateOptions:
     text: str = "auto"
     cfg_parallel: bool = False
     compile: bool = False
+    offload: bool = False  # diffusers' model CPU offload (Note [Offload])
     dtype: str | None = None  # None: as from_pretrained loads (float32)
     device: str | None = None  # None: cuda under torchrun when present, else cpu
     transport: str = "auto"
@@ -211,6 +212,16 @@ def check_options(options: GenerateOptions, model: ModelDir, launch: Launch) -> 
 
 def _check_parallel(options: GenerateOptions, model: ModelDir, launch: Launch) -> None:
     sp_topo = launch.topology
+    if options.offload and launch.device != "cuda":
+        raise UsageError(
+            "--offload",
+            "moves each model to the GPU only while it runs; on CPU ranks everything already "
+            "lives in host memory: drop --offload, or run on CUDA",
+        )
+    if options.offload and options.compile:
+        raise UsageError(
+            "--offload", "not with --compile (the offload hooks move weights between calls)"
+        )
     if options.compile:
         for option, given in (
             ("--cfg-parallel", options.cfg_parallel),

@@ -103,7 +103,8 @@ def timing(pipe: Any, call_args: dict[str, Any], device: torch.device) -> Iterat
 
 
 def load_pipeline(options: GenerateOptions, device: torch.device | str) -> Any:
-    """``DiffusionPipeline.from_pretrained(options.model_dir)`` on ``device``, quietly."""
+    """``DiffusionPipeline.from_pretrained(options.model_dir)`` on ``device``, quietly; with
+    ``options.offload``, each model is on ``device`` only while it runs (Note [Offload])."""
     from .._cli_args import drop_image_processor_note
 
     drop_image_processor_note()
@@ -121,7 +122,21 @@ def load_pipeline(options: GenerateOptions, device: torch.device | str) -> Any:
     transformers_logging.disable_progress_bar()
     dtype = DTYPES[options.dtype] if options.dtype else None
     pipe = DiffusionPipeline.from_pretrained(options.model_dir, torch_dtype=dtype)
+    if options.offload:
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
+
+
+# Note [Offload]
+# ``--offload`` is diffusers' model CPU offload: every model of the pipeline stays in host
+# memory and moves to the GPU when its forward (or the VAE's decode) starts; starting the
+# next model in the pipeline's order (text encoders, transformer, VAE) moves the previous one
+# back. So the text encoders (T5-XXL: ~9 GiB in bf16, a Llama in HunyuanVideo) leave the GPU
+# once the prompt is encoded, and the transformer before the decode. It works under the
+# parallel wrappers because they call the models' own forward and decode, where the hooks
+# sit; it costs a host-to-device copy of each model per call, so it is for a GPU that cannot
+# hold every model at once, and the peak memory per rank in the summary shows what it saved.
 
 
 def _parallel(pipe: Any, ctx: sf_comm.Context, options: GenerateOptions) -> Any:
