@@ -6,10 +6,10 @@
   batch x tokens x hidden elements). Ulysses' head-scattered tensors hold every token with
   1/P of the heads and pass; a gathered hidden state, Q, K or V, or a full-sequence patch
   embedding fails, naming the op and the shape. Two phases: the embedding (before the first
-  transformer block) and the blocks. SD3's and CogVideoX's patch embeddings still embed every
-  patch on every rank: their positional tables are added inside the embedding module, so the
-  sharded patch embedding (Note [Sharded patch embedding]) does not apply to them yet; that
-  test is marked xfail (strict) for them.
+  transformer block) and the blocks. CogVideoX's patch embedding still embeds every patch on
+  every rank: it folds frames into the batch before its convolution, so the sharded patch
+  embedding (Note [Sharded patch embedding]) does not apply; that test is marked xfail
+  (strict) for it.
 - Peak activation per rank (:class:`sf_models.memory.ActivationMeter`) against one process.
 """
 
@@ -41,7 +41,7 @@ BATCH = 2
 
 
 FIRST_BLOCK = {"wan": "blocks.0"}  # the others: transformer_blocks.0
-SHARDED_PATCH_EMBEDDING = ("flux", "hunyuanvideo", "wan")
+SHARDED_PATCH_EMBEDDING = ("flux", "sd3", "hunyuanvideo", "wan")
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def test_no_block_holds_the_full_sequence(ranks, family: str, strategy: str) -> 
 def test_patch_embedding_is_sharded(ranks, family: str) -> None:
     """Catches the patch embedding computing every token on every rank (one full-width
     full-sequence tensor per call): with the sharded patch embedding each rank embeds only
-    its own patches. Strict xfail for SD3 and CogVideoX, which do not have it yet."""
+    its own patches. Strict xfail for CogVideoX, which does not have it."""
     found = ranks(4).run(_audit, family, "ulysses", topology="2x2", transport="shm")
     assert [f["embedding"] for f in found] == [[]] * 4, found
 

@@ -21,7 +21,7 @@ import sf_attn
 
 from .plan import SequenceParallelPlan, ShardState
 
-__all__ = ["hooked_modules", "install_module_hooks", "rewrite_arguments_hook"]
+__all__ = ["MethodOverride", "hooked_modules", "install_module_hooks", "rewrite_arguments_hook"]
 
 
 def hooked_modules(
@@ -196,3 +196,21 @@ def _patch_strip(state: ShardState, point: str, conv: torch.nn.Module, args: Any
     # [B, C, p_0, .., p_{n-2}, L_local, p_{n-1}]: the strip, patches side by side
     strip = mine.permute(0, 2, *range(3, 2 + n), 1, 2 + n)
     return (strip.reshape(batch, channels, *patch[:-1], -1), *args[1:])
+
+
+class MethodOverride:
+    """``module.<name>`` replaced by ``make(original)`` on this one instance (the class and
+    other instances keep theirs) until :meth:`remove`; for a plan whose model calls a helper
+    method whose result must be this rank's part (SD3's positional table). A
+    :class:`~sf_models.plan.Removable` for ``state.hooks``."""
+
+    def __init__(
+        self, module: torch.nn.Module, name: str, make: Callable[[Callable[..., Any]], Any]
+    ) -> None:
+        self.module, self.name = module, name
+        self.function = make(getattr(module, name))
+        object.__setattr__(module, name, self.function)
+
+    def remove(self) -> None:
+        if vars(self.module).get(self.name) is self.function:
+            object.__delattr__(self.module, self.name)

@@ -40,10 +40,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 import sf_attn
 import sf_comm
@@ -66,6 +65,13 @@ TextLayout = Literal["auto", "replicated", "sharded"]
 TEXT_LAYOUTS = ("auto", "replicated", "sharded")  # parallelize(..., text=); Note [Text layouts]
 
 T = TypeVar("T")
+
+
+class Removable(Protocol):
+    """What a plan's ``attach`` leaves in :attr:`ShardState.hooks`: a torch hook handle, or
+    anything else :meth:`SequenceParallelModel.close` undoes by calling ``remove()``."""
+
+    def remove(self) -> None: ...
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -97,7 +103,7 @@ class ShardState:
     ulysses_degree: int | None = None
     active: bool = False
     lengths: dict[str, int] = dataclasses.field(default_factory=dict)
-    hooks: list[RemovableHandle] = dataclasses.field(default_factory=list)
+    hooks: list[Removable] = dataclasses.field(default_factory=list)
     presplit: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -394,6 +400,10 @@ def registered_for(registry: Mapping[str, T], obj: object) -> T | None:
 # order. The hook records the full token count in ``state.presplit`` under the split point
 # the tokens reach, and that split point records it in ``state.lengths`` and passes the
 # tokens on unsplit. Each token is the same dot product over the same patch as before.
+# A positional table added inside the embedding module must then be cut to the same rows:
+# SD3's plan overrides its PatchEmbed's ``cropped_pos_embed`` on the instance to return this
+# rank's rows. CogVideoX's patch embedding folds frames into the batch before its
+# convolution (a token chunk that spans frames is no strip), so it still embeds every patch.
 
 
 # Note [Text layouts]

@@ -2,14 +2,15 @@
 
 SD3 takes the latent [B, C, H, W] and patchifies inside ``forward``; ``pos_embed`` (a
 ``PatchEmbed``: conv + cropped 2-D sin-cos table for the whole grid) returns the image tokens
-[B, img, D]. The plan shards that output along dim 1 and gathers ``proj_out``'s output
-[B, img, p*p*C] along dim 1, so the model's own unpatchify sees every token (Note [Split
-inside the model] in :mod:`sf_models.plan`). Text tokens (``encoder_hidden_states``) stay
+[B, img, D]. Under the plan it returns this rank's tokens only: its convolution embeds only
+this rank's patches and its cropped table is cut to the same rows (Note [Sharded patch
+embedding] in :mod:`sf_models.plan`); the plan gathers ``proj_out``'s output [B, img, p*p*C]
+along dim 1, so the model's own unpatchify sees every token (Note [Split inside the model]). Text tokens (``encoder_hidden_states``) stay
 replicated, or with ``text="sharded"`` are split along dim 1 at the forward input: every
 layer of the text stream outside the attention (``context_embedder``, the blocks' norms,
 projections and MLPs) is per-token (Note [Text layouts] in :mod:`sf_models.plan`). SD3 has no
-RoPE: the positional table is added inside ``pos_embed`` on the full grid, before the split,
-so it is exact.
+RoPE: the positional table is cropped for the whole grid and then cut to this rank's rows,
+so each token gets its own row.
 
 Attention is swapped through diffusers' processor hook: :class:`SD3SequenceParallelProcessor`
 replaces each ``JointAttnProcessor2_0``. Its plain-code equivalent is ``JointAttnProcessor2_0``;
@@ -31,12 +32,14 @@ transformer call on the batch ``[uncond; cond]`` (:data:`SD3_CFG_PLAN`, "batched
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 from diffusers.models import attention_processor
 
+import sf_attn
+
+from ._hooks import MethodOverride
 from ._swap import (
     SequenceParallelProcessor,
     project_out,
@@ -44,7 +47,7 @@ from ._swap import (
     swap_attention_processors,
 )
 from .cfg import CFGPlan, guidance_scale_above_one, register_cfg_plan
-from .plan import SequenceParallelPlan, register_plan
+from .plan import SequenceParallelPlan, ShardState, register_plan
 
 __all__ = ["SD3_CFG_PLAN", "SD3_PLAN", "SD3SequenceParallelProcessor"]
 
@@ -97,8 +100,36 @@ class SD3SequenceParallelProcessor(SequenceParallelProcessor):
         return project_out(attn, img_out), text_out
 
 
+def _attach(module: torch.nn.Module, state: ShardState) -> None:
+    """Swap the joint attention processors; make the patch embedding's sin-cos table this
+    rank's rows (Note [Sharded patch embedding]: its convolution embeds this rank's patches
+    only, and the table is added inside the embedding module).
+
+    Raises:
+        ValueError: as :func:`swap_attention_processors`, or the patch embedding has no
+            ``pos_embed_max_size`` (a table the plan cannot reach).
+    """
+    embed: Any = module.get_submodule(_IMAGE)
+    if embed.pos_embed is not None and embed.pos_embed_max_size is None:
+        raise ValueError(
+            "parallelize: this SD3 patch embedding has no pos_embed_max_size (SD3 and SD3.5 "
+            "set it); the sharded patch embedding crops its sin-cos table through it"
+        )
+    swap_attention_processors(module, state, processor=SD3SequenceParallelProcessor)
+
+    def shard_rows(cropped: Any) -> Any:
+        def cropped_pos_embed(height: int, width: int) -> torch.Tensor:
+            table = cropped(height, width)  # [1, img, D]: the whole grid's rows
+            return sf_attn.shard(table, state.ctx, 1) if state.active else table
+
+        return cropped_pos_embed
+
+    state.hooks.append(MethodOverride(embed, "cropped_pos_embed", shard_rows))
+
+
 SD3_PLAN = SequenceParallelPlan(
     split_module_outputs={_IMAGE: 1},  # image tokens [B, img, D] (+ sin-cos table)
+    patch_convolutions={f"{_IMAGE}.proj": _IMAGE},
     gather_module_outputs={"proj_out": 1},  # [B, img, p*p*C], before the unpatchify
     replicated_inputs={"encoder_hidden_states": 1},
     sharded_text_inputs={"encoder_hidden_states": 1},  # text="sharded": [B, text, C] split
@@ -106,7 +137,7 @@ SD3_PLAN = SequenceParallelPlan(
     # Per-image-token residuals would need splitting too; not planned yet.
     unsupported_inputs=("block_controlnet_hidden_states",),
     # Every JointAttnProcessor2_0 (IP-Adapter, fused QKV and custom processors are refused).
-    attach=partial(swap_attention_processors, processor=SD3SequenceParallelProcessor),
+    attach=_attach,
 )
 register_plan("SD3Transformer2DModel", SD3_PLAN)
 
