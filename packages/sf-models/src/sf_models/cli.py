@@ -6,6 +6,7 @@ streamfusion run                 the transformer alone on every strategy, checke
 streamfusion bench comm          shm (one-sided) vs gloo collectives, medians and ratios
 streamfusion bench attention     every strategy on every transport, medians and ratios
 streamfusion bench vae           the parallel VAE decode on 1, 2, 4 ranks: time, peak memory
+streamfusion bench memory        a transformer forward's peak activation per rank vs one process
 """
 
 from __future__ import annotations
