@@ -6,10 +6,10 @@
   batch x tokens x hidden elements). Ulysses' head-scattered tensors hold every token with
   1/P of the heads and pass; a gathered hidden state, Q, K or V, or a full-sequence patch
   embedding fails, naming the op and the shape. Two phases: the embedding (before the first
-  transformer block) and the blocks. CogVideoX's patch embedding still embeds every patch on
-  every rank: it folds frames into the batch before its convolution, so the sharded patch
-  embedding (Note [Sharded patch embedding]) does not apply; that test is marked xfail
-  (strict) for it.
+  transformer block) and the blocks. CogVideoX 1.0's patch embedding (2b, 5b) still embeds
+  every patch on every rank: it folds frames into the batch before its convolution, so the
+  sharded patch embedding (Note [Sharded patch embedding]) does not apply; that test is
+  marked xfail (strict) for it. CogVideoX 1.5's (a linear map of patches) is sharded.
 - Peak activation per rank (:class:`sf_models.memory.ActivationMeter`) against one process.
 """
 
@@ -34,6 +34,7 @@ FAMILIES = {
     "flux": (35, 6, 4 * 16),
     "sd3": (35, 6, 4 * 8),
     "cogvideox": (45, 7, 4 * 8),
+    "cogvideox-1.5": (30, 7, 8 * 8),  # 8 heads: its patches are 2*2*2*4 = 32 wide, = 4 x 8
     "hunyuanvideo": (45, 7, 4 * 8),
     "wan": (45, 0, 4 * 12),
 }
@@ -41,14 +42,16 @@ BATCH = 2
 
 
 FIRST_BLOCK = {"wan": "blocks.0"}  # the others: transformer_blocks.0
-SHARDED_PATCH_EMBEDDING = ("flux", "sd3", "hunyuanvideo", "wan")
+SHARDED_PATCH_EMBEDDING = ("flux", "sd3", "cogvideox-1.5", "hunyuanvideo", "wan")
 
 
 @torch.no_grad()
 def _audit(ctx: sf_comm.Context, family: str, strategy: str) -> dict[str, list[str]]:
     """Full-width full-sequence tensors this rank created, by phase."""
-    module = importlib.import_module(f"tests.models.test_{family}")
-    model, inputs = module.make_model(), module.make_inputs()
+    name, _, variant = family.partition("-")
+    module = importlib.import_module(f"tests.models.test_{name}")
+    model = module.make_model(variant, heads=8) if variant else module.make_model()
+    inputs = module.make_inputs(variant) if variant else module.make_inputs()
     sp = parallelize(model, ctx=ctx, strategy=strategy)
     tokens, text, hidden = FAMILIES[family]
     lengths = {tokens, tokens + text}
@@ -88,7 +91,7 @@ def test_no_block_holds_the_full_sequence(ranks, family: str, strategy: str) -> 
 def test_patch_embedding_is_sharded(ranks, family: str) -> None:
     """Catches the patch embedding computing every token on every rank (one full-width
     full-sequence tensor per call): with the sharded patch embedding each rank embeds only
-    its own patches. Strict xfail for CogVideoX, which does not have it."""
+    its own patches. Strict xfail for CogVideoX 1.0, which does not have it."""
     found = ranks(4).run(_audit, family, "ulysses", topology="2x2", transport="shm")
     assert [f["embedding"] for f in found] == [[]] * 4, found
 

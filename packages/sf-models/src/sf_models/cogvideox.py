@@ -28,10 +28,13 @@ call on the batch ``[uncond; cond]`` (:data:`COGVIDEOX_CFG_PLAN`, "batched").
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from diffusers.models import attention_processor
 from diffusers.models.embeddings import apply_rotary_emb
+
+import sf_attn
 
 from ._swap import (
     SequenceParallelProcessor,
@@ -97,6 +100,33 @@ def _local_rows(
     return cos.tensor_split(ctx.world_size)[ctx.rank], sin.tensor_split(ctx.world_size)[ctx.rank]
 
 
+def _attach(module: torch.nn.Module, state: ShardState) -> None:
+    """Swap the attention processors; for CogVideoX 1.5, whose patch embedding is a linear map
+    of pre-flattened patches [B, tokens, p_t*p*p*C] with no positional table, give that
+    linear only this rank's patches (Note [Sharded patch embedding] in :mod:`sf_models.plan`).
+    CogVideoX 1.0's convolution runs on frames folded into the batch, so it embeds every
+    patch and the plan splits the tokens at the first block, as before.
+
+    Raises:
+        ValueError: as :func:`swap_attention_processors`.
+    """
+    swap_attention_processors(module, state, processor=CogVideoXSequenceParallelProcessor)
+    embed: Any = module.get_submodule("patch_embed")
+    table = embed.use_positional_embeddings or embed.use_learned_positional_embeddings
+    if embed.patch_size_t is not None and not table:
+        hook = partial(_shard_patches, state)
+        state.hooks.append(embed.proj.register_forward_pre_hook(hook))
+
+
+def _shard_patches(state: ShardState, linear: torch.nn.Module, args: Any) -> Any:
+    """Pre-hook of CogVideoX 1.5's patch projection: this rank's rows of its input."""
+    if not state.active:
+        return None
+    patches = args[0]  # [B, tokens, p_t*p*p*C], frame-major like the tokens
+    state.presplit[_VIDEO] = patches.shape[1]
+    return (sf_attn.shard(patches, state.ctx, 1), *args[1:])
+
+
 COGVIDEOX_PLAN = SequenceParallelPlan(
     # Video tokens [B, F*h*w, D] after patch_embed split them from the text.
     split_module_inputs={"transformer_blocks.0": {"hidden_states": 1}},
@@ -106,7 +136,7 @@ COGVIDEOX_PLAN = SequenceParallelPlan(
     replicated_inputs={"encoder_hidden_states": 1},
     output_dims={},  # the output latent is already whole (gathered before unpatchify)
     # Every CogVideoXAttnProcessor2_0 (fused QKV and custom processors are refused).
-    attach=partial(swap_attention_processors, processor=CogVideoXSequenceParallelProcessor),
+    attach=_attach,
 )
 register_plan("CogVideoXTransformer3DModel", COGVIDEOX_PLAN)
 
