@@ -4,6 +4,8 @@ Entry point: :func:`init` builds a :class:`Context` (topology, DeviceMesh with a
 ("inter", "intra"), transport); :func:`default_context` keeps one per process for code that
 is given none. The collectives (:func:`all_to_all`, :func:`shift`, :func:`ring_shift`,
 :func:`all_gather`) run on a group of any :class:`CommContext` and return waitable handles.
+:class:`Emulation` runs ranks as several machines on one host (network namespaces joined by
+rate-limited links; ``streamfusion emulate``).
 """
 
 from ._context_protocol import CommContext
@@ -18,6 +20,7 @@ from .context import (
     init,
     local_cuda_device,
 )
+from .emulate import Emulation
 from .topology import Topology
 from .transport import (
     CommError,
@@ -37,6 +40,7 @@ __all__ = [
     "CommStats",
     "CommTimeout",
     "Context",
+    "Emulation",
     "Group",
     "Handle",
     "Topology",

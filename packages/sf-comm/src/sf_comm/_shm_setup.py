@@ -97,7 +97,8 @@ def create(
     Args:
         rank, world_size: this rank in the job.
         timeout: seconds any wait may take before it raises.
-        pg: a CPU (gloo) process group of all ranks, used only for set-up.
+        pg: a CPU (gloo) process group of the ranks that share the heaps (default: all),
+            used only for set-up; ``rank`` and ``world_size`` are then within it.
         slot_bytes: bytes per inbox slot (default ``SF_SHM_SLOT_MB`` or 8 MiB); capped
             by the rendezvous threshold and by the free space (Note [shm sizing]).
         slots: inbox slots per peer (2 = double buffering).
@@ -237,7 +238,9 @@ def _size(
                     slot_bytes / 2**20,
                 )
         decision[1] = slot_bytes
-    settle(dist.broadcast(decision, src=0, group=pg, async_op=True), "sizes", rank, timeout)  # type: ignore[union-attr]
+    # group_src: ``pg`` may be one machine's ranks (sf_comm.shm_gloo), without global rank 0
+    work = dist.broadcast(decision, group_src=0, group=pg, async_op=True)
+    settle(work, "sizes", rank, timeout)
     token, slot_bytes, nothing_fits = (int(x) for x in decision)
     if nothing_fits:
         need = world * ShmTransport.heap_bytes(world, slot_bytes, slots)

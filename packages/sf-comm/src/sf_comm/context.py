@@ -193,11 +193,19 @@ def _cuda_transport_available(name: str) -> bool:
     return False
 
 
-def _auto_candidates(device: torch.device) -> list[str]:
-    """What ``transport="auto"`` tries on ``device``, in order (the first that builds wins)."""
+def _auto_candidates(device: torch.device, timeout: float) -> list[str]:
+    """What ``transport="auto"`` tries on ``device``, in order (the first that builds wins).
+
+    On CPU: shm when every rank is on one machine, else shm+gloo (shm inside each machine,
+    gloo between them); which ranks share a machine is detected, collectively
+    (Note [Machine identity] in :mod:`sf_comm.shm_gloo`).
+    """
     if device.type == "cuda":
         return [n for n in ("nvshmem", "torch-symm") if _cuda_transport_available(n)] + ["nccl"]
-    return ["shm"]
+    from .shm_gloo import job_machines
+
+    machines = job_machines(rank=dist.get_rank(), world=dist.get_world_size(), timeout=timeout)
+    return ["shm"] if len(machines) == 1 else ["shm+gloo"]
 
 
 # Environment variables that change the layout or protocol of the shm heaps: every rank must
@@ -246,7 +254,7 @@ def _local_settings(
         "transport options": repr(sorted(options.items())),
         "sf-comm version": __version__,
     }
-    if transport in ("shm", "auto"):
+    if transport in ("shm", "shm+gloo", "auto"):
         settings.update({name: os.environ.get(name, "unset") for name in _SHM_ENV})
     settings.update({name: os.environ.get(name, "unset") for name in sorted(_AGREED_ENV)})
     return settings, topo
@@ -338,8 +346,9 @@ def init(
     Args:
         topology: a :class:`Topology`, a ``"MACHINESxGPUS"`` string, or None to detect
             (``SF_TOPOLOGY``, then torchrun's variables).
-        transport: one of "auto", "shm", "gloo", "nccl", "nvshmem", "torch-symm". "auto" takes
-            nvshmem or torch-symm on CUDA where available (else nccl), shm on CPU.
+        transport: one of "auto", "shm", "shm+gloo", "gloo", "nccl", "nvshmem", "torch-symm".
+            "auto" takes nvshmem or torch-symm on CUDA where available (else nccl); on CPU shm,
+            or shm+gloo when the ranks are on more than one machine (real or emulated).
         timeout: seconds any wait may take (default ``SF_TIMEOUT`` or 120).
         device: where tensors live (default: with NCCL, the GPU of torchrun's ``LOCAL_RANK``,
             made current; else CPU). "cuda" without an index also means that GPU.
@@ -365,7 +374,7 @@ def init(
         device = local_cuda_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tries = _auto_candidates(device) if transport == "auto" else [transport]
+    tries = _auto_candidates(device, timeout) if transport == "auto" else [transport]
     # The mesh's device type picks the process groups' backend: CUDA meshes need NCCL, which
     # refuses several ranks on one GPU; a gloo job keeps a CPU mesh even for CUDA tensors.
     mesh_type = device.type if uses_nccl else "cpu"
@@ -483,6 +492,18 @@ def _make_shm(
             destroy_groups([cpu_pg], pending=False)
 
 
+def _make_shm_gloo(
+    *, rank: int, world_size: int, timeout: float, device: torch.device, **kw: Any
+) -> Transport:
+    from . import shm_gloo
+
+    if device.type != "cpu":
+        raise ValueError(f"the shm+gloo transport moves CPU tensors; device is {device}")
+    if "gloo" not in str(dist.get_backend()):
+        raise ValueError("the shm+gloo transport needs a gloo process group")
+    return shm_gloo.create(rank=rank, world_size=world_size, timeout=timeout, **kw)
+
+
 def _make_two_sided(backend: str):  # type: ignore[no-untyped-def]
     def factory(
         *, rank: int, world_size: int, timeout: float, device: torch.device, **kw: Any
@@ -514,6 +535,7 @@ def _make_gpu(name: str):  # type: ignore[no-untyped-def]
 
 
 register_transport("shm", _make_shm)
+register_transport("shm+gloo", _make_shm_gloo)
 register_transport("gloo", _make_two_sided("gloo"))
 register_transport("nccl", _make_two_sided("nccl"))
 register_transport("nvshmem", _make_gpu("nvshmem"))

@@ -424,6 +424,12 @@ class ShmTransport(Transport):
 
         return Handle(finish, lambda: pending.finished)
 
+    def progress(self) -> None:
+        """Move every pending exchange as far as it goes without waiting (for a caller that
+        waits on this transport and another at once, :mod:`sf_comm.shm_gloo`)."""
+        self._check()
+        self._guarded(self._progress)
+
     def _step(self, op: _Op) -> bool:
         self._check()
         self._progress()

@@ -148,6 +148,12 @@ class TwoSidedTransport(Transport):
         if time.monotonic() - start > self.timeout:
             raise self._timed_out(what, peers, f"timed out after {self.timeout:.0f}s")
 
+    def _why(self) -> str:
+        """`` (rank 3 (pid 123) died)`` when the library refused an operation because a peer
+        on this host died (it says only that a connection closed), else ""."""
+        dead = self._dead(patience=2.0)
+        return f" ({dead})" if dead else ""
+
     def _timed_out(self, what: str, peers: Sequence[int], detail: str) -> CommError:
         answers = self._ask(what, peers)
         message = f"{what} {detail} waiting for ranks {list(peers)}"
@@ -211,7 +217,9 @@ class TwoSidedTransport(Transport):
             self._wait(pending.works, what, peers)
             return outputs
 
-        return Handle(finish, pending.advance)
+        return Handle(
+            finish, lambda: pending.advance() and all(w.is_completed() for w in pending.works)
+        )
 
     def _start(self, p2p: list[dist.P2POp], what: str) -> list[Any]:
         """Post ``p2p``: one batch on nccl; on gloo one tagged message each, tracked by the
@@ -226,7 +234,7 @@ class TwoSidedTransport(Transport):
                 for op in p2p
             ]
         except Exception as exc:
-            raise self._fail(f"{self.name} {what} failed to start: {exc}") from exc
+            raise self._fail(f"{self.name} {what} failed to start{self._why()}: {exc}") from exc
 
     def _library_group(self, group: Group) -> dist.ProcessGroup | None:
         """The process group a collective of ``group`` runs on: never the job's default group
@@ -271,7 +279,7 @@ class TwoSidedTransport(Transport):
                 recv, send, recv_splits, send_splits, group=pg, async_op=True
             )
         except Exception as exc:
-            raise self._fail(f"{self.name} {what} failed to start: {exc}") from exc
+            raise self._fail(f"{self.name} {what} failed to start{self._why()}: {exc}") from exc
         if self._waiter is not None:
             work = self._waiter.track(work)
 

@@ -23,7 +23,7 @@ from diffusers.utils import constants as _hub
 from sf_attn import get_strategy, strategy_names
 from sf_comm import Topology
 
-from . import generate_cmd, simulate_cmd
+from . import emulate_cmd, generate_cmd, simulate_cmd
 from ._cli_args import (
     UsageError,
     command_parser,
@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=_cmd_trace)
 
     simulate_cmd.add_parser(sub)
+    emulate_cmd.add_parser(sub)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks")
     bench.add_argument("what", choices=["comm", "attention", "vae", "memory"])
