@@ -466,3 +466,33 @@ def test_collectives_bit_exact_over_shm_gloo(netns: None, shm_env: dict[str, str
         if shm_env:  # the settings reached the shm half
             assert r["shm_slot_bytes"] == 64 * 1024 and not r["shm_rendezvous"], r
     before.check(os.getpid(), [])
+
+
+def _where(ctx: Any) -> tuple[str, str]:
+    return ctx.transport.name, os.readlink("/proc/self/ns/net")
+
+
+def test_rank_pool_and_bench_under_emulation(netns: None) -> None:
+    """A rank pool on an emulation (what ``bench attention --emulate`` and ``run --emulate``
+    use): each rank joins its machine's namespace (machine-mates share one, machines differ),
+    ``auto`` picks shm+gloo there, and every strategy of the attention bench equals
+    one-process attention over the mixed transport. Catches pool ranks left in the host's
+    namespace (their bytes would skip the emulated links) and a bench that times wrong
+    results."""
+    from sf_attn import strategy_bench
+
+    before = Leftovers()
+    with Emulation("2x2", inter_gbps=2) as emu, RankPool(4, emulation=emu) as pool:
+        where = pool.run(_where, topology="2x2", transport="auto")
+        rows = strategy_bench.run(
+            4, "2x2", (1, 256, 4, 16), iters=1, rounds=1, pool=pool, transports=("shm+gloo",)
+        )
+        pids = [p.pid for p in pool._procs]
+    assert [w[0] for w in where] == ["shm+gloo"] * 4, where
+    namespaces = [w[1] for w in where]
+    assert namespaces[0] == namespaces[1] != namespaces[2] == namespaces[3], namespaces
+    assert namespaces[0] != os.readlink("/proc/self/ns/net")
+    measured = [r for r in rows if r["strategy"] != "sdpa"]
+    assert len(measured) == len(strategy_bench.STRATEGIES)
+    assert all(r["max_abs_err"] < 1e-5 for r in measured), rows
+    before.check(os.getpid(), [p for p in pids if p is not None])

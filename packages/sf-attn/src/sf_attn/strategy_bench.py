@@ -134,13 +134,18 @@ def run(
     pool: RankPool | None = None,
     text: int = 0,
     text_layouts: tuple[str, ...] = ("replicated",),
+    emulation: sf_comm.Emulation | None = None,
 ) -> list[dict[str, Any]]:
     """Time every (strategy, transport, text layout) and one single-process SDPA call over
     the whole sequence (the stock path); one row each with median seconds, ratios and error.
-    Without text there is one layout ("-")."""
+    Without text there is one layout ("-"). With ``emulation`` (started, ``world`` ranks) the
+    ranks run on its emulated machines; pass transports that respect machines there
+    ("shm+gloo", "gloo"): plain "shm" would carry inter-machine bytes through memory."""
     reference = reference_output(shape, dtype, text)
     own = pool is None
-    pool = pool or RankPool(world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"})
+    pool = pool or RankPool(
+        world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"}, emulation=emulation
+    )
     Key = tuple[str, str, str]  # (strategy, transport, text layout)
     samples: dict[Key, list[float]] = {}
     errors: dict[Key, float] = {}

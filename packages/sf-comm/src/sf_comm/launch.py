@@ -7,6 +7,9 @@ functions on them::
     with RankPool(4, env={"SF_TOPOLOGY": "2x2"}) as pool:
         outs = pool.run(my_fn, x, topology="2x2", transport="shm")   # my_fn(ctx, x) per rank
 
+With ``emulation=`` (a started :class:`sf_comm.Emulation`), each rank joins its emulated
+machine's network namespace before it connects (Note [Pool under emulation]).
+
 ``my_fn`` must be importable by name (a module-level function). Every rank's result comes
 back in rank order. If any rank raises, dies or runs past ``timeout``, :class:`RankError`
 carries every rank's traceback or fate, and the pool restarts itself on its next use, so one
@@ -28,7 +31,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .emulate import Emulation
+
+_CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 
 
 def cached_context(topology: str | None, transport: str, **options: Any) -> Any:
@@ -70,6 +78,25 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="sf-parent-watch", daemon=True).start()
 
 
+def _enter_namespace(path: str) -> None:
+    """Move this process into the network namespace at ``path`` (``/run/netns/<name>``)."""
+    import ctypes
+
+    with open(path) as ns:
+        if ctypes.CDLL(None, use_errno=True).setns(ns.fileno(), _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+
+
+# Note [Pool under emulation]
+# A pool's ranks are spawned processes, not commands, so they cannot be started through
+# ``ip netns exec``. Each one instead joins its machine's namespace itself (setns, as root)
+# before torch opens any socket, and takes the rank's emulation environment (notably
+# GLOO_SOCKET_IFNAME=eth0 and SF_EMULATED_MACHINE). The FileStore rendezvous lives on the
+# shared filesystem, which namespaces do not separate; gloo then connects the ranks over
+# their machines' addresses, so bytes between machines cross the emulated links.
+
+
 def _worker(
     rank: int,
     world: int,
@@ -78,8 +105,11 @@ def _worker(
     env: dict[str, str],
     threads: int,
     parent: int,
+    namespace: str | None = None,
 ) -> None:
     _die_with_parent(parent)
+    if namespace is not None:  # Note [Pool under emulation]
+        _enter_namespace(namespace)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch
@@ -143,6 +173,9 @@ class RankPool:
         env: environment for the ranks (e.g. ``SF_TOPOLOGY``, ``SF_TIMEOUT``).
         threads: torch intra-op threads per rank (1: ranks share few cores).
         start_timeout: seconds to wait for the ranks to come up.
+        emulation: a started :class:`sf_comm.Emulation` of ``world_size`` ranks: each rank
+            runs in its machine's network namespace with its environment added (Note [Pool
+            under emulation]).
     """
 
     def __init__(
@@ -152,9 +185,15 @@ class RankPool:
         env: dict[str, str] | None = None,
         threads: int = 1,
         start_timeout: float = 120.0,
+        emulation: Emulation | None = None,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"RankPool world_size must be >= 1, got {world_size}")
+        if emulation is not None and emulation.world_size != world_size:
+            raise ValueError(
+                f"RankPool of {world_size} ranks on an emulation of {emulation.world_size}"
+            )
+        self.emulation = emulation
         self.world_size = world_size
         self.env = dict(env or {})
         self.threads = threads
@@ -172,11 +211,25 @@ class RankPool:
         ctx = mp.get_context("spawn")
         self._tmp = tempfile.mkdtemp(prefix="sf-pool-")
         store = os.path.join(self._tmp, "store")
+        emu = self.emulation
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
+            env, namespace = self.env, None
+            if emu is not None:
+                env = emu.env(rank, base=self.env)
+                namespace = f"/run/netns/{emu.namespace(rank // emu.topology.gpus_per_machine)}"
             proc = ctx.Process(
                 target=_worker,
-                args=(rank, self.world_size, store, child, self.env, self.threads, os.getpid()),
+                args=(
+                    rank,
+                    self.world_size,
+                    store,
+                    child,
+                    env,
+                    self.threads,
+                    os.getpid(),
+                    namespace,
+                ),
                 daemon=True,
                 name=f"sf-rank-{rank}",
             )

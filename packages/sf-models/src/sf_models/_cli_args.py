@@ -9,6 +9,7 @@ options, and the parser class and runner that turn every mistake into one line (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from sf_comm.launch import RankError
 
 # The transports whose factories take the CPU tensors of a rank pool ("auto" is shm there);
 # nccl, nvshmem and torch-symm need CUDA tensors (sf_comm.context).
-_CPU_TRANSPORTS = ("auto", "shm", "gloo")
+_CPU_TRANSPORTS = ("auto", "shm", "shm+gloo", "gloo")
 
 # Note [Command-line errors]
 #     A mistake on the command line ends as ONE line on stderr, ``streamfusion <sub>: error:
@@ -350,3 +351,33 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         line = f"{sub.prog}: error: {message}"
     print(" ".join(line.split("\n")), file=sys.stderr)
     return 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EmulateSpec:
+    """``--emulate MxG:GBPS[:LATENCY_US]``: the machines and their links (sf_comm.Emulation)."""
+
+    topology: Topology
+    inter_gbps: float
+    inter_latency_us: float = 0.0
+
+
+def emulate_spec(text: str) -> EmulateSpec:
+    """A ``type=`` for ``--emulate MxG:GBPS[:LATENCY_US]``, e.g. ``2x2:0.4`` or ``2x2:0.4:200``."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        topo = Topology.parse(parts[0])
+        gbps = float(parts[1])
+        latency = float(parts[2]) if len(parts) == 3 else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MACHINESxGPUS:GBIT_PER_S[:LATENCY_US], e.g. 2x2:0.4 or 2x2:0.4:200, "
+            f"got {text!r}"
+        ) from None
+    if not (gbps > 0 and latency >= 0) or gbps == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"the link rate must be > 0 Gbit/s and the latency >= 0 us, got {text!r}"
+        )
+    return EmulateSpec(topo, gbps, latency)

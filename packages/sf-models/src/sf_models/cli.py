@@ -12,10 +12,12 @@ streamfusion bench memory        a transformer forward's peak activation per ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from diffusers.utils import constants as _hub
@@ -25,10 +27,12 @@ from sf_comm import Topology
 
 from . import emulate_cmd, generate_cmd, simulate_cmd
 from ._cli_args import (
+    EmulateSpec,
     UsageError,
     command_parser,
     cpu_transport,
     drop_image_processor_note,
+    emulate_spec,
     inner_backend,
     latent_size,
     nonneg_int,
@@ -64,7 +68,45 @@ def _world_and_topology(args: argparse.Namespace) -> tuple[int, Topology]:
             f"streamfusion {args.command} starts its own CPU ranks; under torchrun (one process "
             f"per GPU) use `python -m sf_models.generate ...` (streamfusion generate)"
         )
+    spec: EmulateSpec | None = getattr(args, "emulate", None)
+    if spec is not None:
+        if args.world is not None or args.topology is not None:
+            raise UsageError(
+                "--emulate", "sets the machines and ranks; drop --world and --topology"
+            )
+        return spec.topology.world_size, spec.topology
     return world_and_topology(args.world, args.topology, default_world=4)
+
+
+def _emulation(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """The started :class:`sf_comm.Emulation` of ``--emulate`` (a ``with`` block that
+    removes it), or a block that gives None without it."""
+    spec: EmulateSpec | None = getattr(args, "emulate", None)
+    if spec is None:
+        return contextlib.nullcontext()
+    from sf_comm.emulate import Emulation, EmulationUnavailable
+
+    emulation = Emulation(
+        spec.topology, inter_gbps=spec.inter_gbps, inter_latency_us=spec.inter_latency_us
+    )
+    try:
+        return emulation.start()
+    except EmulationUnavailable as exc:
+        raise UsageError("--emulate", str(exc)) from None
+
+
+def _transport_under(args: argparse.Namespace) -> str:
+    """``--transport``, defaulting to shm, or shm+gloo under ``--emulate`` (where plain shm
+    would carry the bytes between emulated machines through memory, past their links)."""
+    if getattr(args, "emulate", None) is None:
+        return args.transport or "shm"
+    if args.transport == "shm":
+        raise UsageError(
+            "--transport",
+            "shm moves bytes between emulated machines through shared memory, past the "
+            "emulated links; under --emulate use shm+gloo (the default) or gloo",
+        )
+    return args.transport or "shm+gloo"
 
 
 def _check_heads(
@@ -180,20 +222,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         _check_heads(abench.STRATEGIES, topo, args.heads, "--heads")
         shape = (args.batch, args.seq, args.heads, args.head_dim)
-        rows = abench.run(
-            world,
-            str(topo),
-            shape,
-            _DTYPES[args.dtype],
-            iters=args.iters,
-            text=args.text,
-            text_layouts=("replicated", "sharded")
-            if args.text_layout == "both"
-            else (args.text_layout,),
+        spec: EmulateSpec | None = args.emulate
+        with _emulation(args) as emulation:
+            rows = abench.run(
+                world,
+                str(topo),
+                shape,
+                _DTYPES[args.dtype],
+                iters=args.iters,
+                text=args.text,
+                text_layouts=("replicated", "sharded")
+                if args.text_layout == "both"
+                else (args.text_layout,),
+                transports=("shm+gloo", "gloo") if spec else ("shm", "gloo"),
+                emulation=emulation,
+            )
+        links = (
+            f"; emulated machines, each NIC {spec.inter_gbps:g} Gbit/s"
+            + (f", {spec.inter_latency_us:g} us" if spec.inter_latency_us else "")
+            if spec
+            else ""
         )
         print(
             f"attention {shape} + {args.text} joint text tokens, {args.dtype}, on {world} CPU "
-            f"ranks, topology {topo}; median of the slowest rank per call"
+            f"ranks, topology {topo}{links}; median of the slowest rank per call"
         )
         print(abench.format_table(rows))
     if args.json:
@@ -205,6 +257,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import job
 
     world, topo = _world_and_topology(args)
+    transport = _transport_under(args)
     strategies = tuple(strategy_names()) if args.strategy == "all" else (args.strategy,)
     cfg_scale = (
         args.cfg_scale if args.cfg_scale is not None else (3.5 if args.cfg_parallel else 1.0)
@@ -214,7 +267,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"streamfusion run: Flux-architecture DiT ({args.config or 'small config, random weights'}), "
         f"{args.height}x{args.width} px, {args.steps} steps, {args.dtype}; {world} CPU ranks, "
-        f"emulated topology {topo}, transport {args.transport}"
+        f"{'emulated machines' if args.emulate else 'emulated topology'} {topo}, transport "
+        f"{transport}" + (f", each NIC {args.emulate.inter_gbps:g} Gbit/s" if args.emulate else "")
     )
     if cfg_scale > 1:
         print(
@@ -225,22 +279,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    report = job.run(
-        world=world,
-        topology=str(topo),
-        transport=args.transport,
-        strategies=strategies,
-        config=args.config,
-        height=args.height,
-        width=args.width,
-        text=args.text,
-        steps=args.steps,
-        dtype=dtype,
-        cfg_scale=cfg_scale,
-        cfg_parallel=args.cfg_parallel,
-        compile_inner=args.compile,
-        out=args.out,
-    )
+    with _emulation(args) as emulation:
+        report = job.run(
+            world=world,
+            topology=str(topo),
+            transport=transport,
+            emulation=emulation,
+            strategies=strategies,
+            config=args.config,
+            height=args.height,
+            width=args.width,
+            text=args.text,
+            steps=args.steps,
+            dtype=dtype,
+            cfg_scale=cfg_scale,
+            cfg_parallel=args.cfg_parallel,
+            compile_inner=args.compile,
+            out=args.out,
+        )
     name, p_u = report["plan"]
     sp_world = world // 2 if args.cfg_parallel else world
     print(
@@ -308,6 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--topology", type=topology, default=None, help="MACHINESxGPUS to emulate (default 2x2)"
         )
 
+    def emulate_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--emulate",
+            type=emulate_spec,
+            default=None,
+            metavar="MxG:GBPS[:LATENCY_US]",
+            help="run the ranks as M emulated machines of G (network namespaces, each NIC "
+            "GBPS Gbit/s; needs root; see streamfusion emulate)",
+        )
+
     def common(p: argparse.ArgumentParser, seq: int, heads: int) -> None:
         ranks(p)
         p.add_argument("--batch", type=positive_int, default=1)
@@ -368,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the two guidance passes on the two halves of the ranks (default scale 3.5)",
     )
     run.add_argument(
-        "--transport", type=cpu_transport, default="shm", help="shm, gloo or auto (shm on CPU)"
+        "--transport",
+        type=cpu_transport,
+        default=None,
+        help="shm, shm+gloo, gloo or auto (default shm; under --emulate shm+gloo)",
     )
+    emulate_option(run)
     run.add_argument("--out", type=out_dir, default="out", help="directory for results")
     run.set_defaults(fn=_cmd_run)
 
@@ -416,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(64, 64),
         help="memory: HxW tokens (Flux: the image; Wan: per frame of 4 frames)",
     )
+    emulate_option(bench)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(fn=_cmd_bench)
     return parser

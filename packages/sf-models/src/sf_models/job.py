@@ -237,8 +237,10 @@ def run(
     cfg_parallel: bool = False,
     compile_inner: str | None = None,
     out: str | None = None,
+    emulation: sf_comm.Emulation | None = None,
 ) -> dict[str, Any]:
     """Single-process reference, then every strategy on ``world`` ranks; returns a report.
+    With ``emulation`` (started, ``world`` ranks) the ranks run on its emulated machines.
 
     With ``cfg_scale > 1`` every step runs true classifier-free guidance (a conditional and an
     unconditional pass); ``cfg_parallel`` puts the two passes on the two halves of the ranks,
@@ -267,7 +269,8 @@ def run(
         "single_step_s": statistics.median(ref_times),
         "strategies": {},
     }
-    with RankPool(world, env={"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"}) as pool:
+    env = {"SF_TOPOLOGY": topology, "SF_TIMEOUT": "300"}
+    with RankPool(world, env=env, emulation=emulation) as pool:
         for strategy in strategies:
             results = pool.run(
                 _rank_job,

@@ -49,7 +49,7 @@ CHECK_MAX_ABS = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_LAYOUTS = ("auto", "replicated", "sharded")
 DEVICES = ("cpu", "cuda")
-_CPU_TRANSPORTS = ("auto", "shm", "gloo")
+_CPU_TRANSPORTS = ("auto", "shm", "shm+gloo", "gloo")
 _IMAGE_SUFFIXES = (".png", ".npy")
 _VIDEO_SUFFIXES = (".mp4", ".npy")
 
