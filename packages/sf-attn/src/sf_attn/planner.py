@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sf_comm import Topology
+from sf_comm.topology import LinkModel
 
 from .sim.layer import CostModel, SimResult, simulate
 from .strategies import baseline_strategy, get_strategy, strategy_names
@@ -225,7 +226,9 @@ def measure_rates(
             for i, n in enumerate(names)
         ]
         values = torch.stack(slowest)
-    return ctx.topology.replace(**{n: float(v) for n, v in zip(names, values.tolist())})
+    # measured rates are effective rates already: line rate in the link model (LinkModel())
+    measured = {n: float(v) for n, v in zip(names, values.tolist())}
+    return ctx.topology.replace(links=LinkModel(), **measured)
 
 
 __all__ = [

@@ -14,15 +14,92 @@ import re
 from typing import Any
 
 _GB = 1e9
+_MB = 1e6
+
+# The message patterns a link model tells apart: a collective with many peers at once
+# (all-to-all, all-gather) and a transfer to one peer (a ring shift, a staged pull).
+PATTERNS = ("all_to_all", "send_recv")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LinkCurve:
+    """Effective bandwidth of one transport and pattern on one link, by message size.
+
+    ``bw(m) = peak * e_max * m / (m + m_half)`` for a message of ``m`` bytes (one rank's
+    bytes on that link in one call): the link reaches ``e_max`` of its line rate for large
+    messages and half of that at ``m_half`` bytes. Equivalently a message costs
+    ``m / (peak * e_max)`` plus a fixed ``m_half / (peak * e_max)`` seconds (the protocol's
+    per-call cost). ``LinkCurve()`` is line rate at every size.
+    """
+
+    e_max: float = 1.0
+    m_half: float = 0.0  # bytes
+
+    def __post_init__(self) -> None:
+        if not 0 < self.e_max <= 1:
+            raise ValueError(f"LinkCurve.e_max must be in (0, 1], got {self.e_max!r}")
+        if not self.m_half >= 0:
+            raise ValueError(f"LinkCurve.m_half must be >= 0 bytes, got {self.m_half!r}")
+
+    def efficiency(self, nbytes: float) -> float:
+        """Fraction of line rate a message of ``nbytes`` gets: ``e_max * m / (m + m_half)``."""
+        if nbytes <= 0:
+            return self.e_max if self.m_half == 0 else 0.0
+        return self.e_max * nbytes / (nbytes + self.m_half)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LinkModel:
+    """Per link, transport and pattern, the :class:`LinkCurve` a transfer gets.
+
+    Inside a machine both patterns share one curve per transport (NVLink/NVSwitch moves a
+    collective's peers' messages at once); between machines two-sided all-to-all and
+    send/recv have their own (NCCL runs them as different kernels and channel counts).
+    The default is line rate everywhere (custom topologies, measured rates).
+    """
+
+    intra_two_sided: LinkCurve = LinkCurve()
+    intra_one_sided: LinkCurve = LinkCurve()
+    inter_all_to_all: LinkCurve = LinkCurve()  # two-sided (NCCL all-to-all)
+    inter_send_recv: LinkCurve = LinkCurve()  # two-sided (NCCL send/recv)
+    inter_one_sided: LinkCurve = LinkCurve()  # puts (NVSHMEM)
+
+    def curve(self, link: str, *, one_sided: bool, pattern: str = "all_to_all") -> LinkCurve:
+        """The curve of ``link`` ("intra" or "inter") for a transport and a pattern.
+
+        Raises:
+            ValueError: unknown link or pattern.
+        """
+        if pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {pattern!r}; known: {PATTERNS}")
+        if link == "intra":
+            return self.intra_one_sided if one_sided else self.intra_two_sided
+        if link == "inter":
+            if one_sided:
+                return self.inter_one_sided
+            return self.inter_all_to_all if pattern == "all_to_all" else self.inter_send_recv
+        raise ValueError(f"unknown link {link!r}; known: 'intra', 'inter'")
+
+    def with_inter_efficiency(self, e_max: float) -> LinkModel:
+        """Every inter-machine curve with its large-message efficiency set to ``e_max`` (the
+        size at half efficiency kept): the ``--sweep inter-efficiency`` knob."""
+        return dataclasses.replace(
+            self,
+            inter_all_to_all=dataclasses.replace(self.inter_all_to_all, e_max=e_max),
+            inter_send_recv=dataclasses.replace(self.inter_send_recv, e_max=e_max),
+            inter_one_sided=dataclasses.replace(self.inter_one_sided, e_max=e_max),
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Topology:
     """A homogeneous cluster: ``machines`` x ``gpus_per_machine`` ranks and its links.
 
-    Bandwidths are in bytes/s per direction, latencies in seconds. ``inter_bw`` is the
-    bandwidth of one NIC; ``gpus_per_nic`` GPUs share it, so a machine's total inter-machine
-    bandwidth is ``inter_bw * gpus_per_machine / gpus_per_nic``.
+    Bandwidths are line rates in bytes/s per direction, latencies in seconds. ``inter_bw``
+    is the bandwidth of one NIC; ``gpus_per_nic`` GPUs share it, so a machine's total
+    inter-machine bandwidth is ``inter_bw * gpus_per_machine / gpus_per_nic``. ``links``
+    says what fraction of line rate each transport and pattern reaches by message size
+    (:meth:`bandwidth`; the presets' values and their sources are in docs/simulator.md).
     """
 
     machines: int
@@ -36,6 +113,7 @@ class Topology:
     device_flops: float = 1e11
     # Streaming multiprocessors per device: attention kernels run in waves over them.
     device_sms: int = 132
+    links: LinkModel = LinkModel()
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -56,6 +134,23 @@ class Topology:
                 f"Topology.gpus_per_nic={self.gpus_per_nic} must divide "
                 f"gpus_per_machine={self.gpus_per_machine}"
             )
+
+    def bandwidth(
+        self, link: str, nbytes: float, *, one_sided: bool, pattern: str = "all_to_all"
+    ) -> float:
+        """Effective bytes/s one GPU gets for a message of ``nbytes`` on ``link``.
+
+        Equivalent plain code::
+
+            peak = intra_bw if link == "intra" else inter_bw / gpus_per_nic
+            return peak * links.curve(link, ...).efficiency(nbytes)
+
+        Raises:
+            ValueError: unknown link or pattern.
+        """
+        peak = self.intra_bw if link == "intra" else self.inter_bw / self.gpus_per_nic
+        curve = self.links.curve(link, one_sided=one_sided, pattern=pattern)
+        return peak * curve.efficiency(nbytes)
 
     @property
     def world_size(self) -> int:
@@ -147,12 +242,17 @@ class Topology:
         """A planned-for cluster of ``machines`` identical machines.
 
         Presets (per machine):
-          - ``p4de``: 8x A100 80GB, NVSwitch (~250 GB/s achievable per GPU), 4x 100 Gbps EFA
-            (one NIC per 2 GPUs, ~12.5 GB/s each, 400 Gbps per machine), ~250 TFLOP/s bf16
+          - ``p4de``: 8x A100 80GB, NVSwitch (300 GB/s line per GPU), 4x 100 Gbps EFA
+            (one NIC per 2 GPUs, 12.5 GB/s each, 400 Gbps per machine), ~250 TFLOP/s bf16
             achievable per GPU out of 312 peak.
-          - ``h100-ib``: 8x H100 SXM, NVLink 4 (~380 GB/s achievable), 8x 400 Gbps IB
-            (one NIC per GPU, ~50 GB/s), ~650 TFLOP/s bf16 achievable.
+          - ``h100-ib``: 8x H100 SXM, NVLink 4 (450 GB/s line), 8x 400 Gbps IB
+            (one NIC per GPU, 50 GB/s), ~650 TFLOP/s bf16 achievable.
           - ``h200-ib``: 8x H200 SXM, same links as h100-ib, ~700 TFLOP/s achievable.
+          - ``p5``: 8x H100 SXM (as h100-ib) with 4x 100 Gbps EFA per GPU (3200 Gbps per
+            machine), the machine the public EFA all-to-all and NVSHMEM figures are from.
+
+        Bandwidths are line rates; ``links`` holds the measured efficiencies by transport,
+        pattern and message size (docs/simulator.md, "The link model").
 
         Raises:
             ValueError: unknown preset name or ``machines < 1``.
@@ -170,33 +270,88 @@ class Topology:
         return sorted(_PRESETS)
 
 
+# Link efficiencies (every number's source and fit is in docs/simulator.md, "The link
+# model"). Inside machines: NCCL ring all-reduce bus bandwidth
+# at 1 GB on one machine (two-sided), an NVSHMEM NVLink put stress test (one-sided); m_half
+# 0: the per-message latency alone (intra_latency) covers small messages there.
+# Between machines: NCCL all-to-all on p5 (EFA) fitted by size (e_max 0.855, 0.345 ms per
+# call), NCCL all-reduce on 3-4 p4dn machines for EFA's e_max on A100 machines, NVIDIA's
+# 46-49 GB/s per NDR NIC for InfiniBand, NVSHMEM shmem_put_bw on p5 for the one-sided
+# per-put cost (32 us). m_half = per-call seconds x e_max x per-GPU line rate.
+_NCCL_A2A_CALL_S = 0.345e-3  # fitted to p5 nccl-tests all_to_all, 2-8 machines
+_NVSHMEM_PUT_S = 32e-6  # shmem_put_bw on p5: 64-256 KB puts take ~32 us each
+
+
+def _inter(e_two: float, e_one: float, per_gpu_bw: float) -> dict[str, LinkCurve]:
+    two = LinkCurve(e_max=e_two, m_half=_NCCL_A2A_CALL_S * e_two * per_gpu_bw)
+    return {
+        "inter_all_to_all": two,
+        # no published NCCL send/recv size curve over EFA/IB was found: the all-to-all's
+        "inter_send_recv": two,
+        "inter_one_sided": LinkCurve(e_max=e_one, m_half=_NVSHMEM_PUT_S * e_one * per_gpu_bw),
+    }
+
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "p4de": dict(
         gpus_per_machine=8,
-        intra_bw=250 * _GB,
+        intra_bw=300 * _GB,  # NVLink 3: 12 links x 25 GB/s per direction
         intra_latency=3e-6,
-        inter_bw=12.5 * _GB,
+        inter_bw=12.5 * _GB,  # one 100 Gbps EFA NIC
         inter_latency=15e-6,
         gpus_per_nic=2,
         device_flops=250e12,
         device_sms=108,
+        links=LinkModel(
+            intra_two_sided=LinkCurve(e_max=0.77),  # p4dn 1 machine: 230.8 / 300 GB/s
+            intra_one_sided=LinkCurve(e_max=0.85),
+            # p4dn all-reduce 3-4 machines: 29.6-31.8 of 50 GB/s per machine; one-sided: no
+            # p4de NVSHMEM figure, assumed equal (p5's NVSHMEM reaches less: docs)
+            **_inter(0.6, 0.6, 12.5 * _GB / 2),
+        ),
     ),
     "h100-ib": dict(
         gpus_per_machine=8,
-        intra_bw=380 * _GB,
+        intra_bw=450 * _GB,  # NVLink 4: 18 links x 25 GB/s per direction
         intra_latency=2e-6,
-        inter_bw=50 * _GB,
+        inter_bw=50 * _GB,  # one 400 Gbps NDR NIC
         inter_latency=5e-6,
         gpus_per_nic=1,
         device_flops=650e12,
+        links=LinkModel(
+            intra_two_sided=LinkCurve(e_max=0.82),  # 8x H100 ring all-reduce ~370 / 450 GB/s
+            intra_one_sided=LinkCurve(e_max=0.85),  # NVSHMEM put 396 / 468 GB/s
+            **_inter(0.94, 0.94, 50 * _GB),  # 46-49 GB/s per NDR NIC
+        ),
     ),
     "h200-ib": dict(
         gpus_per_machine=8,
-        intra_bw=380 * _GB,
+        intra_bw=450 * _GB,
         intra_latency=2e-6,
         inter_bw=50 * _GB,
         inter_latency=5e-6,
         gpus_per_nic=1,
         device_flops=700e12,
+        links=LinkModel(
+            intra_two_sided=LinkCurve(e_max=0.82),
+            intra_one_sided=LinkCurve(e_max=0.85),
+            **_inter(0.94, 0.94, 50 * _GB),
+        ),
+    ),
+    "p5": dict(
+        gpus_per_machine=8,
+        intra_bw=450 * _GB,
+        intra_latency=2e-6,
+        inter_bw=50 * _GB,  # 4x 100 Gbps EFA per GPU (3200 Gbps per machine)
+        inter_latency=15e-6,
+        gpus_per_nic=1,
+        device_flops=650e12,
+        links=LinkModel(
+            intra_two_sided=LinkCurve(e_max=0.82),
+            intra_one_sided=LinkCurve(e_max=0.85),
+            # NCCL all-to-all fitted on p5 itself; NVSHMEM put: shmem_put_bw's 512 KB point
+            # after the 32 us per put (24.6 of 50 GB/s)
+            **_inter(0.855, 0.49, 50 * _GB),
+        ),
     ),
 }

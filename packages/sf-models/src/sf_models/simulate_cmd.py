@@ -1,11 +1,15 @@
 """``streamfusion simulate``: per-step latency of a whole DiT step for every strategy.
 
 Costs one denoising step of a real model's architecture (:mod:`sf_attn.sim.models`) on a
-topology preset with :func:`sf_attn.sim.step.simulate_step` (no devices needed) and prints, per
-strategy and for ``auto``, the step latency, the speedup over USP, and the lower bound
+topology preset with :func:`sf_attn.sim.step.simulate_step` (no devices needed) and prints
+xDiT's USP as deployed (the baseline, ``xdit-usp``), then per strategy and for ``auto`` its
+transport, text layout, step latency and speedup over the baseline, and the lower bound
 ``max(compute/P, unavoidable comm)``. ``--json`` prints the same as JSON, ``--plot`` draws
-latency against the number of machines (1..8). ``--calibration`` prints the simulator's
-prediction of xDiT's published FLUX.1-dev numbers next to them (docs/simulator.md).
+latency against the number of machines (1..8). ``--explain`` says what the planner chose and
+which term dominates. ``--sweep inter-efficiency`` prints (and with ``--plot`` draws) every
+strategy's speedup over the baseline against the inter-machine links' efficiency.
+``--calibration`` prints the simulator's prediction of xDiT's published FLUX.1-dev numbers
+next to them (docs/simulator.md).
 
 Wired into the ``streamfusion`` command by :func:`add_parser`.
 """
@@ -36,8 +40,48 @@ _DEFAULT_SIZE = {
     "hunyuanvideo": (720, 1280, 129),
     "wan": (720, 1280, 81),
 }
-_HARDWARE = ("p4de", "h100-ib", "h200-ib")
+_HARDWARE = ("p4de", "p5", "h100-ib", "h200-ib")
 PLOT_MACHINES = range(1, 9)
+SWEEPS = ("inter-efficiency",)
+# --sweep inter-efficiency with no values: e_max of every inter-machine curve, 0.3 .. 1.0
+DEFAULT_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def sweep_spec(text: str) -> tuple[str, tuple[float, ...]]:
+    """A ``type=`` for ``--sweep``: ``inter-efficiency`` (0.3 .. 1.0 by 0.1),
+    ``inter-efficiency=LO:HI:STEP`` or ``inter-efficiency=V1,V2,...``; every value in (0, 1]
+    (the large-message efficiency of the inter-machine links)."""
+    name, equals, values = text.partition("=")
+    if name not in SWEEPS:
+        raise argparse.ArgumentTypeError(
+            f"unknown sweep {name!r}; choose one of {', '.join(SWEEPS)} "
+            "(e.g. inter-efficiency or inter-efficiency=0.3:1.0:0.1)"
+        )
+    if not equals:
+        return name, DEFAULT_SWEEP
+    try:
+        if ":" in values:
+            parts = [float(v) for v in values.split(":")]
+            if len(parts) != 3 or not parts[2] > 0 or parts[0] > parts[1]:
+                raise ValueError
+            lo, hi, step = parts
+            count = round((hi - lo) / step) + 1
+            points = tuple(
+                round(lo + i * step, 10) for i in range(count) if lo + i * step <= hi + 1e-9
+            )
+        else:
+            points = tuple(float(v) for v in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{name} values must be LO:HI:STEP with LO <= HI and STEP > 0, or V1,V2,..., "
+            f"got {values!r}"
+        ) from None
+    bad = [v for v in points if not 0 < v <= 1]
+    if bad or not points:
+        raise argparse.ArgumentTypeError(
+            f"{name} values must lie in (0, 1] (a fraction of line rate), got {values!r}"
+        )
+    return name, points
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -92,6 +136,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--steps", type=positive_int, default=None, help="also print the total for N steps"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="say what the planner chose and which term dominates (inter-machine transfer, "
+        "intra-machine transfer, compute, overheads)",
+    )
+    p.add_argument(
+        "--sweep",
+        type=sweep_spec,
+        default=None,
+        metavar="inter-efficiency[=LO:HI:STEP|=V1,V2,...]",
+        help="speedup of every strategy over the baseline against the inter-machine links' "
+        "efficiency (default 0.3..1.0); with --plot, drawn",
+    )
     p.add_argument(
         "--plot", type=out_file, default=None, metavar="OUT.png", help="latency vs machines 1..8"
     )
@@ -180,9 +238,14 @@ def check(args: argparse.Namespace) -> None:
             )
 
 
+def _transport(name: str) -> str:
+    return {"one-sided": "1-sided", "two-sided": "2-sided"}.get(name, name)
+
+
 def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> str:
     """The ``streamfusion simulate`` table for a :class:`sf_attn.sim.step.StepResult`."""
     from sf_attn.sim.models import get_model
+    from sf_attn.sim.step import BASELINE_NAME
 
     cfg = get_model(result.model)
     topo = result.topology
@@ -195,37 +258,198 @@ def format_table(result: Any, *, one_sided: bool, steps: int | None = None) -> s
         f"{topo.name}: {topo.machines} machine(s) x {topo.gpus_per_machine} GPUs = "
         f"{topo.world_size} ranks, {'one' if one_sided else 'two'}-sided transfers",
     ]
+    vs = f"vs {BASELINE_NAME}"
     head = (
-        f"{'strategy':<15} {'P_u x P_r':>9} {'ms/step':>10} {'vs usp':>7} "
-        f"{'attn ms':>9} {'other ms':>9}"
+        f"{'strategy':<18} {'transport':<9} {'text':<10} {'P_u x P_r':>9} {'ms/step':>10} "
+        f"{vs:>11} {'attn ms':>9} {'other ms':>9}"
     )
     if steps:
         head += f" {f'{steps} steps s':>12}"
     lines += [head, "-" * len(head)]
+
+    def row(label: str, s: Any, speed: float | None) -> str:
+        other = s.latency_s - s.attention_s
+        text = (
+            f"{label:<18} {_transport(s.transport):<9} {s.text:<10} {s.degrees[0]:>4} x "
+            f"{s.degrees[1]:<3} {s.latency_s * 1e3:10.1f} "
+            f"{(f'{speed:.2f}x' if speed else 'n/a'):>11} {s.attention_s * 1e3:9.1f} "
+            f"{other * 1e3:9.1f}"
+        )
+        if steps:
+            text += f" {steps * s.latency_s:12.2f}"
+        if s.uneven_heads:
+            text += "  * uneven head groups"
+        return text
+
+    if result.baseline is not None:
+        lines.append(row(f"{BASELINE_NAME} (base)", result.baseline, 1.0))
+    else:
+        lines.append(f"{BASELINE_NAME:<18} n/a (USP cannot split {cfg.heads} heads here)")
     for name, s in result.strategies.items():
         if s is None:
             lines.append(
-                f"{name:<15} {'n/a':>9} {'n/a':>10}   (cannot split {cfg.heads} heads here)"
+                f"{name:<18} {'':<9} {'':<10} {'n/a':>9} {'n/a':>10}   "
+                f"(cannot split {cfg.heads} heads here)"
             )
             continue
         label = f"{name} ({s.chosen})" if name == "auto" else name
-        speed = result.speedup_over_usp(name)
-        other = s.latency_s - s.attention_s
-        row = (
-            f"{label:<15} {s.degrees[0]:>4} x {s.degrees[1]:<3} {s.latency_s * 1e3:10.1f} "
-            f"{(f'{speed:.2f}x' if speed else 'n/a'):>7} {s.attention_s * 1e3:9.1f} {other * 1e3:9.1f}"
-        )
-        if steps:
-            row += f" {steps * s.latency_s:12.2f}"
-        if s.uneven_heads:
-            row += "  * uneven head groups"
-        lines.append(row)
+        lines.append(row(label, s, result.speedup(name)))
     lines.append(
-        f"{'lower bound':<15} {'':>9} {result.bound_s * 1e3:10.1f}          "
+        f"{'lower bound':<18} {'':<9} {'':<10} {'':>9} {result.bound_s * 1e3:10.1f}  "
         f"= max(compute/P {result.compute_bound_s * 1e3:.1f}, "
         f"unavoidable comm {result.comm_bound_s * 1e3:.1f})"
     )
     return "\n".join(lines)
+
+
+_TERM_NAMES = {
+    "inter": "inter-machine transfer",
+    "intra": "intra-machine transfer",
+    "compute": "compute",
+    "overheads": "overheads",
+}
+
+
+def format_explain(result: Any) -> str:
+    """``--explain``: the planner's choice for this point and the term that dominates it.
+
+    The terms are :func:`sf_attn.sim.step.step_terms` (busy seconds per kind of work over the
+    step); the reason names the largest for the choice and for the baseline, and the
+    runner-up strategy at its default degrees.
+    """
+    from sf_attn.sim.step import BASELINE_NAME, step_terms
+
+    auto = result.strategies.get("auto")
+    if auto is None:
+        return "explain: auto was not simulated"
+    topo = result.topology
+    lines = [
+        f"explain ({result.model}, {topo.name} {topo.machines} x {topo.gpus_per_machine}): "
+        f"auto picks {auto.chosen} {auto.degrees[0]} x {auto.degrees[1]} "
+        f"({auto.transport}, text {auto.text}), {auto.latency_s * 1e3:.1f} ms/step"
+        + (
+            f", {result.speedup('auto'):.2f}x over {BASELINE_NAME} "
+            f"({result.baseline.latency_s * 1e3:.1f} ms)"
+            if result.baseline is not None
+            else ""
+        )
+    ]
+    for label, s in (("auto", auto), (BASELINE_NAME, result.baseline)):
+        if s is None:
+            continue
+        terms = step_terms(result.model, s)
+        top = max(terms, key=lambda k: terms[k])
+        parts = ", ".join(f"{_TERM_NAMES[k]} {v * 1e3:.1f}" for k, v in terms.items())
+        lines.append(f"  {label:<9} ms busy per step: {parts} -> {_TERM_NAMES[top]} dominates")
+    others = sorted(
+        (s.latency_s, name)
+        for name, s in result.strategies.items()
+        if s is not None and name != "auto" and name != auto.chosen
+    )
+    if others:
+        latency, name = others[0]
+        lines.append(
+            f"  runner-up: {name} at its default degrees, {latency * 1e3:.1f} ms/step "
+            f"({(latency / auto.latency_s - 1) * 100:+.0f}% over the pick)"
+        )
+    if result.baseline is not None and auto.latency_s >= result.baseline.latency_s:
+        lines.append(f"  nothing beats {BASELINE_NAME} here: auto runs its configuration")
+    return "\n".join(lines)
+
+
+def sweep_inter_efficiency(args: argparse.Namespace, values: tuple[float, ...]) -> list[Any]:
+    """One :class:`sf_attn.sim.step.StepResult` per inter-machine efficiency in ``values``
+    (every inter-machine curve's ``e_max`` set to it, its ``m_half`` kept)."""
+    from sf_attn.sim.step import simulate_step
+
+    height, width, frames = _size(args)
+    base = _topology(args)
+    out = []
+    for e in values:
+        topo = base.replace(links=base.links.with_inter_efficiency(e))
+        out.append(
+            simulate_step(
+                args.model,
+                topo,
+                height=height,
+                width=width,
+                frames=frames,
+                one_sided=not args.two_sided,
+                text=text_layout(args.model, args.text),
+            )
+        )
+    return out
+
+
+def format_sweep(values: tuple[float, ...], results: list[Any], preset: Any) -> str:
+    """The ``--sweep inter-efficiency`` table: per efficiency, the baseline's step and every
+    strategy's speedup over it, and what auto picks (``preset``: the unswept topology)."""
+    from sf_attn.sim.step import BASELINE_NAME
+
+    first = results[0]
+    topo = first.topology
+    names = [n for n in first.strategies if n != "auto"]
+    links = _topology_links(preset)
+    lines = [
+        f"speedup over {BASELINE_NAME} vs inter-machine link efficiency (e_max of every "
+        f"inter-machine curve; the preset's: {links}); {first.model} "
+        f"{first.height}x{first.width}"
+        + (f"x{first.frames}f" if first.frames > 1 else "")
+        + f", {topo.name} {topo.machines} x {topo.gpus_per_machine}",
+    ]
+    head = f"{'e_max':>5} {BASELINE_NAME + ' ms':>12} " + " ".join(f"{n:>8}" for n in names)
+    head += f" {'auto':>8}  auto picks"
+    lines += [head, "-" * len(head)]
+    for e, res in zip(values, results):
+        base = res.baseline
+        cells = []
+        for n in [*names, "auto"]:
+            speed = res.speedup(n)
+            cells.append(f"{(f'{speed:.2f}x' if speed else 'n/a'):>8}")
+        auto = res.strategies["auto"]
+        pick = f"{auto.chosen} {auto.degrees[0]}x{auto.degrees[1]}" if auto else "n/a"
+        base_ms = f"{base.latency_s * 1e3:12.1f}" if base else f"{'n/a':>12}"
+        lines.append(f"{e:5.2f} {base_ms} " + " ".join(cells) + f"  {pick}")
+    return "\n".join(lines)
+
+
+def _topology_links(topo: Any) -> str:
+    links = topo.links
+    return f"two-sided {links.inter_all_to_all.e_max:g}, one-sided {links.inter_one_sided.e_max:g}"
+
+
+def plot_sweep(values: tuple[float, ...], results: list[Any], path: str) -> None:
+    """Speedup over the baseline vs inter-machine efficiency, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sf_attn.sim.step import BASELINE_NAME
+
+    first = results[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in first.strategies:
+        pts = [(e, r.speedup(name)) for e, r in zip(values, results)]
+        xs = [e for e, v in pts if v is not None]
+        ys = [v for _, v in pts if v is not None]
+        if not xs:
+            continue
+        style: dict[str, Any] = {"linewidth": 2.5, "color": "black"} if name == "auto" else {}
+        ax.plot(xs, ys, marker="o", label=name, **style)
+    ax.axhline(1.0, linestyle="--", color="gray", label=BASELINE_NAME)
+    topo = first.topology
+    ax.set_xlabel("inter-machine link efficiency e_max (fraction of line rate)")
+    ax.set_ylabel(f"speedup over {BASELINE_NAME}")
+    what = f"{first.model} {first.height}x{first.width}" + (
+        f"x{first.frames}f" if first.frames > 1 else ""
+    )
+    ax.set_title(f"{what} on {topo.name} {topo.machines} x {topo.gpus_per_machine}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def format_calibration(rows: Any) -> str:
@@ -246,6 +470,28 @@ def format_calibration(rows: Any) -> str:
     return "\n".join(lines)
 
 
+def format_heldout(rows: Any) -> str:
+    """The held-out HunyuanVideo check: seconds, and the speedup over one GPU (which does not
+    depend on the kernel rate or on the work outside the transformer the same way)."""
+    from sf_attn.sim.calibration import HUNYUANVIDEO_STEPS
+
+    one = rows[0]
+    lines = [
+        f"held out: HunyuanVideo 1280x720, 129 frames, {HUNYUANVIDEO_STEPS} steps, 1-8 H100 "
+        f"(xDiT's published figures; predicted = {HUNYUANVIDEO_STEPS} x step, nothing added "
+        "outside the transformer)",
+        f"{'configuration':<20} {'GPUs':>4} {'published s':>12} {'predicted s':>12} "
+        f"{'error':>7} {'published x':>12} {'predicted x':>12}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.label:<20} {r.gpus:>4} {r.published_s:12.1f} {r.predicted_s:12.1f} "
+            f"{r.error * 100:+6.1f}% {one.published_s / r.published_s:12.2f} "
+            f"{one.predicted_s / r.predicted_s:12.2f}"
+        )
+    return "\n".join(lines)
+
+
 def plot(args: argparse.Namespace, path: str) -> None:
     """Step latency vs machines (1..8) for every strategy, auto and the bound, to ``path``."""
     import matplotlib
@@ -253,7 +499,7 @@ def plot(args: argparse.Namespace, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sf_attn.sim.step import simulate_step
+    from sf_attn.sim.step import BASELINE_NAME, simulate_step
 
     height, width, frames = _size(args)
     machines = list(PLOT_MACHINES)
@@ -269,6 +515,8 @@ def plot(args: argparse.Namespace, path: str) -> None:
             one_sided=not args.two_sided,
             text=text_layout(args.model, args.text),
         )
+        base = res.baseline
+        series.setdefault(BASELINE_NAME, []).append(None if base is None else base.latency_s * 1e3)
         for name, s in res.strategies.items():
             series.setdefault(name, []).append(None if s is None else s.latency_s * 1e3)
         bound.append(res.bound_s * 1e3)
@@ -277,6 +525,8 @@ def plot(args: argparse.Namespace, path: str) -> None:
         xs = [m for m, v in zip(machines, values) if v is not None]
         ys = [v for v in values if v is not None]
         style: dict[str, Any] = {"linewidth": 2.5, "color": "black"} if name == "auto" else {}
+        if name == BASELINE_NAME:
+            style = {"linestyle": ":", "color": "gray"}
         ax.plot(xs, ys, marker="o", label=name, **style)
     ax.plot(machines, bound, linestyle="--", color="gray", label="lower bound")
     ax.set_yscale("log")
@@ -293,13 +543,41 @@ def plot(args: argparse.Namespace, path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``streamfusion simulate`` handler; returns the exit code."""
-    from sf_attn.sim.calibration import xdit_flux_calibration
+    from sf_attn.sim.calibration import xdit_flux_calibration, xdit_hunyuanvideo_check
     from sf_attn.sim.step import simulate_step
 
     if args.calibration:
         print(format_calibration(xdit_flux_calibration()))
+        print()
+        print(format_heldout(xdit_hunyuanvideo_check()))
         return 0
     check(args)
+    if args.sweep is not None:
+        _, values = args.sweep
+        results = sweep_inter_efficiency(args, values)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "sweep": "inter-efficiency",
+                        "points": [
+                            {"inter_efficiency": e, **r.to_json()} for e, r in zip(values, results)
+                        ],
+                    },
+                    indent=1,
+                )
+            )
+        else:
+            print(format_sweep(values, results, _topology(args)))
+            if args.explain:
+                for e, r in zip(values, results):
+                    print(f"-- e_max {e:g}")
+                    print(format_explain(r))
+        if args.plot:
+            plot_sweep(values, results, args.plot)
+            if not args.json:
+                print(f"wrote {args.plot}")
+        return 0
     height, width, frames = _size(args)
     result = simulate_step(
         args.model,
@@ -314,6 +592,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=1))
     else:
         print(format_table(result, one_sided=not args.two_sided, steps=args.steps))
+        if args.explain:
+            print(format_explain(result))
     if args.plot:
         plot(args, args.plot)
         if not args.json:

@@ -2,7 +2,9 @@
 
 ``streamfusion simulate --calibration`` prints :func:`xdit_flux_calibration`: the published
 end-to-end seconds on 4x H100, the simulator's prediction of each, and which rows set the
-constants (fitted) and which only check them (held out). See docs/simulator.md.
+constants (fitted) and which only check them (held out); then
+:func:`xdit_hunyuanvideo_check`, a second model nothing was fitted to. See
+docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import dataclasses
 from sf_comm import Topology
 
 from ..hybrid import rotating_rings
-from .step import StepCost, step_latency
+from .step import (
+    StepCost,
+    step_latency,
+    xdit_cost,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,33 +52,49 @@ XDIT_STEPS = 28
 # Outside the 28 transformer calls: T5-XXL + CLIP text encoding, VAE decode of a 1024 px
 # image, scheduler and launch: an estimate, not fitted (it is the same for every row).
 XDIT_PIPELINE_OVERHEAD_S = 0.12
-# Fitted (with StepCost.gemm_eff, block_overhead and CostModel.handshake) to the four rows
-# marked fitted above; see docs/simulator.md. Refitted (2026-11-30) when the executed ring
-# stopped merging its first block (as xDiT's does not either): the per-block and per-merge
-# costs are then told apart, and the data put all of xDiT's fixed cost on the block (its
-# merge keeps the memory pass at XDIT_MERGE_BW).
-XDIT_BLOCK_OVERHEAD_S = 100e-6  # per attention block (CostModel.attn_overhead)
-XDIT_MERGE_OVERHEAD_S = 0.0  # per merge (CostModel.merge_overhead)
-XDIT_MERGE_BW = 1.0e12  # bytes/s of the unfused float32 merge (CostModel.mem_bw)
+# xDiT's ring loop costs (XDIT_*_OVERHEAD_S, XDIT_MERGE_BW, xdit_cost) live in sf_attn.sim.step,
+# beside the baseline that uses them; they were fitted here (docs/simulator.md).
 
 
-def xdit_cost() -> StepCost:
-    """:class:`StepCost` for xDiT's implementation: the defaults plus its ring loop's overheads.
+# xDiT docs/performance/hunyuanvideo.md: HunyuanVideo (the official repository, not
+# diffusers), 1280x720, 129 frames, 50 steps, Ulysses over 1-8 H100s, end-to-end seconds.
+# Held out: nothing was fitted to it.
+XDIT_HUNYUANVIDEO_H100: tuple[tuple[str, int, float], ...] = (
+    ("Ulysses-1", 1, 1904.08),
+    ("Ulysses-2", 2, 925.04),
+    ("Ulysses-4", 4, 514.08),
+    ("Ulysses-8", 8, 337.58),
+)
+HUNYUANVIDEO_STEPS = 50
 
-    xDiT's ring attention (yunchang) runs each ring step from Python: a flash-attention call
-    with its own log-sum-exp bookkeeping, then an unfused float32 merge (several elementwise
-    kernels where StreamFusion's merge is one). Those per-block and per-merge costs were
-    fitted to the published numbers (Note [Step cost], docs/simulator.md); everything else is
-    the default (shared) constants.
+
+def xdit_hunyuanvideo_check(cost: StepCost | None = None) -> list[CalibrationRow]:
+    """Predicted vs published HunyuanVideo latency on 1-8 H100s (held out, see docs).
+
+    ``predicted = 50 * step`` (nothing added for the VAE decode and the text encoders, which
+    the published seconds include), each step on ``Topology.preset("h100-ib")`` cut to one
+    machine of ``gpus`` GPUs, Ulysses at degree ``gpus``, two-sided, xDiT's costs.
     """
-    base = StepCost()
-    xdit_attention = dataclasses.replace(
-        base.attention,
-        attn_overhead=XDIT_BLOCK_OVERHEAD_S,
-        merge_overhead=XDIT_MERGE_OVERHEAD_S,
-        mem_bw=XDIT_MERGE_BW,
-    )
-    return dataclasses.replace(base, attention=xdit_attention)
+    cost = cost or xdit_cost()
+    rows = []
+    with rotating_rings():
+        for label, gpus, published in XDIT_HUNYUANVIDEO_H100:
+            topo = Topology.preset("h100-ib", 1).replace(gpus_per_machine=gpus)
+            step = step_latency(
+                "hunyuanvideo",
+                topo,
+                height=720,
+                width=1280,
+                frames=129,
+                strategy="ulysses",
+                ulysses_degree=gpus,
+                one_sided=False,
+                text="sharded",
+                cost=cost,
+            )
+            predicted = HUNYUANVIDEO_STEPS * step.latency_s
+            rows.append(CalibrationRow(label, gpus, "ulysses", gpus, published, predicted, False))
+    return rows
 
 
 def xdit_flux_calibration(cost: StepCost | None = None) -> list[CalibrationRow]:
@@ -105,10 +127,13 @@ def xdit_flux_calibration(cost: StepCost | None = None) -> list[CalibrationRow]:
 
 
 __all__ = [
+    "HUNYUANVIDEO_STEPS",
     "XDIT_FLUX_H100",
+    "XDIT_HUNYUANVIDEO_H100",
     "XDIT_PIPELINE_OVERHEAD_S",
     "XDIT_STEPS",
     "CalibrationRow",
     "xdit_cost",
     "xdit_flux_calibration",
+    "xdit_hunyuanvideo_check",
 ]

@@ -17,13 +17,19 @@ Cost model (Note [Cost model]):
   rank's share of a Flux 4096px layer as one sdpa-flash call ran at 354, 357, 264 TFLOP/s
   for 8256, 4128, 2064 queries x 24 heads: 11.8, 6.0 and 3.1 waves of 128-row tiles on 132
   SMs, i.e. wave_eff 0.98, 1.0, 0.77 — the drop the formula gives.
-- links: a transfer takes ``latency + bytes / bandwidth`` on each link it uses (``intra``:
-  peers on the same machine, ``intra_bw``; ``inter``: other machines, ``inter_bw`` shared by
-  ``gpus_per_nic`` GPUs that all send at once in these symmetric strategies). Transfers on
-  one link queue behind each other (contention); different links run concurrently.
+- links: a transfer of ``m`` bytes takes ``latency + m / bw(m)`` on each link it uses, with
+  ``bw(m) = peak * e_max * m / (m + m_half)`` (:meth:`sf_comm.Topology.bandwidth`: ``peak``
+  is ``intra_bw`` for peers on the same machine, ``inter_bw / gpus_per_nic`` for other
+  machines, since the GPUs sharing a NIC all send at once in these symmetric strategies;
+  ``e_max`` and ``m_half`` per transport and pattern from public measurements,
+  docs/simulator.md). ``m`` is this rank's bytes on that link in the call; a ring shift
+  (``shift±k``) is the send/recv pattern, every other collective the all-to-all one.
+  Transfers on one link queue behind each other (contention); different links run
+  concurrently.
 - two-sided transports pay a rendezvous per message (``handshake`` seconds: the receiver
-  must post and match before data moves); one-sided puts do not, so one-sided never costs
-  more.
+  must post and match before data moves); one-sided puts do not. Whether one-sided costs
+  less then depends on the curves: on the p5 preset NVSHMEM puts reach less of the EFA line
+  rate than NCCL's all-to-all, so large one-sided transfers cost more there.
 - overlap: a collective starts when the program issues it (after the compute before it) and
   the compute stream stalls at ``wait()`` until the transfer is done.
 """
@@ -73,10 +79,9 @@ class VirtualTracer(Tracer):
         self.cost = cost or CostModel()
         self.now = 0.0  # where the compute stream (the program) is
         self.link_free = {"intra": 0.0, "inter": 0.0}
-
-    def _bandwidth(self, link: str) -> float:
-        topo = self.topology
-        return topo.intra_bw if link == "intra" else topo.inter_bw / topo.gpus_per_nic
+        # fixed costs (kernel launches, per-message latency, handshakes, the protocol's
+        # per-call cost m_half / (peak * e_max)) on each track: what --explain calls overheads
+        self.overhead = {"compute": 0.0, "intra": 0.0, "inter": 0.0}
 
     def _latency(self, link: str) -> float:
         return self.topology.intra_latency if link == "intra" else self.topology.inter_latency
@@ -85,11 +90,24 @@ class VirtualTracer(Tracer):
         end = self.now
         step = self._next()
         per_link_msgs = max(1, messages // max(1, len(links)))
+        pattern = "send_recv" if op.startswith("shift") else "all_to_all"
+        topo = self.topology
         for link, nbytes in links.items():
             start = max(self.now, self.link_free[link])
-            took = self._latency(link) + nbytes / self._bandwidth(link)
+            fixed = self._latency(link)
+            took = fixed
+            if nbytes > 0:
+                curve = topo.links.curve(link, one_sided=self.one_sided, pattern=pattern)
+                took += nbytes / topo.bandwidth(
+                    link, nbytes, one_sided=self.one_sided, pattern=pattern
+                )
+                # m / (peak e m / (m + m_half)) = m / (peak e) + m_half / (peak e)
+                peak = topo.intra_bw if link == "intra" else topo.inter_bw / topo.gpus_per_nic
+                fixed += curve.m_half / (peak * curve.e_max)
             if not self.one_sided:
                 took += self.cost.handshake * per_link_msgs
+                fixed += self.cost.handshake * per_link_msgs
+            self.overhead[link] += fixed
             self.link_free[link] = start + took
             end = max(end, start + took)
             self.events.append(Event(link, op, start, start + took, nbytes=nbytes, step=step))
@@ -115,10 +133,13 @@ class VirtualTracer(Tracer):
                 waves = math.ceil(-(-sq // c.q_tile) * rows / self.topology.device_sms)
                 work = waves * self.topology.device_sms * c.q_tile * flops / (sq * rows)
             took = c.attn_overhead + work / (self.topology.device_flops * kv_eff)
+            self.overhead["compute"] += c.attn_overhead
         elif name == "attn":
             took = c.attn_overhead + flops / self.topology.device_flops
+            self.overhead["compute"] += c.attn_overhead
         else:
             took = c.merge_overhead + nbytes / c.mem_bw
+            self.overhead["compute"] += c.merge_overhead
         self.events.append(
             Event("compute", name, self.now, self.now + took, nbytes, flops, self._next())
         )
@@ -192,6 +213,10 @@ class SimResult:
         latency_s: time until the last compute or transfer ends.
         breakdown: busy seconds per resource ("compute", "intra", "inter").
         events: the costed schedule (for traces and plots).
+        overheads: of each resource's busy seconds, the fixed part (kernel launches and
+            merges' fixed cost; per-message latency, handshakes and the per-call protocol
+            cost ``m_half / (peak * e_max)`` of the links).
+        one_sided: the transport costed.
     """
 
     strategy: str
@@ -199,6 +224,8 @@ class SimResult:
     latency_s: float
     breakdown: dict[str, float]
     events: tuple[Event, ...]
+    overheads: dict[str, float] = dataclasses.field(default_factory=dict)
+    one_sided: bool = True
 
 
 def simulate(
@@ -266,4 +293,6 @@ def simulate(
         latency_s=max(tracer.now, *tracer.link_free.values()),
         breakdown=tracer.busy(),
         events=tuple(tracer.events),
+        overheads=dict(tracer.overhead),
+        one_sided=one_sided,
     )

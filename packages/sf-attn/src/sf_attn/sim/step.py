@@ -28,6 +28,7 @@ docs/simulator.md (:func:`sf_attn.sim.calibration.xdit_flux_calibration`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -44,7 +45,11 @@ from .models import DiTConfig, get_model
 # Achievable device-memory bandwidth of an elementwise kernel, bytes/s, ~80 % of the HBM
 # peak (A100 80GB 2.04 TB/s, H100 SXM 3.35 TB/s, H200 4.8 TB/s). Topologies not listed
 # (custom ones) use CostModel.mem_bw.
-_MEM_BW = {"p4de": 1.6e12, "h100-ib": 2.6e12, "h200-ib": 3.8e12}
+_MEM_BW = {"p4de": 1.6e12, "h100-ib": 2.6e12, "h200-ib": 3.8e12, "p5": 2.6e12}
+
+# The baseline every strategy is compared with: xDiT's USP as deployed (Ulysses inside
+# machines x Ring across, NCCL two-sided, text sharded, its ring loop's costs).
+BASELINE_NAME = "xdit-usp"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,6 +97,10 @@ class StrategyStep:
         attention_layer_s: one self-attention layer.
         uneven_heads: the heads do not divide evenly over the Ulysses degree (the executor
             runs it, rank 0 gets the larger head group).
+        transport: "one-sided" or "two-sided"; ``text``: "sharded" or "replicated".
+        layer_busy: one self-attention layer's busy seconds per resource ("compute",
+            "intra", "inter"); ``layer_overheads``: the fixed part of each (kernel launches,
+            per-message latency, handshakes, per-call protocol cost).
     """
 
     strategy: str
@@ -104,6 +113,10 @@ class StrategyStep:
     cross_attention_s: float
     attention_layer_s: float
     uneven_heads: bool = False
+    transport: str = "one-sided"
+    text: str = "replicated"
+    layer_busy: dict[str, float] = dataclasses.field(default_factory=dict)
+    layer_overheads: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +131,8 @@ class StepResult:
         bound_s: ``max(compute_bound_s, comm_bound_s)`` (see :func:`simulate_step`).
         text: the text layout costed: "sharded" (joint text split with the sequence) or
             "replicated" (on every rank; always for cross-attention text).
+        baseline: xDiT's USP as deployed (:func:`xdit_baseline`), or None when its layout
+            cannot split the heads here; every speedup is over it.
     """
 
     model: str
@@ -133,12 +148,20 @@ class StepResult:
     compute_bound_s: float
     comm_bound_s: float
     text: str = "replicated"
+    baseline: StrategyStep | None = None
 
     def speedup_over_usp(self, name: str) -> float | None:
         usp, mine = self.strategies.get(baseline_strategy()), self.strategies.get(name)
         if usp is None or mine is None:
             return None
         return usp.latency_s / mine.latency_s
+
+    def speedup(self, name: str) -> float | None:
+        """``baseline latency / latency of name`` (None where either cannot run)."""
+        mine = self.strategies.get(name)
+        if self.baseline is None or mine is None:
+            return None
+        return self.baseline.latency_s / mine.latency_s
 
     def to_json(self) -> dict[str, Any]:
         """``{"strategies": {name: {"latency_s", "degrees", ...} or null}, "bound_s", ...}``."""
@@ -151,6 +174,9 @@ class StepResult:
                 "latency_s": s.latency_s,
                 "degrees": list(s.degrees),
                 "chosen": s.chosen,
+                "transport": s.transport,
+                "text": s.text,
+                "speedup": self.speedup(name),
                 "speedup_over_usp": self.speedup_over_usp(name),
                 "attention_s": s.attention_s,
                 "compute_s": s.compute_s,
@@ -171,6 +197,15 @@ class StepResult:
             "tokens": self.tokens,
             "text_len": self.text_len,
             "text": self.text,
+            "baseline": None
+            if self.baseline is None
+            else {
+                "name": BASELINE_NAME,
+                "latency_s": self.baseline.latency_s,
+                "degrees": list(self.baseline.degrees),
+                "transport": self.baseline.transport,
+                "text": self.baseline.text,
+            },
             "strategies": out,
             "unavailable": dict(self.unavailable),
             "bound_s": self.bound_s,
@@ -232,21 +267,30 @@ def _attention_layer(
     one_sided: bool,
     degree: int | None,
     cost: CostModel,
-) -> tuple[float, tuple[int, int]]:
-    r = simulate(
-        strategy,
-        topology,
-        seq_len=seq_len,
-        heads=heads,
-        head_dim=head_dim,
-        dtype=dtype,
-        batch=batch,
-        text_len=text_len,
-        one_sided=one_sided,
-        ulysses_degree=degree,
-        cost=cost,
-    )
-    return r.latency_s, r.degrees
+    ring_mode: tuple[str, float],
+) -> tuple[float, tuple[int, int], dict[str, float], dict[str, float]]:
+    """One layer's (latency, degrees, busy per resource, overheads per resource).
+
+    ``ring_mode`` is :func:`sf_attn.hybrid.gather_setting` (whether rings gather their KV,
+    Note [Gathered ring]), a part of the cache key; ``("never", 0.0)`` costs rings that
+    never gather whatever the environment says (xDiT's)."""
+    from ..hybrid import rotating_rings
+
+    with rotating_rings() if ring_mode[0] == "never" else contextlib.nullcontext():
+        r = simulate(
+            strategy,
+            topology,
+            seq_len=seq_len,
+            heads=heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            batch=batch,
+            text_len=text_len,
+            one_sided=one_sided,
+            ulysses_degree=degree,
+            cost=cost,
+        )
+    return r.latency_s, r.degrees, dict(r.breakdown), dict(r.overheads)
 
 
 def _tile(n: int, half: float) -> float:
@@ -275,10 +319,20 @@ def _cross_s(w: _Work, cost: StepCost) -> float:
 
 
 def _strategy_step(
-    name: str, w: _Work, *, chosen: str, degree: int | None, one_sided: bool, cost: StepCost
+    name: str,
+    w: _Work,
+    *,
+    chosen: str,
+    degree: int | None,
+    one_sided: bool,
+    cost: StepCost,
+    rotating: bool = False,
 ) -> StrategyStep:
+    from ..hybrid import gather_setting
+
     cfg = w.cfg
-    layer_s, degrees = _attention_layer(
+    mode, budget = ("never", 0.0) if rotating else gather_setting()
+    layer_s, degrees, busy, overheads = _attention_layer(
         chosen,
         w.topology,
         w.seq_len,
@@ -290,6 +344,7 @@ def _strategy_step(
         one_sided,
         degree,
         cost.attention,
+        (mode, budget if mode == "auto" else 0.0),
     )
     # rank 0 holds the largest shard; with sharded text, ~text/P of it are text tokens
     text_share = -(-cfg.text_len // w.topology.world_size) if w.text_sharded else 0
@@ -319,6 +374,10 @@ def _strategy_step(
         cross_attention_s=cross,
         attention_layer_s=layer_s,
         uneven_heads=cfg.heads % degrees[0] != 0,
+        transport="one-sided" if one_sided else "two-sided",
+        text="sharded" if w.text_sharded else "replicated",
+        layer_busy=busy,
+        layer_overheads=overheads,
     )
 
 
@@ -329,6 +388,13 @@ def _bounds(w: _Work, cost: StepCost) -> tuple[float, float]:
     n_img = w.seq_len - (cfg.text_len if w.text_sharded else 0)
     text = cfg.text_len
     seq = w.seq_len + w.attn_text  # every token of the self-attention
+    # the best large-message rate any transport reaches on each link (no per-call costs)
+    links = topo.links
+    inter_e = max(
+        links.inter_all_to_all.e_max, links.inter_send_recv.e_max, links.inter_one_sided.e_max
+    )
+    inter_bw = topo.inter_bw / topo.gpus_per_nic * inter_e
+    intra_bw = topo.intra_bw * max(links.intra_two_sided.e_max, links.intra_one_sided.e_max)
     compute = comm = 0.0
     for block in cfg.blocks:
         flops = 2.0 * w.batch * (n_img * block.image_weights + text * block.text_weights)
@@ -338,8 +404,8 @@ def _bounds(w: _Work, cost: StepCost) -> tuple[float, float]:
             one += 4.0 * w.batch * seq * seq * cfg.hidden / topo.device_flops
             # head scatter over all ranks: 3/4 of the bytes are q, k, v out, 1/4 the output back
             local_bytes = 4.0 * w.batch * (w.seq_len / world) * cfg.hidden * w.itemsize
-            inter = local_bytes * (world - gpus) / world / (topo.inter_bw / topo.gpus_per_nic)
-            intra = local_bytes * (gpus - 1) / world / topo.intra_bw
+            inter = local_bytes * (world - gpus) / world / inter_bw
+            intra = local_bytes * (gpus - 1) / world / intra_bw
             comm += block.count * max(inter, intra)
         if block.cross_attention:
             one += 4.0 * w.batch * n_img * w.cross_text * cfg.hidden / topo.device_flops
@@ -388,16 +454,17 @@ def simulate_step(
           bytes of a head scatter over all P ranks (each rank sends (P-1)/P of its q, k, v and
           of the output rows it computed for others: ``4 (P-1)/P * N/P * hidden`` elements),
           of which the share addressed to other machines crosses the NICs at
-          ``inter_bw / gpus_per_nic`` per GPU and the rest NVLink at ``intra_bw``; the slower
-          of the two, with no latency, no handshakes and perfect overlap. No strategy here
-          moves fewer inter-machine bytes (Ring/USP move more once there are more than two
-          machines; TAS/Torus move the same), and with two machines it equals the pairwise
-          minimum (every cross-machine query/key pair needs k, v or q, o to cross).
+          ``inter_bw / gpus_per_nic`` per GPU and the rest NVLink at ``intra_bw``, each times
+          the best large-message efficiency ``e_max`` of any transport on it; the slower of
+          the two, with no latency, no per-call cost, no handshakes and perfect overlap. No
+          strategy here moves fewer inter-machine bytes (Ring/USP move more once there are
+          more than two machines; TAS/Torus move the same), and with two machines it equals
+          the pairwise minimum (every cross-machine query/key pair needs k, v or q, o to
+          cross).
 
     Raises:
         ValueError: unknown model or strategy, or a size/frame count the model cannot make.
     """
-    from ..planner import plan_for
 
     cfg = get_model(model) if isinstance(model, str) else model
     cost = cost or StepCost()
@@ -409,28 +476,12 @@ def simulate_step(
     else:
         names = list(strategy)
     w = _make_work(cfg, topology, tokens, text=text, batch=batch, dtype=dtype)
+    baseline = xdit_baseline(cfg, topology, tokens=tokens, batch=batch, dtype=dtype)
     results: dict[str, StrategyStep | None] = {}
     unavailable: dict[str, str] = {}
     for name in names:
         if name == "auto":
-            plan = plan_for(
-                topology,
-                seq_len=w.seq_len,
-                heads=cfg.heads,
-                head_dim=cfg.head_dim,
-                dtype=dtype,
-                batch=batch,
-                text_len=w.attn_text,
-                one_sided=one_sided,
-            )
-            results[name] = _strategy_step(
-                name,
-                w,
-                chosen=plan.strategy,
-                degree=plan.ulysses_degree,
-                one_sided=one_sided,
-                cost=cost,
-            )
+            results[name] = _auto_step(w, baseline, one_sided=one_sided, cost=cost)
             continue
         get_strategy(name)  # an unknown name is an error, not "n/a"
         try:
@@ -455,7 +506,149 @@ def simulate_step(
         compute_bound_s=compute_bound,
         comm_bound_s=comm_bound,
         text="sharded" if w.text_sharded else "replicated",
+        baseline=baseline,
     )
+
+
+def step_terms(
+    model: str | DiTConfig, step: StrategyStep, cost: StepCost | None = None
+) -> dict[str, float]:
+    """Seconds of one step per kind of work, for saying which term dominates (``--explain``).
+
+    ``"inter"`` / ``"intra"``: the self-attention layers' transfers on each link at the
+    link's rate (busy time, overlapped or not); ``"compute"``: attention kernels and merges
+    at their rates plus the step's GEMMs and elementwise work; ``"overheads"``: the fixed
+    costs (kernel launches and merges' fixed part, per-message latency, handshakes, the
+    links' per-call cost, the per-block overhead). Busy times may overlap, so the terms can
+    add up to more than the step.
+    """
+    cfg = get_model(model) if isinstance(model, str) else model
+    cost = cost or StepCost()
+    layers = sum(b.count for b in cfg.blocks if b.self_attention)
+    blocks = sum(b.count for b in cfg.blocks)
+    busy, fixed = step.layer_busy, step.layer_overheads
+
+    def net(track: str) -> float:
+        return layers * (busy.get(track, 0.0) - fixed.get(track, 0.0))
+
+    non_attention = step.compute_s + step.replicated_s + step.cross_attention_s
+    return {
+        "inter": net("inter"),
+        "intra": net("intra"),
+        "compute": net("compute") + non_attention - blocks * cost.block_overhead,
+        "overheads": layers * sum(fixed.values()) + blocks * cost.block_overhead,
+    }
+
+
+# Fitted (with StepCost.gemm_eff, block_overhead and CostModel.handshake) to the four rows
+# marked fitted in sf_attn.sim.calibration; see docs/simulator.md. Refitted (2026-11-30) when the executed ring
+# stopped merging its first block (as xDiT's does not either): the per-block and per-merge
+# costs are then told apart, and the data put all of xDiT's fixed cost on the block (its
+# merge keeps the memory pass at XDIT_MERGE_BW).
+XDIT_BLOCK_OVERHEAD_S = 100e-6  # per attention block (CostModel.attn_overhead)
+XDIT_MERGE_OVERHEAD_S = 0.0  # per merge (CostModel.merge_overhead)
+XDIT_MERGE_BW = 1.0e12  # bytes/s of the unfused float32 merge (CostModel.mem_bw)
+
+
+def xdit_cost() -> StepCost:
+    """:class:`StepCost` for xDiT's implementation: the defaults plus its ring loop's overheads.
+
+    xDiT's ring attention (yunchang) runs each ring step from Python: a flash-attention call
+    with its own log-sum-exp bookkeeping, then an unfused float32 merge (several elementwise
+    kernels where StreamFusion's merge is one). Those per-block and per-merge costs were
+    fitted to the published numbers (Note [Step cost], docs/simulator.md); everything else is
+    the default (shared) constants.
+    """
+    base = StepCost()
+    xdit_attention = dataclasses.replace(
+        base.attention,
+        attn_overhead=XDIT_BLOCK_OVERHEAD_S,
+        merge_overhead=XDIT_MERGE_OVERHEAD_S,
+        mem_bw=XDIT_MERGE_BW,
+    )
+    return dataclasses.replace(base, attention=xdit_attention)
+
+
+def xdit_baseline(
+    model: str | DiTConfig,
+    topology: Topology,
+    *,
+    tokens: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+) -> StrategyStep | None:
+    """xDiT's USP as deployed: the step every speedup is measured against.
+
+    Ulysses inside machines x Ring across them at USP's default degrees (the largest
+    Ulysses degree a machine holds that splits the heads), NCCL two-sided transfers, the
+    joint text sharded with the image tokens (xDiT's layout), rings that rotate and never
+    gather, and xDiT's ring loop costs (:func:`sf_attn.sim.calibration.xdit_cost`, fitted to
+    its published figures). None when USP cannot split the heads on ``topology``.
+    """
+    cfg = get_model(model) if isinstance(model, str) else model
+    w = _make_work(cfg, topology, tokens, text="sharded", batch=batch, dtype=dtype)
+    try:
+        return _strategy_step(
+            BASELINE_NAME,
+            w,
+            chosen=baseline_strategy(),
+            degree=None,
+            one_sided=False,
+            cost=xdit_cost(),
+            rotating=True,
+        )
+    except ValueError:
+        return None
+
+
+def _auto_step(
+    w: _Work, baseline: StrategyStep | None, *, one_sided: bool, cost: StepCost
+) -> StrategyStep:
+    """The planner's pick, never slower than the baseline by the model.
+
+    Note [Auto against the baseline]: the planner ranks one attention layer (every strategy
+    shards the rest of the step alike) with the transport asked for. Its pick is then
+    compared with the baseline's own configuration run by StreamFusion (USP at xDiT's
+    degrees, two-sided, text sharded, rotating rings): StreamFusion can always run that,
+    so ``auto`` takes whichever step is shorter. The rest of the step differs only by the
+    text layout, which is why the comparison is of whole steps.
+    """
+    from ..planner import plan_for
+
+    cfg = w.cfg
+    plan = plan_for(
+        w.topology,
+        seq_len=w.seq_len,
+        heads=cfg.heads,
+        head_dim=cfg.head_dim,
+        dtype=w.dtype,
+        batch=w.batch,
+        text_len=w.attn_text,
+        one_sided=one_sided,
+    )
+    pick = _strategy_step(
+        "auto", w, chosen=plan.strategy, degree=plan.ulysses_degree, one_sided=one_sided, cost=cost
+    )
+    if baseline is None or pick.latency_s <= baseline.latency_s:
+        return pick
+    sharded = _make_work(
+        cfg,
+        w.topology,
+        w.seq_len - (cfg.text_len if w.text_sharded else 0),
+        text="sharded",
+        batch=w.batch,
+        dtype=w.dtype,
+    )
+    as_xdit = _strategy_step(
+        "auto",
+        sharded,
+        chosen=baseline.chosen,
+        degree=baseline.degrees[0],
+        one_sided=False,
+        cost=cost,
+        rotating=True,
+    )
+    return as_xdit if as_xdit.latency_s < pick.latency_s else pick
 
 
 def step_latency(
@@ -493,9 +686,12 @@ def step_latency(
 
 
 __all__ = [
+    "BASELINE_NAME",
     "StepCost",
     "StepResult",
     "StrategyStep",
     "simulate_step",
     "step_latency",
+    "step_terms",
+    "xdit_baseline",
 ]
