@@ -2,8 +2,9 @@
 bench measured: one attention layer per strategy, costed by ``sf_attn.simulate`` on a
 topology whose rates are this host's, measured separately (nothing fitted to the bench):
 
-- compute: one core's float32 SDPA rate (110 GFLOP/s at 4096 x 8 x 64, one thread), shared by
-  the ranks on the host's cores (4 ranks on 2 cores: half each);
+- compute: a rank's float32 attention rate (``sf_attn.attention_with_lse`` of a 2x2 rank's
+  share, 1024 x 4096 keys x 8 x 64, while all 4 ranks compute on the 2 cores: 39 GFLOP/s,
+  from ``--measure-interference``), scaled by 4 / ranks;
 - inside a machine: the transport's own all-to-all rate of `streamfusion bench comm` at
   16 MB on 4 ranks (shm 1.55 GB/s, gloo over loopback 0.50 GB/s; 0.5 / 1 ms per message),
   scaled the same way (shm+gloo rows use shm's, gloo rows gloo's);
@@ -12,7 +13,14 @@ topology whose rates are this host's, measured separately (nothing fitted to the
   (gloo over TCP on this host); gloo is two-sided, so shm+gloo and gloo rows are costed
   two-sided (the shm half's handshake is small beside the TCP one).
 
-    python tools/emulated_prediction.py BENCH_OUTPUT [BENCH_OUTPUT ...]
+    python tools/emulated_prediction.py [--interference F] BENCH_OUTPUT [BENCH_OUTPUT ...]
+    python tools/emulated_prediction.py --measure-interference
+
+``--measure-interference`` measures the compute slowdown while two-sided bytes move
+(``CostModel.interference``, Note [Interference] in sf_attn.sim.layer) on a 2x2 emulation at
+0.43 Gbit/s: each rank's attention share timed alone, then while a gloo all-to-all of 4 MB
+per peer (longer than the attention) is in flight; f = 1 - alone / during. ``--interference
+F`` costs the layers with it (default 0: no interference).
 
 Each BENCH_OUTPUT is what `streamfusion bench attention --emulate ... --json` printed (its
 header line names the topology and the link rate).
@@ -20,30 +28,32 @@ header line names the topology and the link rate).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
+import statistics
+import time
 
 import torch
 
 import sf_attn
+import sf_comm
 from sf_attn.sim.layer import CostModel
 from sf_comm import Topology
 
-CORES = 2
-CORE_FLOPS = 110e9  # float32 SDPA, one thread (measured, 4096 x 8 x 64)
+RANK_FLOPS_4 = 39e9  # attention_with_lse per rank, 4 ranks busy on 2 cores (measured)
 # all_to_all at 16 MB, streamfusion bench comm --world 4: bytes/s and per-message seconds
 INTRA = {"shm+gloo": (1.55e9, 0.5e-3), "gloo": (0.50e9, 1e-3)}
 TCP_LATENCY_S = 0.5e-3
 PAYLOAD = 0.96  # of the emulated link rate
 
 
-def predict(header: str, transport: str) -> dict[str, float]:
+def predict(header: str, transport: str, interference: float = 0.0) -> dict[str, float]:
     shape = tuple(int(v) for v in re.search(r"attention \(([\d, ]+)\)", header)[1].split(","))
     machines, gpus = (int(v) for v in re.search(r"topology (\d+)x(\d+)", header).groups())
     gbps = float(re.search(r"each NIC ([\d.]+) Gbit/s", header)[1])
     ranks = machines * gpus
-    share = min(1.0, CORES / ranks)
+    share = min(1.0, 4 / ranks)
     intra_bw, intra_latency = INTRA[transport]
     topo = Topology(
         machines=machines,
@@ -53,11 +63,11 @@ def predict(header: str, transport: str) -> dict[str, float]:
         inter_bw=gbps * 1e9 / 8 * PAYLOAD,
         inter_latency=TCP_LATENCY_S,
         gpus_per_nic=gpus,
-        device_flops=CORE_FLOPS * share,
+        device_flops=RANK_FLOPS_4 * share,
         device_sms=1,
         name="cpu-emulated",
     )
-    cost = CostModel(mem_bw=4e9 * share, q_tile=0)
+    cost = CostModel(mem_bw=2e9 * share, q_tile=0, interference=interference)
     batch, seq, heads, dim = shape
     out = {}
     for strategy in ("usp", "tas", "torus", "ulysses", "ring"):
@@ -76,13 +86,53 @@ def predict(header: str, transport: str) -> dict[str, float]:
     return out
 
 
-def main(paths: list[str]) -> None:
+def _interference(ctx: sf_comm.Context, iters: int) -> tuple[float, float]:
+    from sf_attn import attention_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1024, 8, 64, generator=g)
+    k, v = (torch.randn(1, 4096, 8, 64, generator=g) for _ in range(2))
+    group = ctx.group("world")
+    alone, during = [], []
+    for _ in range(iters):
+        ctx.barrier()
+        start = time.perf_counter()
+        attention_with_lse(q, k, v)
+        alone.append(time.perf_counter() - start)
+        chunks = [torch.ones(2**20) for _ in range(ctx.world_size)]  # 4 MB per peer
+        ctx.barrier()
+        moving = sf_comm.all_to_all(ctx, group, chunks)
+        start = time.perf_counter()
+        attention_with_lse(q, k, v)
+        during.append(time.perf_counter() - start)
+        moving.wait()
+    return statistics.median(alone), statistics.median(during)
+
+
+def measure_interference(iters: int = 5) -> float:
+    from sf_comm.launch import RankPool
+
+    with sf_comm.Emulation("2x2", inter_gbps=0.43) as emu, RankPool(4, emulation=emu) as pool:
+        out = pool.run(_interference, iters, topology="2x2", transport="gloo", timeout=600)
+    for rank, (alone, during) in enumerate(out):
+        print(
+            f"rank {rank}: attention alone {alone * 1e3:.1f} ms, during a gloo all-to-all "
+            f"{during * 1e3:.1f} ms"
+        )
+    alone = statistics.median(a for a, _ in out)
+    during = statistics.median(d for _, d in out)
+    flops = 4 * 1024 * 4096 * 8 * 64
+    print(f"attention rate per rank (4 ranks busy): {flops / alone / 1e9:.1f} GFLOP/s")
+    return 1 - alone / during
+
+
+def main(paths: list[str], interference: float) -> None:
     for path in paths:
         with open(path) as f:
             text = f.read()
         header = text.splitlines()[0]
         rows = json.loads(text[text.index("\n[") + 1 :])
-        predicted = {t: predict(header, t) for t in INTRA}
+        predicted = {t: predict(header, t, interference) for t in INTRA}
         print(header)
         print(
             f"{'strategy':<9} {'transport':<9} {'measured ms':>12} {'predicted ms':>13} {'error':>7}"
@@ -99,4 +149,11 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outputs", nargs="*")
+    parser.add_argument("--interference", type=float, default=0.0)
+    parser.add_argument("--measure-interference", action="store_true")
+    args = parser.parse_args()
+    if args.measure_interference:
+        print(f"interference: {measure_interference():.2f}")
+    main(args.outputs, args.interference)

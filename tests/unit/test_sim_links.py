@@ -280,3 +280,36 @@ def test_auto_never_slower_than_xdit_baseline_small() -> None:
         auto = res.strategies["auto"]
         assert res.baseline is not None and auto is not None
         assert auto.latency_s <= res.baseline.latency_s, (machines, one_sided, text)
+
+
+def test_covered_counts_overlapping_spans_once() -> None:
+    from sf_attn.sim.layer import _covered
+
+    spans = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]
+    assert _covered(spans, 0.5, 5.5) == pytest.approx(2.5 + 0.5)
+    assert _covered(spans, 3.0, 5.0) == 0.0
+    assert _covered([], 0.0, 1.0) == 0.0
+
+
+def test_interference_slows_overlapped_compute_only() -> None:
+    """Catches the interference term charging one-sided transfers, compute that overlaps
+    nothing, or more than the stated fraction: Ring on 4 ranks (its compute overlaps the
+    next block's shift) gets slower two-sided, by at most f/(1-f) of its compute; one-sided
+    and f = 0 change nothing; f outside [0, 1) is refused."""
+    from sf_attn.sim.layer import CostModel
+
+    topo = Topology.preset("p4de", machines=1)
+    kw = dict(seq_len=32768, heads=24, head_dim=128)
+    f = 0.2
+
+    def run(one_sided: bool, fraction: float) -> object:
+        cost = CostModel(interference=fraction)
+        return simulate("ring", topo, one_sided=one_sided, cost=cost, **kw)
+
+    plain, slowed = run(False, 0.0), run(False, f)
+    assert slowed.latency_s > plain.latency_s
+    assert slowed.latency_s <= plain.latency_s + plain.breakdown["compute"] * f / (1 - f) + 1e-12
+    assert run(True, f).latency_s == run(True, 0.0).latency_s
+    assert simulate("ring", topo, one_sided=False, **kw).latency_s == plain.latency_s
+    with pytest.raises(ValueError, match="interference"):
+        CostModel(interference=1.0)

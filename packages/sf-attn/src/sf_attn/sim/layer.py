@@ -32,6 +32,8 @@ Cost model (Note [Cost model]):
   rate than NCCL's all-to-all, so large one-sided transfers cost more there.
 - overlap: a collective starts when the program issues it (after the compute before it) and
   the compute stream stalls at ``wait()`` until the transfer is done.
+- interference: while a two-sided transfer is in flight, compute runs ``interference`` slower
+  (a stated fraction, default 0: Note [Interference]).
 """
 
 from __future__ import annotations
@@ -59,12 +61,30 @@ class CostModel:
     block_half: int = 96  # keys at which the kv loop runs at half efficiency
     q_tile: int = 128  # query rows per thread block of the attention kernel; 0: no waves
     handshake: float = 20e-6  # two-sided rendezvous per message, s (fitted: docs/simulator.md)
+    interference: float = 0.0  # compute speed lost while two-sided bytes move (Note [Interference])
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not value >= 0:
                 raise ValueError(f"CostModel.{field.name} must be >= 0, got {value!r}")
+        if not self.interference < 1:
+            raise ValueError(
+                f"CostModel.interference is a fraction of the compute speed, in [0, 1); got "
+                f"{self.interference!r}"
+            )
+
+
+# Note [Interference]
+# A two-sided transfer is not free for the compute it overlaps: NCCL's kernels hold SMs (one
+# thread block per channel) for as long as they move data, and on CPU ranks the TCP stack,
+# gloo's threads and the transports' progress take cores from the attention. The model
+# charges this as a fraction f of the compute speed: a compute span that overlaps two-sided
+# transfers (on any link) for o seconds takes o * f / (1 - f) longer (the span it would take
+# at full speed, stretched over the overlapped part). f is a stated input, not fitted: the
+# default 0 keeps the calibration of docs/simulator.md as it was (an H100 NCCL job whose
+# overlap the fitted constants already absorb); tools/emulated_prediction.py sets the value
+# measured on CPU ranks. One-sided puts are taken not to interfere.
 
 
 class VirtualTracer(Tracer):
@@ -82,6 +102,7 @@ class VirtualTracer(Tracer):
         # fixed costs (kernel launches, per-message latency, handshakes, the protocol's
         # per-call cost m_half / (peak * e_max)) on each track: what --explain calls overheads
         self.overhead = {"compute": 0.0, "intra": 0.0, "inter": 0.0}
+        self.two_sided_spans: list[tuple[float, float]] = []  # Note [Interference]
 
     def _latency(self, link: str) -> float:
         return self.topology.intra_latency if link == "intra" else self.topology.inter_latency
@@ -107,6 +128,7 @@ class VirtualTracer(Tracer):
             if not self.one_sided:
                 took += self.cost.handshake * per_link_msgs
                 fixed += self.cost.handshake * per_link_msgs
+                self.two_sided_spans.append((start, start + took))
             self.overhead[link] += fixed
             self.link_free[link] = start + took
             end = max(end, start + took)
@@ -140,10 +162,24 @@ class VirtualTracer(Tracer):
         else:
             took = c.merge_overhead + nbytes / c.mem_bw
             self.overhead["compute"] += c.merge_overhead
+        if c.interference:  # Note [Interference]
+            overlap = _covered(self.two_sided_spans, self.now, self.now + took)
+            took += overlap * c.interference / (1 - c.interference)
         self.events.append(
             Event("compute", name, self.now, self.now + took, nbytes, flops, self._next())
         )
         self.now += took
+
+
+def _covered(spans: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] inside at least one of ``spans``."""
+    cuts = sorted((max(a, start), min(b, end)) for a, b in spans if b > start and a < end)
+    total, reach = 0.0, start
+    for a, b in cuts:
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
 
 
 class SimTransport(Transport):
