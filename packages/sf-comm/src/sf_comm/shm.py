@@ -387,9 +387,7 @@ class ShmTransport(Transport):
         self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str
     ) -> Handle[list[torch.Tensor]]:
         self._check()
-        for peer in [p for p, _ in sends] + [p for p, _, _ in recvs]:
-            if peer == self.rank or not 0 <= peer < self.world_size:
-                raise ValueError(f"{op}: invalid peer rank {peer} for rank {self.rank}")
+        self.check_peers(sends, recvs, op)
         for _, t in sends:
             if t.device.type != "cpu":
                 raise ValueError(f"shm transport moves CPU tensors; got a tensor on {t.device}")

@@ -218,9 +218,7 @@ class ShmGlooTransport(Transport):
         self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str
     ) -> Handle[list[torch.Tensor]]:
         self._check()
-        for peer in [p for p, _ in sends] + [p for p, _, _ in recvs]:
-            if peer == self.rank or not 0 <= peer < self.world_size:
-                raise ValueError(f"{op}: invalid peer rank {peer} for rank {self.rank}")
+        self.check_peers(sends, recvs, op)
         self.record(op, sends)
         local_sends = [(self._index[p], t) for p, t in sends if p in self._index]
         remote_sends = [(p, t) for p, t in sends if p not in self._index]

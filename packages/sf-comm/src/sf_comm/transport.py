@@ -405,6 +405,13 @@ class Transport(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release buffers and segments (idempotent)."""
 
+    def check_peers(self, sends: Sequence[Send], recvs: Sequence[Recv], op: str) -> None:
+        """Raises ValueError for a send or receive whose peer is this rank or not in the job
+        (what every :meth:`exchange` refuses before it moves anything)."""
+        for peer in [p for p, _ in sends] + [p for p, _, _ in recvs]:
+            if peer == self.rank or not 0 <= peer < self.world_size:
+                raise ValueError(f"{op}: invalid peer rank {peer} for rank {self.rank}")
+
     def record(self, op: str, sends: Sequence[Send]) -> None:
         self.stats.calls[op] += 1
         self.stats.messages[op] += len(sends)

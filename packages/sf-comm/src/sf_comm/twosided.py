@@ -188,9 +188,7 @@ class TwoSidedTransport(Transport):
         self, group: Group, sends: Sequence[Send], recvs: Sequence[Recv], *, op: str
     ) -> Handle[list[torch.Tensor]]:
         self._check()
-        for peer in [p for p, _ in sends] + [p for p, _, _ in recvs]:
-            if peer == self.rank or not 0 <= peer < self.world_size:
-                raise ValueError(f"{op}: invalid peer rank {peer} for rank {self.rank}")
+        self.check_peers(sends, recvs, op)
         self.record(op, sends)
         device = sends[0][1].device if sends else None
         outputs = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in recvs]

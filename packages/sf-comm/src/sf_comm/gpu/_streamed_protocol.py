@@ -242,10 +242,8 @@ class _StreamedTransport(Transport):
                                            [P2POp(irecv, out, peer) for peer, out in recvs])
         """
         self._check()
+        self.check_peers(sends, recvs, op)
         peers = sorted({p for p, _ in sends} | {p for p, _, _ in recvs})
-        for peer in peers:
-            if peer == self.rank or not 0 <= peer < self.world_size:
-                raise ValueError(f"{op}: invalid peer rank {peer} for rank {self.rank}")
         for _, t in sends:
             if t.device != self.device:
                 raise ValueError(
