@@ -3,6 +3,9 @@
 streamfusion generate            a prompt in, an image or video out (the main job)
 streamfusion make-tiny           a complete tiny pipeline directory per model family
 streamfusion run                 the transformer alone on every strategy, checked against one process
+streamfusion trace               a Perfetto trace and timeline of one layer
+streamfusion simulate            per-step latency of every strategy against xDiT's USP, no devices
+streamfusion emulate             any torch.distributed program on emulated machines (root)
 streamfusion bench comm          shm (one-sided) vs gloo collectives, medians and ratios
 streamfusion bench attention     every strategy on every transport, medians and ratios
 streamfusion bench vae           the parallel VAE decode on 1, 2, 4 ranks: time, peak memory
@@ -386,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_parsers(sub)
 
     run = sub.add_parser(
-        "run", help="the main job: a DiT denoising on several ranks, checked against one"
+        "run", help="the transformer alone: a DiT denoising on several ranks, checked against one"
     )
     ranks(run)
     run.add_argument("--model", choices=["flux"], default="flux")
