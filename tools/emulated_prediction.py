@@ -40,6 +40,7 @@ import sf_attn
 import sf_comm
 from sf_attn.sim.layer import CostModel
 from sf_comm import Topology
+from sf_comm.topology import LinkCurve, LinkModel
 
 RANK_FLOPS_4 = 39e9  # attention_with_lse per rank, 4 ranks busy on 2 cores (measured)
 # all_to_all at 16 MB, streamfusion bench comm --world 4: bytes/s and per-message seconds
@@ -48,7 +49,12 @@ TCP_LATENCY_S = 0.5e-3
 PAYLOAD = 0.96  # of the emulated link rate
 
 
-def predict(header: str, transport: str, interference: float = 0.0) -> dict[str, float]:
+def predict(
+    header: str,
+    transport: str,
+    interference: float = 0.0,
+    links: dict[str, tuple[float, float]] | None = None,
+) -> dict[str, float]:
     shape = tuple(int(v) for v in re.search(r"attention \(([\d, ]+)\)", header)[1].split(","))
     machines, gpus = (int(v) for v in re.search(r"topology (\d+)x(\d+)", header).groups())
     gbps = float(re.search(r"each NIC ([\d.]+) Gbit/s", header)[1])
@@ -60,8 +66,9 @@ def predict(header: str, transport: str, interference: float = 0.0) -> dict[str,
         gpus_per_machine=gpus,
         intra_bw=intra_bw * 4 / ranks,
         intra_latency=intra_latency,
-        inter_bw=gbps * 1e9 / 8 * PAYLOAD,
-        inter_latency=TCP_LATENCY_S,
+        inter_bw=gbps * 1e9 / 8 * (1.0 if links else PAYLOAD),
+        inter_latency=0.0 if links else TCP_LATENCY_S,
+        links=_link_model(links),
         gpus_per_nic=gpus,
         device_flops=RANK_FLOPS_4 * share,
         device_sms=1,
@@ -84,6 +91,62 @@ def predict(header: str, transport: str, interference: float = 0.0) -> dict[str,
         )
         out[strategy] = res.latency_s
     return out
+
+
+def _link_model(links: dict[str, tuple[float, float]] | None) -> LinkModel:
+    """The emulated NIC's measured curves ((e_max, m_half) per pattern), or line rate."""
+    if not links:
+        return LinkModel()
+    return LinkModel(
+        inter_all_to_all=LinkCurve(e_max=links["all_to_all"][0], m_half=links["all_to_all"][1]),
+        inter_send_recv=LinkCurve(e_max=links["send_recv"][0], m_half=links["send_recv"][1]),
+    )
+
+
+def _link_times(ctx: sf_comm.Context, sizes: tuple[int, ...], iters: int) -> dict[str, list[float]]:
+    """Seconds per call of an inter-machine send/recv (every rank to its peer on the other
+    machine, at once) and of a world all-to-all, for each per-peer size in bytes."""
+    out: dict[str, list[float]] = {"send_recv": [], "all_to_all": []}
+    inter, world = ctx.group("inter"), ctx.group("world")
+    for size in sizes:
+        x = torch.ones(size // 4)
+        for pattern in out:
+            times = []
+            for _ in range(iters):
+                ctx.barrier()
+                start = time.perf_counter()
+                if pattern == "send_recv":
+                    sf_comm.shift(ctx, inter, x, 1).wait()
+                else:
+                    sf_comm.all_to_all(ctx, world, [x] * ctx.world_size).wait()
+                times.append(time.perf_counter() - start)
+            out[pattern].append(statistics.median(times))
+    return out
+
+
+def measure_links(gbps: float = 0.43) -> dict[str, tuple[float, float]]:
+    """(e_max, m_half) of the emulated NIC per pattern, gloo, 2x2: from the time of a small
+    (64 KB) and a large (16 MB) message per peer, ``t = (m + m_half) / (peak * e_max)`` with
+    ``m`` a rank's bytes to the other machine and ``peak`` its share of the NIC."""
+    from sf_comm.launch import RankPool
+
+    sizes = (64 * 1024, 16 * 2**20)
+    with sf_comm.Emulation("2x2", inter_gbps=gbps) as emu, RankPool(4, emulation=emu) as pool:
+        out = pool.run(_link_times, sizes, 3, topology="2x2", transport="gloo", timeout=600)
+    peak = gbps * 1e9 / 8 / 2  # a rank's share of its machine's NIC
+    curves = {}
+    for pattern in ("send_recv", "all_to_all"):
+        small_t, large_t = (max(r[pattern][i] for r in out) for i in range(2))
+        per_peer = 2 if pattern == "all_to_all" else 1  # peers on the other machine
+        small, large = (size * per_peer for size in sizes)
+        e_max = min(1.0, (large - small) / (peak * (large_t - small_t)))
+        m_half = max(0.0, small_t * peak * e_max - small)
+        curves[pattern] = (e_max, m_half)
+        print(
+            f"{pattern}: {small / 1e3:.0f} KB {small_t * 1e3:.1f} ms, {large / 1e6:.1f} MB "
+            f"{large_t * 1e3:.1f} ms -> e_max {e_max:.2f}, m_half {m_half / 1e3:.0f} KB"
+        )
+    return curves
 
 
 def _interference(ctx: sf_comm.Context, iters: int) -> tuple[float, float]:
@@ -126,13 +189,15 @@ def measure_interference(iters: int = 5) -> float:
     return 1 - alone / during
 
 
-def main(paths: list[str], interference: float) -> None:
+def main(
+    paths: list[str], interference: float, links: dict[str, tuple[float, float]] | None = None
+) -> None:
     for path in paths:
         with open(path) as f:
             text = f.read()
         header = text.splitlines()[0]
         rows = json.loads(text[text.index("\n[") + 1 :])
-        predicted = {t: predict(header, t, interference) for t in INTRA}
+        predicted = {t: predict(header, t, interference, links) for t in INTRA}
         print(header)
         print(
             f"{'strategy':<9} {'transport':<9} {'measured ms':>12} {'predicted ms':>13} {'error':>7}"
@@ -153,7 +218,12 @@ if __name__ == "__main__":
     parser.add_argument("outputs", nargs="*")
     parser.add_argument("--interference", type=float, default=0.0)
     parser.add_argument("--measure-interference", action="store_true")
+    parser.add_argument(
+        "--measure-links",
+        action="store_true",
+        help="cost the inter-machine transfers with the emulated NIC's measured curves",
+    )
     args = parser.parse_args()
     if args.measure_interference:
         print(f"interference: {measure_interference():.2f}")
-    main(args.outputs, args.interference)
+    main(args.outputs, args.interference, measure_links() if args.measure_links else None)
