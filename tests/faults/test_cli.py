@@ -109,6 +109,7 @@ BAD = [
     Bad("bench attention --emulate 2x2", ("--emulate", "2x2:0.4"), "an emulation without a rate"),
     Bad("bench attention --emulate 2x2:0", ("--emulate", "> 0"), "a link that moves nothing"),
     Bad("bench attention --emulate 2x2:1 --world 4", ("--emulate", "--world"), "two world sizes"),
+    Bad("bench vae --emulate 2x2:1", ("--emulate", "bench attention"), "an emulation ignored"),
     Bad("run --emulate 2x2:1 --transport shm", ("--transport", "shm+gloo"), "shm past the links"),
     Bad("bench memory --grid 0x4", ("--grid", "0x4"), "an empty sequence"),
     Bad("bench vae --latent 0x4", ("--latent", "0x4"), "an empty latent decoded"),

@@ -128,7 +128,7 @@ def run(
     shape: tuple[int, int, int, int] = (1, 4096, 24, 64),
     dtype: torch.dtype = torch.float32,
     strategies: tuple[str, ...] = STRATEGIES,
-    transports: tuple[str, ...] = ("shm", "gloo"),
+    transports: tuple[str, ...] | None = None,
     iters: int = 5,
     rounds: int = 2,
     pool: RankPool | None = None,
@@ -139,8 +139,11 @@ def run(
     """Time every (strategy, transport, text layout) and one single-process SDPA call over
     the whole sequence (the stock path); one row each with median seconds, ratios and error.
     Without text there is one layout ("-"). With ``emulation`` (started, ``world`` ranks) the
-    ranks run on its emulated machines; pass transports that respect machines there
-    ("shm+gloo", "gloo"): plain "shm" would carry inter-machine bytes through memory."""
+    ranks run on its emulated machines. ``transports`` default: ("shm", "gloo"), or under an
+    emulation ("shm+gloo", "gloo"), which respect machines (plain "shm" would carry
+    inter-machine bytes through memory, past the emulated links)."""
+    if transports is None:
+        transports = ("shm+gloo", "gloo") if emulation is not None else ("shm", "gloo")
     reference = reference_output(shape, dtype, text)
     own = pool is None
     pool = pool or RankPool(

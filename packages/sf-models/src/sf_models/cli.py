@@ -173,6 +173,12 @@ def _check_run(
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     world, topo = _world_and_topology(args)
+    if args.emulate is not None and args.what != "attention":
+        raise UsageError(
+            "--emulate",
+            f"applies to bench attention (and run); bench {args.what} runs its ranks on this "
+            f"host as they are",
+        )
     if args.what == "memory":
         from . import memory_bench
 
@@ -237,7 +243,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 text_layouts=("replicated", "sharded")
                 if args.text_layout == "both"
                 else (args.text_layout,),
-                transports=("shm+gloo", "gloo") if spec else ("shm", "gloo"),
                 emulation=emulation,
             )
         links = (
