@@ -4,16 +4,19 @@ topology whose rates are this host's, measured separately (nothing fitted to the
 
 - compute: a rank's float32 attention rate (``sf_attn.attention_with_lse`` of a 2x2 rank's
   share, 1024 x 4096 keys x 8 x 64, while all 4 ranks compute on the 2 cores: 39 GFLOP/s,
-  from ``--measure-interference``), scaled by 4 / ranks;
+  from ``--measure-interference``), scaled by 4 / ranks, at the layer's own head_dim (no
+  GPU kernel curve: ``CostModel(kernel="measured")``);
 - inside a machine: the transport's own all-to-all rate of `streamfusion bench comm` at
   16 MB on 4 ranks (shm 1.55 GB/s, gloo over loopback 0.50 GB/s; 0.5 / 1 ms per message),
   scaled the same way (shm+gloo rows use shm's, gloo rows gloo's);
-- between machines: the emulated NIC (`--emulate M x G : GBPS`), 96 % of it as payload
-  (measured: 0.385 Gbit/s at 0.4), shared by the machine's G ranks; 0.5 ms per message
-  (gloo over TCP on this host); gloo is two-sided, so shm+gloo and gloo rows are costed
-  two-sided (the shm half's handshake is small beside the TCP one).
+- between machines: the emulated NIC (`--emulate M x G : GBPS`), shared by the machine's
+  ranks that cross in a call (Note [NIC sharers] in sf_comm.collectives): by default 96 % of
+  it as payload (a single 8 MB flow measured 0.385 Gbit/s at 0.4) and 0.5 ms per message;
+  with ``--measure-links``, the send/recv and all-to-all curves measured on the same
+  emulation as each bench output (:func:`measure_links`). gloo is two-sided, so shm+gloo
+  and gloo rows are costed two-sided (the shm half's handshake is small beside the TCP one).
 
-    python tools/emulated_prediction.py [--interference F] BENCH_OUTPUT [BENCH_OUTPUT ...]
+    python tools/emulated_prediction.py [--interference F] [--measure-links] BENCH_OUTPUT ...
     python tools/emulated_prediction.py --measure-interference
 
 ``--measure-interference`` measures the compute slowdown while two-sided bytes move
@@ -33,6 +36,7 @@ import json
 import re
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -68,13 +72,14 @@ def predict(
         intra_latency=intra_latency,
         inter_bw=gbps * 1e9 / 8 * (1.0 if links else PAYLOAD),
         inter_latency=0.0 if links else TCP_LATENCY_S,
-        links=_link_model(links),
+        links=_link_model(links, gbps * 1e9 / 8 / gpus),
         gpus_per_nic=gpus,
         device_flops=RANK_FLOPS_4 * share,
         device_sms=1,
         name="cpu-emulated",
     )
-    cost = CostModel(mem_bw=2e9 * share, q_tile=0, interference=interference)
+    # the rate was measured at this head_dim: no H100 kernel curve (Note [Kernel rates])
+    cost = CostModel(mem_bw=2e9 * share, q_tile=0, interference=interference, kernel="measured")
     batch, seq, heads, dim = shape
     out = {}
     for strategy in ("usp", "tas", "torus", "ulysses", "ring"):
@@ -93,20 +98,38 @@ def predict(
     return out
 
 
-def _link_model(links: dict[str, tuple[float, float]] | None) -> LinkModel:
-    """The emulated NIC's measured curves ((e_max, m_half) per pattern), or line rate."""
+def _link_model(links: dict[str, tuple[float, float]] | None, peak: float) -> LinkModel:
+    """The emulated NIC's measured curves ((e_max, seconds per call) per pattern; ``peak``:
+    a rank's share of the NIC), or line rate."""
     if not links:
         return LinkModel()
-    return LinkModel(
-        inter_all_to_all=LinkCurve(e_max=links["all_to_all"][0], m_half=links["all_to_all"][1]),
-        inter_send_recv=LinkCurve(e_max=links["send_recv"][0], m_half=links["send_recv"][1]),
-    )
+    curves = {
+        pattern: LinkCurve(e_max=e_max, m_half=t_call * peak * e_max)
+        for pattern, (e_max, t_call) in links.items()
+    }
+    return LinkModel(inter_all_to_all=curves["all_to_all"], inter_send_recv=curves["send_recv"])
 
 
-def _link_times(ctx: sf_comm.Context, sizes: tuple[int, ...], iters: int) -> dict[str, list[float]]:
+def _attention_chunk() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 8, 64, generator=g)  # ~15 ms per call with 4 ranks on 2 cores
+    k, v = (torch.randn(1, 4096, 8, 64, generator=g) for _ in range(2))
+    return q, k, v
+
+
+def _link_times(
+    ctx: sf_comm.Context, sizes: tuple[int, ...], iters: int, load: bool
+) -> dict[str, list[float]]:
     """Seconds per call of an inter-machine send/recv (every rank to its peer on the other
-    machine, at once) and of a world all-to-all, for each per-peer size in bytes."""
-    out: dict[str, list[float]] = {"send_recv": [], "all_to_all": []}
+    machine, at once), of a world all-to-all and of a shift along the world (a flat ring:
+    one rank per machine crosses each way), for each per-peer size in bytes. With
+    ``load``, every rank computes attention while its transfer is in flight (the CPU the
+    transfer needs is then shared with compute, as in the strategies) and the call's time
+    is when its handle first reports completion (checked every ~15 ms of compute)."""
+    from sf_attn import attention_with_lse
+
+    chunk = _attention_chunk()
+    out: dict[str, list[float]] = {"send_recv": [], "all_to_all": [], "flat_ring": []}
     inter, world = ctx.group("inter"), ctx.group("world")
     for size in sizes:
         x = torch.ones(size // 4)
@@ -116,36 +139,58 @@ def _link_times(ctx: sf_comm.Context, sizes: tuple[int, ...], iters: int) -> dic
                 ctx.barrier()
                 start = time.perf_counter()
                 if pattern == "send_recv":
-                    sf_comm.shift(ctx, inter, x, 1).wait()
+                    handle: Any = sf_comm.shift(ctx, inter, x, 1)
+                elif pattern == "flat_ring":  # one rank per machine sends out, one receives
+                    handle = sf_comm.shift(ctx, world, x, 1)
                 else:
-                    sf_comm.all_to_all(ctx, world, [x] * ctx.world_size).wait()
+                    handle = sf_comm.all_to_all(ctx, world, [x] * ctx.world_size)
+                while load and not handle.is_completed():
+                    attention_with_lse(*chunk)
+                handle.wait()
                 times.append(time.perf_counter() - start)
             out[pattern].append(statistics.median(times))
     return out
 
 
-def measure_links(gbps: float = 0.43) -> dict[str, tuple[float, float]]:
-    """(e_max, m_half) of the emulated NIC per pattern, gloo, 2x2: from the time of a small
-    (64 KB) and a large (16 MB) message per peer, ``t = (m + m_half) / (peak * e_max)`` with
-    ``m`` a rank's bytes to the other machine and ``peak`` its share of the NIC."""
+# bytes per peer: the sizes of these layers' transfers (0.5-4 MB per peer at 2x2 and 4x2)
+LINK_SIZES = (256 * 1024, 1 << 20, 4 << 20)
+
+
+def measure_links(
+    spec: str = "2x2", gbps: float = 0.43, load: bool = False
+) -> dict[str, tuple[float, float]]:
+    """(e_max, seconds per call) of the emulated NIC per pattern on the emulation ``spec``
+    at ``gbps``, gloo, from the median time of 5 calls at each size of :data:`LINK_SIZES`:
+    least squares of ``t = m / (peak * e_max) + t_call`` over the sizes (``m``: a rank's
+    bytes to other machines, ``peak``: its share of the NIC, which every rank of the machine
+    uses at once in both patterns). ``load``: while every rank computes (:func:`_link_times`)."""
     from sf_comm.launch import RankPool
 
-    sizes = (64 * 1024, 16 * 2**20)
-    with sf_comm.Emulation("2x2", inter_gbps=gbps) as emu, RankPool(4, emulation=emu) as pool:
-        out = pool.run(_link_times, sizes, 3, topology="2x2", transport="gloo", timeout=600)
-    peak = gbps * 1e9 / 8 / 2  # a rank's share of its machine's NIC
-    curves = {}
-    for pattern in ("send_recv", "all_to_all"):
-        small_t, large_t = (max(r[pattern][i] for r in out) for i in range(2))
-        per_peer = 2 if pattern == "all_to_all" else 1  # peers on the other machine
-        small, large = (size * per_peer for size in sizes)
-        e_max = min(1.0, (large - small) / (peak * (large_t - small_t)))
-        m_half = max(0.0, small_t * peak * e_max - small)
-        curves[pattern] = (e_max, m_half)
-        print(
-            f"{pattern}: {small / 1e3:.0f} KB {small_t * 1e3:.1f} ms, {large / 1e6:.1f} MB "
-            f"{large_t * 1e3:.1f} ms -> e_max {e_max:.2f}, m_half {m_half / 1e3:.0f} KB"
+    machines, gpus = (int(v) for v in spec.split("x"))
+    ranks = machines * gpus
+    with sf_comm.Emulation(spec, inter_gbps=gbps) as emu, RankPool(ranks, emulation=emu) as pool:
+        out = pool.run(
+            _link_times, LINK_SIZES, 5, load, topology=spec, transport="gloo", timeout=1200
         )
+    peak = gbps * 1e9 / 8 / gpus
+    curves = {}
+    for pattern in ("send_recv", "all_to_all", "flat_ring"):
+        per_peer = ranks - gpus if pattern == "all_to_all" else 1  # peers on other machines
+        xs = [size * per_peer for size in LINK_SIZES]
+        ts = [max(r[pattern][i] for r in out) for i in range(len(LINK_SIZES))]
+        # a flat ring's crossing rank has the NIC to itself; the others share it
+        share = gpus if pattern == "flat_ring" else 1
+        mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+        slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
+        e_max = min(1.0, 1 / (peak * share * slope))
+        t_call = max(0.0, mt - slope * mx)
+        curves[pattern] = (e_max, t_call)
+        sizes = ", ".join(f"{x / 1e6:.2f} MB {t * 1e3:.0f} ms" for x, t in zip(xs, ts))
+        print(
+            f"{spec} at {gbps} Gbit/s, {pattern}{' (under load)' if load else ''}: {sizes} "
+            f"-> e_max {e_max:.2f}, per call {t_call * 1e3:.1f} ms"
+        )
+    del curves["flat_ring"]  # reported only: the link model has one send/recv curve
     return curves
 
 
@@ -189,14 +234,19 @@ def measure_interference(iters: int = 5) -> float:
     return 1 - alone / during
 
 
-def main(
-    paths: list[str], interference: float, links: dict[str, tuple[float, float]] | None = None
-) -> None:
+def main(paths: list[str], interference: float, measure: bool = False, load: bool = False) -> None:
+    """Print measured vs predicted per strategy for each bench output; ``measure``: cost the
+    inter-machine transfers with curves measured on the same emulation (:func:`measure_links`)."""
     for path in paths:
         with open(path) as f:
             text = f.read()
         header = text.splitlines()[0]
         rows = json.loads(text[text.index("\n[") + 1 :])
+        links = None
+        if measure:
+            spec = "x".join(re.search(r"topology (\d+)x(\d+)", header).groups())
+            gbps = float(re.search(r"each NIC ([\d.]+) Gbit/s", header)[1])
+            links = measure_links(spec, gbps, load)
         predicted = {t: predict(header, t, interference, links) for t in INTRA}
         print(header)
         print(
@@ -223,7 +273,12 @@ if __name__ == "__main__":
         action="store_true",
         help="cost the inter-machine transfers with the emulated NIC's measured curves",
     )
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help="with --measure-links: measure the curves while every rank computes",
+    )
     args = parser.parse_args()
     if args.measure_interference:
         print(f"interference: {measure_interference():.2f}")
-    main(args.outputs, args.interference, measure_links() if args.measure_links else None)
+    main(args.outputs, args.interference, args.measure_links, args.under_load)

@@ -191,6 +191,9 @@ def _victim(ctx: sf_comm.Context, victim: int) -> tuple[float, str]:
     group = ctx.group("world")
     x = torch.randn(1 << 20)
     sf_comm.ring_shift(ctx, group, x).wait()  # one good round first
+    # every rank has its round's data before the victim dies (else a peer still receiving
+    # from it rightly fails in the shift, not in the all-to-all this test is about)
+    ctx.barrier()
     if ctx.rank == victim:
         os.kill(os.getpid(), signal.SIGKILL)
     start = time.monotonic()

@@ -83,8 +83,11 @@ def test_longer_sequence_is_never_faster(strategy: str) -> None:
 
 
 def _ideal_compute(topo: Topology, seq_len: int) -> float:
-    """Single-device attention FLOPs (QK^T and PV, 2 * 2 * S^2 * H * D) at the device rate."""
-    return 4.0 * seq_len * seq_len * HEADS * HEAD_DIM / topo.device_flops
+    """Single-device attention FLOPs (QK^T and PV, 2 * 2 * S^2 * H * D) at the kernel's rate
+    for HEAD_DIM (Note [Kernel rates])."""
+    from sf_attn.sim.layer import kernel_rate
+
+    return 4.0 * seq_len * seq_len * HEADS * HEAD_DIM / kernel_rate(topo, HEAD_DIM)
 
 
 FREE_LINKS = dict(intra_bw=1e30, inter_bw=1e30, intra_latency=0.0, inter_latency=0.0)

@@ -18,6 +18,7 @@ import torch
 
 from . import trace
 from ._context_protocol import CommContext
+from .topology import Topology
 from .transport import Group, Handle, Recv, Send
 
 T = TypeVar("T")
@@ -27,6 +28,7 @@ def _traced(
     ctx: CommContext,
     handle: Handle[T],
     op: str,
+    group: Group,
     sends: Sequence[Send],
     recvs: Sequence[Recv],
 ) -> Handle[T]:
@@ -35,7 +37,9 @@ def _traced(
     ``sends``/``recvs`` are what the transport moves for it (bytes are counted only while a
     tracer is active). Links are full duplex, so each link's load is the larger of what this
     rank sends and receives over it (a ring rank whose predecessor is on another machine
-    waits on the inter-machine link even if it sends inside its machine).
+    waits on the inter-machine link even if it sends inside its machine). The tracer is also
+    told how many ranks behind this rank's NIC cross machines in the same call
+    (:func:`nic_sharers`).
     """
     tracer = trace.active()
     if tracer is None:
@@ -43,14 +47,26 @@ def _traced(
     topo = ctx.topology
     out: dict[str, int] = {}
     into: dict[str, int] = {}
+    counts: dict[str, list[int]] = {"intra": [0, 0], "inter": [0, 0]}  # peers out, in
     sent = [(peer, t.numel() * t.element_size()) for peer, t in sends]
     received = [(peer, shape.numel() * dtype.itemsize) for peer, shape, dtype in recvs]
-    for pairs, load in ((sent, out), (received, into)):
+    for way, (pairs, load) in enumerate(((sent, out), (received, into))):
         for peer, nbytes in pairs:
             link = "intra" if topo.same_machine(peer, ctx.rank) else "inter"
             load[link] = load.get(link, 0) + nbytes
+            counts[link][way] += 1
     links = {link: max(out.get(link, 0), into.get(link, 0)) for link in {*out, *into}}
-    token = tracer.comm_start(op, links, max(len(sends), len(recvs)))
+    peers = {link: max(counts[link]) for link in links}
+    sharers = topo.gpus_per_nic
+    if links.get("inter") and topo.gpus_per_nic > 1:
+        sharers = max(
+            nic_sharers(topo, group, [peer for peer, nbytes in pairs if nbytes])
+            for pairs, load in ((sent, out), (received, into))
+            if load.get("inter")
+        )
+    token = tracer.comm_start(
+        op, links, max(len(sends), len(recvs)), nic_sharers=sharers, peers=peers
+    )
 
     def finish() -> T:
         result = handle.wait()
@@ -58,6 +74,46 @@ def _traced(
         return result
 
     return Handle(finish, handle.is_completed)
+
+
+# Note [NIC sharers]
+# The GPUs behind one NIC share its bandwidth, but only those that send to (or receive from)
+# another machine in a call compete for it. In the symmetric strategies every rank runs the
+# same call at once in its own group: a head scatter or a ring across machines has every GPU
+# of the machine on the NIC, while a flat ring over all ranks crosses machines only at the
+# machine's two ends (one rank sends out, another receives in). nic_sharers counts, for one
+# direction, the ranks behind this rank's NIC whose peers at this rank's offsets in the group
+# sit on another machine. A rank outside this rank's group is taken to run the group shifted
+# by the distance between the two ranks (the mesh's groups are translates of each other);
+# where that shifted group would leave its machines the rank is counted as crossing. The
+# simulator divides the NIC by this count instead of by every GPU behind it.
+
+
+def nic_sharers(topology: Topology, group: Group, peers: Sequence[int]) -> int:
+    """Ranks behind ``group.rank``'s NIC that cross machines when each runs this call, with
+    ``peers`` (this rank's peers in ``group`` in one direction); at least 1 (Note [NIC sharers]).
+
+    Equivalent plain code, for a rank ``r`` behind the same NIC in the same group::
+
+        crosses(r) = any(not same_machine(r, group.ranks[(index(r) + offset) % size])
+                         for offset in offsets of peers)
+    """
+    me, size, per = group.index, group.size, topology.gpus_per_machine
+    offsets = {(group.ranks.index(peer) - me) % size for peer in peers}
+    nic = topology.local_of(group.rank) // topology.gpus_per_nic
+    base = topology.machine_of(group.rank) * per + nic * topology.gpus_per_nic
+    count = 0
+    for mate in range(base, base + topology.gpus_per_nic):
+        if mate in group.ranks:
+            members, index = group.ranks, group.ranks.index(mate)
+        else:
+            shift = mate - group.rank
+            if any(topology.local_of(r) + shift not in range(per) for r in group.ranks):
+                count += 1  # its group is not a translate of this one: taken as crossing
+                continue
+            members, index = tuple(r + shift for r in group.ranks), me
+        count += any(not topology.same_machine(mate, members[(index + d) % size]) for d in offsets)
+    return max(1, count)
 
 
 def _check_same(tensors: Sequence[torch.Tensor], op: str) -> None:
@@ -99,7 +155,7 @@ def all_to_all(
     me, dtype = group.index, inputs[0].dtype
     sends = [(r, inputs[i]) for i, r in enumerate(group.ranks) if i != me]
     recvs = [(r, shapes[i], dtype) for i, r in enumerate(group.ranks) if i != me]
-    return _traced(ctx, handle, "all_to_all", sends, recvs)
+    return _traced(ctx, handle, "all_to_all", group, sends, recvs)
 
 
 def shift(
@@ -126,7 +182,7 @@ def shift(
     sends, recvs = [(dst, tensor)], [(src, shape, tensor.dtype)]
     handle = ctx.transport.exchange(group, sends, recvs, op=op)
     first: Handle[torch.Tensor] = Handle(lambda: handle.wait()[0], handle.is_completed)
-    return _traced(ctx, first, op, sends, recvs)
+    return _traced(ctx, first, op, group, sends, recvs)
 
 
 def ring_shift(
@@ -163,4 +219,4 @@ def all_gather(
         got = handle.wait()
         return [*got[:me], local, *got[me:]]
 
-    return _traced(ctx, Handle(finish, handle.is_completed), "all_gather", sends, recvs)
+    return _traced(ctx, Handle(finish, handle.is_completed), "all_gather", group, sends, recvs)

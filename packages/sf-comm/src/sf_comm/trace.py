@@ -49,8 +49,18 @@ class Tracer(abc.ABC):
     # -- hooks (called by collectives and compute code) --------------------------------
 
     @abc.abstractmethod
-    def comm_start(self, op: str, links: dict[str, int], messages: int) -> Any:
-        """A collective was issued; ``links`` maps "intra"/"inter" to bytes this rank sends."""
+    def comm_start(
+        self,
+        op: str,
+        links: dict[str, int],
+        messages: int,
+        *,
+        nic_sharers: int = 1,
+        peers: dict[str, int] | None = None,
+    ) -> Any:
+        """A collective was issued; ``links`` maps "intra"/"inter" to bytes this rank sends;
+        ``nic_sharers``: the ranks behind this rank's NIC that cross machines in it (Note
+        [NIC sharers] in sf_comm.collectives); ``peers``: this rank's peers on each link."""
 
     @abc.abstractmethod
     def comm_end(self, token: Any) -> None:
@@ -214,7 +224,15 @@ class WallTracer(Tracer):
     def _now(self) -> float:
         return time.perf_counter() - self.origin
 
-    def comm_start(self, op: str, links: dict[str, int], messages: int) -> Any:
+    def comm_start(
+        self,
+        op: str,
+        links: dict[str, int],
+        messages: int,
+        *,
+        nic_sharers: int = 1,
+        peers: dict[str, int] | None = None,
+    ) -> Any:
         return (op, links, self._now(), self._next())
 
     def comm_end(self, token: Any) -> None:

@@ -129,8 +129,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--text",
         choices=["auto", "replicated", "sharded"],
         default="auto",
-        help="joint text layout (auto: as sf_models.parallelize runs the model: sharded for "
-        "the joint-text models, replicated for cross-attention text)",
+        help="joint text layout (auto: the strategy rows as sf_models.parallelize runs the "
+        "model, sharded for joint text, replicated for cross-attention text; the auto row "
+        "weighs both layouts of joint text)",
     )
     p.add_argument(
         "--steps", type=positive_int, default=None, help="also print the total for N steps"
@@ -163,14 +164,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def text_layout(model: str, asked: str) -> Literal["replicated", "sharded"]:
-    """The text layout simulated for ``--text asked``: "auto" is what
+    """The text layout of the strategy rows for ``--text asked``: "auto" is what
     ``sf_models.parallelize(..., text="auto")`` runs, sharded for every joint-text model
-    (each one's plan shards text; tests/models/test_registries.py keeps the two in step)."""
+    (each one's plan shards text; tests/models/test_registries.py keeps the two in step);
+    with "auto" the ``auto`` row also weighs the other layout (Note [Text layout choice] in
+    sf_attn.sim.step)."""
     from sf_attn.sim.models import get_model
+    from sf_attn.sim.step import rows_text
 
-    if asked in ("replicated", "sharded"):
-        return "sharded" if asked == "sharded" else "replicated"
-    return "sharded" if get_model(model).text_mode == "joint" else "replicated"
+    return rows_text(get_model(model), asked)
 
 
 def _size(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -352,6 +354,13 @@ def format_explain(result: Any) -> str:
             f"  runner-up: {name} at its default degrees, {latency * 1e3:.1f} ms/step "
             f"({(latency / auto.latency_s - 1) * 100:+.0f}% over the pick)"
         )
+    if len(result.auto_by_text) > 1:
+        other = next(t for t in result.auto_by_text if t != auto.text)
+        delta = result.auto_by_text[other] / auto.latency_s - 1
+        lines.append(
+            f"  text {auto.text}: the best plan with text {other} takes "
+            f"{result.auto_by_text[other] * 1e3:.1f} ms/step ({delta * 100:+.1f}%)"
+        )
     if result.baseline is not None and auto.latency_s >= result.baseline.latency_s:
         lines.append(f"  nothing beats {BASELINE_NAME} here: auto runs its configuration")
     return "\n".join(lines)
@@ -375,7 +384,7 @@ def sweep_inter_efficiency(args: argparse.Namespace, values: tuple[float, ...]) 
                 width=width,
                 frames=frames,
                 one_sided=not args.two_sided,
-                text=text_layout(args.model, args.text),
+                text=args.text,
             )
         )
     return out
@@ -513,7 +522,7 @@ def plot(args: argparse.Namespace, path: str) -> None:
             width=width,
             frames=frames,
             one_sided=not args.two_sided,
-            text=text_layout(args.model, args.text),
+            text=args.text,
         )
         base = res.baseline
         series.setdefault(BASELINE_NAME, []).append(None if base is None else base.latency_s * 1e3)
@@ -586,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
         width=width,
         frames=frames,
         one_sided=not args.two_sided,
-        text=text_layout(args.model, args.text),
+        text=args.text,
     )
     if args.json:
         print(json.dumps(result.to_json(), indent=1))

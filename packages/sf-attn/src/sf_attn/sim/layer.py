@@ -8,7 +8,8 @@ simulated schedule is exactly the executed one (same stages, same order, same ov
 
 Cost model (Note [Cost model]):
 
-- compute: an attention block takes ``attn_overhead + flops / (device_flops * eff)`` with
+- compute: an attention block takes ``attn_overhead + flops / (rate * eff)`` (``rate``:
+  the kernel's at the layer's head_dim, Note [Kernel rates]) with
   ``eff = wave_eff * kv_eff``: the kernel runs ``ceil(w)`` whole waves, ``w = ceil(seq_q /
   q_tile) * batch * heads / device_sms`` (the last wave of query tiles runs partly empty, so
   ``wave_eff = w / ceil(w)``) and ``kv_eff = seq_k / (seq_k + block_half)`` (per-tile loop
@@ -19,8 +20,10 @@ Cost model (Note [Cost model]):
   SMs, i.e. wave_eff 0.98, 1.0, 0.77 — the drop the formula gives.
 - links: a transfer of ``m`` bytes takes ``latency + m / bw(m)`` on each link it uses, with
   ``bw(m) = peak * e_max * m / (m + m_half)`` (:meth:`sf_comm.Topology.bandwidth`: ``peak``
-  is ``intra_bw`` for peers on the same machine, ``inter_bw / gpus_per_nic`` for other
-  machines, since the GPUs sharing a NIC all send at once in these symmetric strategies;
+  is ``intra_bw`` for peers on the same machine, ``inter_bw / n`` for other machines, with
+  ``n`` the GPUs behind the NIC that cross machines in the same call: all ``gpus_per_nic``
+  of them in a head scatter or a ring across machines, one at each end of a flat ring
+  (Note [NIC sharers] in sf_comm.collectives);
   ``e_max`` and ``m_half`` per transport and pattern from public measurements,
   docs/simulator.md). ``m`` is this rank's bytes on that link in the call; a ring shift
   (``shift±k``) is the send/recv pattern, every other collective the all-to-all one.
@@ -62,10 +65,18 @@ class CostModel:
     q_tile: int = 128  # query rows per thread block of the attention kernel; 0: no waves
     handshake: float = 20e-6  # two-sided rendezvous per message, s (fitted: docs/simulator.md)
     interference: float = 0.0  # compute speed lost while two-sided bytes move (Note [Interference])
+    kernel: str = "cudnn"  # the attention kernel whose head_dim curve is used (Note [Kernel rates])
 
     def __post_init__(self) -> None:
+        if self.kernel not in (*KERNEL_TFLOPS, MEASURED):
+            raise ValueError(
+                f"CostModel.kernel must be one of {[*sorted(KERNEL_TFLOPS), MEASURED]}, got "
+                f"{self.kernel!r}"
+            )
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if isinstance(value, str):
+                continue
             if not value >= 0:
                 raise ValueError(f"CostModel.{field.name} must be >= 0, got {value!r}")
         if not self.interference < 1:
@@ -73,6 +84,43 @@ class CostModel:
                 f"CostModel.interference is a fraction of the compute speed, in [0, 1); got "
                 f"{self.interference!r}"
             )
+
+
+# Note [Kernel rates]
+# ``Topology.device_flops`` is the rate of the attention kernel StreamFusion runs (cuDNN
+# SDPA: results/GPU-2026-11-27.md, 667 TFLOP/s on an H200) at head_dim 128. Other head_dims
+# and kernels run at other rates; the ratios come from the FlashAttention-3 paper's forward
+# benchmark (Shah et al. 2024, arXiv 2407.08608, H100 80GB SXM5, bf16, no causal mask,
+# 16k tokens; TFLOP/s below). A block is costed at ``device_flops * KERNEL_TFLOPS[kernel]
+# [head_dim] / KERNEL_TFLOPS["cudnn"][128]`` (linear between the measured head_dims,
+# clamped outside them). Measured on H100; the same ratios are assumed for A100 and H200.
+# "fa2" is what codebases without a Hopper kernel run (e.g. the official HunyuanVideo
+# repository, the held-out check of docs/simulator.md). "measured": ``device_flops`` was
+# measured at the layer's own head_dim (e.g. on CPU ranks), so no curve applies.
+MEASURED = "measured"
+KERNEL_TFLOPS: dict[str, dict[int, float]] = {
+    "cudnn": {64: 413.0, 128: 595.0, 256: 581.0},
+    "fa2": {64: 324.0, 128: 370.0, 256: 326.0},
+    "fa3": {64: 497.0, 128: 648.0, 256: 756.0},
+}
+
+
+def kernel_rate(topology: Topology, head_dim: int, kernel: str = "cudnn") -> float:
+    """FLOP/s of one attention block's kernel at ``head_dim`` (Note [Kernel rates])."""
+    if kernel == MEASURED:
+        return topology.device_flops
+    table = KERNEL_TFLOPS[kernel]
+    dims = sorted(table)
+    if head_dim <= dims[0]:
+        rate = table[dims[0]]
+    elif head_dim >= dims[-1]:
+        rate = table[dims[-1]]
+    else:
+        hi = next(d for d in dims if d >= head_dim)
+        lo = max(d for d in dims if d <= head_dim)
+        t = 0.0 if hi == lo else (head_dim - lo) / (hi - lo)
+        rate = table[lo] + t * (table[hi] - table[lo])
+    return topology.device_flops * rate / KERNEL_TFLOPS["cudnn"][128]
 
 
 # Note [Interference]
@@ -91,12 +139,19 @@ class VirtualTracer(Tracer):
     """A tracer whose clock is the cost model's (see module docstring)."""
 
     def __init__(
-        self, topology: Topology, *, one_sided: bool = True, cost: CostModel | None = None
+        self,
+        topology: Topology,
+        *,
+        one_sided: bool = True,
+        cost: CostModel | None = None,
+        attn_flops: float | None = None,
     ) -> None:
         super().__init__()
         self.topology = topology
         self.one_sided = one_sided
         self.cost = cost or CostModel()
+        # the attention kernel's rate at the layer's head_dim (Note [Kernel rates])
+        self.attn_flops = attn_flops or topology.device_flops
         self.now = 0.0  # where the compute stream (the program) is
         self.link_free = {"intra": 0.0, "inter": 0.0}
         # fixed costs (kernel launches, per-message latency, handshakes, the protocol's
@@ -107,7 +162,15 @@ class VirtualTracer(Tracer):
     def _latency(self, link: str) -> float:
         return self.topology.intra_latency if link == "intra" else self.topology.inter_latency
 
-    def comm_start(self, op: str, links: dict[str, int], messages: int) -> Any:
+    def comm_start(
+        self,
+        op: str,
+        links: dict[str, int],
+        messages: int,
+        *,
+        nic_sharers: int = 1,
+        peers: dict[str, int] | None = None,
+    ) -> Any:
         end = self.now
         step = self._next()
         per_link_msgs = max(1, messages // max(1, len(links)))
@@ -119,12 +182,17 @@ class VirtualTracer(Tracer):
             took = fixed
             if nbytes > 0:
                 curve = topo.links.curve(link, one_sided=self.one_sided, pattern=pattern)
+                n_peers = (peers or {}).get(link, 1)
                 took += nbytes / topo.bandwidth(
-                    link, nbytes, one_sided=self.one_sided, pattern=pattern
+                    link,
+                    nbytes,
+                    one_sided=self.one_sided,
+                    pattern=pattern,
+                    nic_sharers=nic_sharers,
+                    peers=n_peers,
                 )
-                # m / (peak e m / (m + m_half)) = m / (peak e) + m_half / (peak e)
-                peak = topo.intra_bw if link == "intra" else topo.inter_bw / topo.gpus_per_nic
-                fixed += curve.m_half / (peak * curve.e_max)
+                # m / (peak e m / (m + h)) = m / (peak e) + h / (peak e)
+                fixed += curve.half(n_peers) / (topo.peak(link) * curve.e_max)
             if not self.one_sided:
                 took += self.cost.handshake * per_link_msgs
                 fixed += self.cost.handshake * per_link_msgs
@@ -154,10 +222,10 @@ class VirtualTracer(Tracer):
                 # whole waves of (q_tile rows x all keys) tiles: monotone in every dimension
                 waves = math.ceil(-(-sq // c.q_tile) * rows / self.topology.device_sms)
                 work = waves * self.topology.device_sms * c.q_tile * flops / (sq * rows)
-            took = c.attn_overhead + work / (self.topology.device_flops * kv_eff)
+            took = c.attn_overhead + work / (self.attn_flops * kv_eff)
             self.overhead["compute"] += c.attn_overhead
         elif name == "attn":
-            took = c.attn_overhead + flops / self.topology.device_flops
+            took = c.attn_overhead + flops / self.attn_flops
             self.overhead["compute"] += c.attn_overhead
         else:
             took = c.merge_overhead + nbytes / c.mem_bw
@@ -311,7 +379,13 @@ def simulate(
             torch.empty(batch, text_len, heads, head_dim, dtype=dtype, device="meta")
             for _ in range(3)
         )
-    tracer = VirtualTracer(topology, one_sided=one_sided, cost=cost)
+    cost = cost or CostModel()
+    tracer = VirtualTracer(
+        topology,
+        one_sided=one_sided,
+        cost=cost,
+        attn_flops=kernel_rate(topology, head_dim, cost.kernel),
+    )
     with tracing(tracer):
         chosen.execute(
             q,

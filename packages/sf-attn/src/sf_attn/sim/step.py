@@ -18,7 +18,7 @@ every self-attention block of these models has the same shape, so one plan cover
 Note [Step cost]: a GEMM of ``m`` tokens through ``w`` weights takes
 ``2 m w / (device_flops * gemm_eff * m / (m + gemm_half))`` (``gemm_eff``: the MFU of compiled
 projections/MLPs relative to ``Topology.device_flops``, the rate attention blocks get in the
-simulator; ``gemm_half``: rows at which a GEMM runs at half its large-``m`` rate). Everything
+simulator at head_dim 128; ``gemm_half``: rows at which a GEMM runs at half its large-``m`` rate). Everything
 elementwise (norms, adaLN modulation, gates, residuals, RoPE, the MLP activation) is memory
 bound: ``(hidden_passes * hidden + ffn_passes * ffn) * itemsize`` bytes per token per block
 at the device's memory bandwidth. ``block_overhead`` is a fixed time per block (kernel
@@ -39,7 +39,7 @@ import torch
 from sf_comm import Topology
 
 from ..strategies import baseline_strategy, get_strategy, strategy_names
-from .layer import CostModel, simulate
+from .layer import CostModel, kernel_rate, simulate
 from .models import DiTConfig, get_model
 
 # Achievable device-memory bandwidth of an elementwise kernel, bytes/s, ~80 % of the HBM
@@ -133,6 +133,8 @@ class StepResult:
             "replicated" (on every rank; always for cross-attention text).
         baseline: xDiT's USP as deployed (:func:`xdit_baseline`), or None when its layout
             cannot split the heads here; every speedup is over it.
+        auto_by_text: with ``text="auto"``, the planner's best step under each text layout
+            it weighed (Note [Text layout choice]); empty otherwise.
     """
 
     model: str
@@ -149,6 +151,7 @@ class StepResult:
     comm_bound_s: float
     text: str = "replicated"
     baseline: StrategyStep | None = None
+    auto_by_text: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def speedup_over_usp(self, name: str) -> float | None:
         usp, mine = self.strategies.get(baseline_strategy()), self.strategies.get(name)
@@ -197,6 +200,7 @@ class StepResult:
             "tokens": self.tokens,
             "text_len": self.text_len,
             "text": self.text,
+            "auto_by_text": dict(self.auto_by_text),
             "baseline": None
             if self.baseline is None
             else {
@@ -231,11 +235,28 @@ class _Work:
     text_sharded: bool
 
 
+def rows_text(cfg: DiTConfig, text: str) -> Literal["replicated", "sharded"]:
+    """The layout the strategy rows are costed with for ``text``: "auto" is what
+    ``sf_models.parallelize(..., text="auto")`` runs, sharded for every joint-text model
+    (tests/models/test_registries.py keeps the two in step), replicated cross-attention text.
+
+    Raises:
+        ValueError: ``text`` is not "auto", "replicated" or "sharded".
+    """
+    if text not in TEXT_CHOICES:
+        raise ValueError(f"text must be one of {list(TEXT_CHOICES)}, got {text!r}")
+    if text == "auto":
+        return "sharded" if cfg.text_mode == "joint" else "replicated"
+    return "sharded" if text == "sharded" else "replicated"
+
+
+TEXT_CHOICES = ("auto", "replicated", "sharded")
+
+
 def _make_work(
     cfg: DiTConfig, topology: Topology, tokens: int, *, text: str, batch: int, dtype: torch.dtype
 ) -> _Work:
-    if text not in ("replicated", "sharded"):
-        raise ValueError(f"text must be 'replicated' or 'sharded', got {text!r}")
+    text = rows_text(cfg, text)
     world = topology.world_size
     sharded = text == "sharded" and cfg.text_mode == "joint"
     seq_len = tokens + (cfg.text_len if sharded else 0)
@@ -315,7 +336,7 @@ def _cross_s(w: _Work, cost: StepCost) -> float:
     c = cost.attention
     flops = 4.0 * w.batch * w.local_tokens * w.cross_text * w.cfg.hidden
     eff = _tile(w.local_tokens, c.block_half) * _tile(w.cross_text, c.block_half)
-    return c.attn_overhead + flops / (w.topology.device_flops * eff)
+    return c.attn_overhead + flops / (kernel_rate(w.topology, w.cfg.head_dim, c.kernel) * eff)
 
 
 def _strategy_step(
@@ -395,20 +416,21 @@ def _bounds(w: _Work, cost: StepCost) -> tuple[float, float]:
     )
     inter_bw = topo.inter_bw / topo.gpus_per_nic * inter_e
     intra_bw = topo.intra_bw * max(links.intra_two_sided.e_max, links.intra_one_sided.e_max)
+    attn_rate = kernel_rate(topo, cfg.head_dim, cost.attention.kernel)
     compute = comm = 0.0
     for block in cfg.blocks:
         flops = 2.0 * w.batch * (n_img * block.image_weights + text * block.text_weights)
         one = flops / (topo.device_flops * cost.gemm_eff)
         one += _elementwise_s(n_img + (text if cfg.text_mode == "joint" else 0), w, cost)
         if block.self_attention:
-            one += 4.0 * w.batch * seq * seq * cfg.hidden / topo.device_flops
+            one += 4.0 * w.batch * seq * seq * cfg.hidden / attn_rate
             # head scatter over all ranks: 3/4 of the bytes are q, k, v out, 1/4 the output back
             local_bytes = 4.0 * w.batch * (w.seq_len / world) * cfg.hidden * w.itemsize
             inter = local_bytes * (world - gpus) / world / inter_bw
             intra = local_bytes * (gpus - 1) / world / intra_bw
             comm += block.count * max(inter, intra)
         if block.cross_attention:
-            one += 4.0 * w.batch * n_img * w.cross_text * cfg.hidden / topo.device_flops
+            one += 4.0 * w.batch * n_img * w.cross_text * cfg.hidden / attn_rate
         compute += block.count * one
     return compute / world, comm
 
@@ -424,7 +446,7 @@ def simulate_step(
     one_sided: bool = True,
     dtype: torch.dtype = torch.bfloat16,
     batch: int = 1,
-    text: Literal["replicated", "sharded"] = "replicated",
+    text: Literal["auto", "replicated", "sharded"] = "replicated",
     cost: StepCost | None = None,
 ) -> StepResult:
     """Per-step latency of ``model`` at ``height`` x ``width`` (x ``frames``) on ``topology``.
@@ -440,14 +462,17 @@ def simulate_step(
         text: "replicated" (the joint text tokens are on every rank and every rank computes
             them) or "sharded" (the text joins the sharded sequence: sf_models' default for
             the joint-text models, and xDiT's Flux layout used for the calibration).
-            Cross-attention text (Wan) is replicated either way.
+            Cross-attention text (Wan) is replicated either way. "auto": the strategy rows
+            are costed as ``sf_models.parallelize(..., text="auto")`` runs the model
+            (:func:`rows_text`) and ``auto`` chooses the layout too, where both are exact
+            (joint text; Note [Text layout choice]).
         cost: Note [Step cost] constants (default: the calibrated :class:`StepCost`).
 
     Returns:
         A :class:`StepResult`. ``bound_s = max(compute_bound_s, comm_bound_s)``:
 
         - ``compute_bound_s``: the whole step's compute on one device (attention FLOPs at
-          ``device_flops`` with no small-block loss, GEMMs at ``device_flops * gemm_eff``,
+          the kernel's rate for the head_dim (Note [Kernel rates]) with no small-block loss, GEMMs at ``device_flops * gemm_eff``,
           elementwise bytes at full memory bandwidth, no per-kernel overheads; text tokens
           counted once) divided by P.
         - ``comm_bound_s`` (the unavoidable communication): per self-attention layer, the
@@ -479,9 +504,19 @@ def simulate_step(
     baseline = xdit_baseline(cfg, topology, tokens=tokens, batch=batch, dtype=dtype)
     results: dict[str, StrategyStep | None] = {}
     unavailable: dict[str, str] = {}
+    by_text: dict[str, float] = {}
     for name in names:
         if name == "auto":
-            results[name] = _auto_step(w, baseline, one_sided=one_sided, cost=cost)
+            layouts = [w]
+            if text == "auto" and cfg.text_mode == "joint":
+                layouts.append(
+                    _make_work(cfg, topology, tokens, text="replicated", batch=batch, dtype=dtype)
+                )
+            picks = [_planned_step(lw, one_sided=one_sided, cost=cost) for lw in layouts]
+            if len(picks) > 1:
+                by_text = {p.text: p.latency_s for p in picks}
+            best = min(picks, key=lambda p: p.latency_s)
+            results[name] = _auto_step(best, w, baseline, cost=cost)
             continue
         get_strategy(name)  # an unknown name is an error, not "n/a"
         try:
@@ -507,6 +542,7 @@ def simulate_step(
         comm_bound_s=comm_bound,
         text="sharded" if w.text_sharded else "replicated",
         baseline=baseline,
+        auto_by_text=by_text,
     )
 
 
@@ -601,18 +637,20 @@ def xdit_baseline(
         return None
 
 
-def _auto_step(
-    w: _Work, baseline: StrategyStep | None, *, one_sided: bool, cost: StepCost
-) -> StrategyStep:
-    """The planner's pick, never slower than the baseline by the model.
+# Note [Text layout choice]
+# A joint-text model runs exactly under either text layout (Note [Text layouts] in
+# sf_models.plan), and the two trade compute for communication: sharded text splits the
+# text stream's projections and MLPs over the ranks but adds the text tokens to every
+# collective of the attention; replicated text repeats that stream on every rank and keeps
+# its q, k, v local (only its output rows are merged). With simulate_step(text="auto"),
+# ``auto`` runs the planner under both layouts, costs each pick's whole step and keeps the
+# shorter (ties go to sharded, the layout parallelize runs by default); the strategy rows
+# stay at the default layout so that they compare with the baseline as the models run.
+# Cross-attention text (Wan) has one layout.
 
-    Note [Auto against the baseline]: the planner ranks one attention layer (every strategy
-    shards the rest of the step alike) with the transport asked for. Its pick is then
-    compared with the baseline's own configuration run by StreamFusion (USP at xDiT's
-    degrees, two-sided, text sharded, rotating rings): StreamFusion can always run that,
-    so ``auto`` takes whichever step is shorter. The rest of the step differs only by the
-    text layout, which is why the comparison is of whole steps.
-    """
+
+def _planned_step(w: _Work, *, one_sided: bool, cost: StepCost) -> StrategyStep:
+    """The planner's pick for ``w``'s attention layer and text layout, as a whole step."""
     from ..planner import plan_for
 
     cfg = w.cfg
@@ -626,9 +664,25 @@ def _auto_step(
         text_len=w.attn_text,
         one_sided=one_sided,
     )
-    pick = _strategy_step(
+    return _strategy_step(
         "auto", w, chosen=plan.strategy, degree=plan.ulysses_degree, one_sided=one_sided, cost=cost
     )
+
+
+def _auto_step(
+    pick: StrategyStep, w: _Work, baseline: StrategyStep | None, *, cost: StepCost
+) -> StrategyStep:
+    """The planner's ``pick``, or the baseline's configuration run by StreamFusion where that
+    is shorter: never slower than the baseline by the model.
+
+    Note [Auto against the baseline]: the planner ranks one attention layer (every strategy
+    shards the rest of the step alike) with the transport asked for. Its pick is then
+    compared with the baseline's own configuration run by StreamFusion (USP at xDiT's
+    degrees, two-sided, text sharded, rotating rings): StreamFusion can always run that,
+    so ``auto`` takes whichever step is shorter. The rest of the step differs only by the
+    text layout, which is why the comparison is of whole steps.
+    """
+    cfg = w.cfg
     if baseline is None or pick.latency_s <= baseline.latency_s:
         return pick
     sharded = _make_work(
@@ -690,6 +744,7 @@ __all__ = [
     "StepCost",
     "StepResult",
     "StrategyStep",
+    "rows_text",
     "simulate_step",
     "step_latency",
     "step_terms",
