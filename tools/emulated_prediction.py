@@ -234,9 +234,16 @@ def measure_interference(iters: int = 5) -> float:
     return 1 - alone / during
 
 
-def main(paths: list[str], interference: float, measure: bool = False, load: bool = False) -> None:
+def main(
+    paths: list[str],
+    interference: float,
+    measure: bool = False,
+    load: bool = False,
+    link_runs: int = 1,
+) -> None:
     """Print measured vs predicted per strategy for each bench output; ``measure``: cost the
-    inter-machine transfers with curves measured on the same emulation (:func:`measure_links`)."""
+    inter-machine transfers with curves measured on the same emulation (:func:`measure_links`,
+    ``link_runs`` times: each pattern's median e_max and per-call seconds)."""
     for path in paths:
         with open(path) as f:
             text = f.read()
@@ -246,7 +253,21 @@ def main(paths: list[str], interference: float, measure: bool = False, load: boo
         if measure:
             spec = "x".join(re.search(r"topology (\d+)x(\d+)", header).groups())
             gbps = float(re.search(r"each NIC ([\d.]+) Gbit/s", header)[1])
-            links = measure_links(spec, gbps, load)
+            runs = [measure_links(spec, gbps, load) for _ in range(link_runs)]
+            links = {
+                pattern: (
+                    statistics.median(r[pattern][0] for r in runs),
+                    statistics.median(r[pattern][1] for r in runs),
+                )
+                for pattern in runs[0]
+            }
+            if link_runs > 1:
+                print(
+                    "median of the runs: "
+                    + ", ".join(
+                        f"{p} e_max {e:.2f}, {t * 1e3:.1f} ms" for p, (e, t) in links.items()
+                    )
+                )
         predicted = {t: predict(header, t, interference, links) for t in INTRA}
         print(header)
         print(
@@ -274,6 +295,12 @@ if __name__ == "__main__":
         help="cost the inter-machine transfers with the emulated NIC's measured curves",
     )
     parser.add_argument(
+        "--link-runs",
+        type=int,
+        default=1,
+        help="with --measure-links: measure N times and use each pattern's median",
+    )
+    parser.add_argument(
         "--under-load",
         action="store_true",
         help="with --measure-links: measure the curves while every rank computes",
@@ -281,4 +308,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.measure_interference:
         print(f"interference: {measure_interference():.2f}")
-    main(args.outputs, args.interference, args.measure_links, args.under_load)
+    main(args.outputs, args.interference, args.measure_links, args.under_load, args.link_runs)

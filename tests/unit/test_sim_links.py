@@ -465,3 +465,21 @@ def test_per_call_cost_grows_with_remote_peers() -> None:
         peers = 8 * (machines - 1)
         predicted = inter / topo.bandwidth("inter", inter, one_sided=False, peers=peers)
         assert predicted == pytest.approx(size / (algbw * 1e9), rel=0.12), (machines, mb)
+
+
+def test_closed_pipe_ends_quietly() -> None:
+    """Catches a traceback when the reader of the output goes away (``| head``): the command
+    stops with no message and the shell's status for a closed pipe."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sf_models.simulate_cmd", "--calibration"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""

@@ -341,7 +341,14 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     if extra:
         sub.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.fn(args))
+        status = int(args.fn(args))
+        sys.stdout.flush()  # inside the try: a closed pipe is seen here, not at exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (``| head``): stop quietly, as shell tools do, and keep the
+        # interpreter's final flush from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
     except UsageError as exc:
         line = sub.error_line(str(exc))
     except (ValueError, RankError) as exc:

@@ -29,8 +29,9 @@ Cost model (Note [Cost model]):
   (``shift±k``) is the send/recv pattern, every other collective the all-to-all one.
   Transfers on one link queue behind each other (contention); different links run
   concurrently.
-- two-sided transports pay a rendezvous per message (``handshake`` seconds: the receiver
-  must post and match before data moves); one-sided puts do not. Whether one-sided costs
+- two-sided transports pay a rendezvous per message and peer (``handshake`` seconds inside a
+  machine, ``inter_handshake`` between machines, where the fitted per-call cost already
+  holds it: Note [Link handshakes]); one-sided puts do not. Whether one-sided costs
   less then depends on the curves: on the p5 preset NVSHMEM puts reach less of the EFA line
   rate than NCCL's all-to-all, so large one-sided transfers cost more there.
 - overlap: a collective starts when the program issues it (after the compute before it) and
@@ -64,6 +65,9 @@ class CostModel:
     block_half: int = 96  # keys at which the kv loop runs at half efficiency
     q_tile: int = 128  # query rows per thread block of the attention kernel; 0: no waves
     handshake: float = 20e-6  # two-sided rendezvous per message, s (fitted: docs/simulator.md)
+    # between machines the link curves' per-call cost was fitted to timings of two-sided
+    # calls (nccl-tests), so no rendezvous is added there (Note [Link handshakes])
+    inter_handshake: float = 0.0
     interference: float = 0.0  # compute speed lost while two-sided bytes move (Note [Interference])
     kernel: str = "cudnn"  # the attention kernel whose head_dim curve is used (Note [Kernel rates])
 
@@ -84,6 +88,16 @@ class CostModel:
                 f"CostModel.interference is a fraction of the compute speed, in [0, 1); got "
                 f"{self.interference!r}"
             )
+
+
+# Note [Link handshakes]
+# A two-sided transfer pays a rendezvous per message: the receiver posts and matches before
+# data moves. Inside a machine the link curves have no per-call cost (NVLink's e_max comes
+# from 1 GB all-reduces), so ``handshake`` (20 us, fitted to xDiT's one-machine figures) is
+# that cost. Between machines the two-sided curves' per-call cost, 0.235 ms + 4.6 us per
+# remote peer, was fitted to nccl-tests all-to-all timings, which already contain NCCL's
+# rendezvous: adding ``handshake`` there too would count it twice, so ``inter_handshake`` is
+# 0 unless a measured curve leaves it out. Each link is charged once per peer on it.
 
 
 # Note [Kernel rates]
@@ -173,7 +187,7 @@ class VirtualTracer(Tracer):
     ) -> Any:
         end = self.now
         step = self._next()
-        per_link_msgs = max(1, messages // max(1, len(links)))
+        per_link_msgs = max(1, messages // max(1, len(links)))  # without ``peers``
         pattern = "send_recv" if op.startswith("shift") else "all_to_all"
         topo = self.topology
         for link, nbytes in links.items():
@@ -193,9 +207,11 @@ class VirtualTracer(Tracer):
                 )
                 # m / (peak e m / (m + h)) = m / (peak e) + h / (peak e)
                 fixed += curve.half(n_peers) / (topo.peak(link) * curve.e_max)
-            if not self.one_sided:
-                took += self.cost.handshake * per_link_msgs
-                fixed += self.cost.handshake * per_link_msgs
+            if not self.one_sided:  # Note [Link handshakes]
+                handshake = self.cost.handshake if link == "intra" else self.cost.inter_handshake
+                rendezvous = handshake * (peers or {}).get(link, per_link_msgs)
+                took += rendezvous
+                fixed += rendezvous
                 self.two_sided_spans.append((start, start + took))
             self.overhead[link] += fixed
             self.link_free[link] = start + took
