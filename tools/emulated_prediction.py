@@ -16,14 +16,19 @@ topology whose rates are this host's, measured separately (nothing fitted to the
   emulation as each bench output (:func:`measure_links`). gloo is two-sided, so shm+gloo
   and gloo rows are costed two-sided (the shm half's handshake is small beside the TCP one).
 
-    python tools/emulated_prediction.py [--interference F] [--measure-links] BENCH_OUTPUT ...
+    python tools/emulated_prediction.py [--interference F] [--comm-interference G]
+        [--measure-links [--link-runs N]] BENCH_OUTPUT ...
     python tools/emulated_prediction.py --measure-interference
+    python tools/emulated_prediction.py --measure-comm-interference BENCH_OUTPUT ...
 
 ``--measure-interference`` measures the compute slowdown while two-sided bytes move
 (``CostModel.interference``, Note [Interference] in sf_attn.sim.layer) on a 2x2 emulation at
 0.43 Gbit/s: each rank's attention share timed alone, then while a gloo all-to-all of 4 MB
 per peer (longer than the attention) is in flight; f = 1 - alone / during. ``--interference
-F`` costs the layers with it (default 0: no interference).
+F`` costs the layers with it (default 0: no interference). ``--measure-comm-interference``
+measures the other direction (``CostModel.comm_interference``: a 4 MB inter-machine shift
+alone and while every rank computes, alternating pairs) and costs the layers with it;
+``--comm-interference G`` gives it.
 
 Each BENCH_OUTPUT is what `streamfusion bench attention --emulate ... --json` printed (its
 header line names the topology and the link rate).
@@ -58,6 +63,7 @@ def predict(
     transport: str,
     interference: float = 0.0,
     links: dict[str, tuple[float, float]] | None = None,
+    comm_interference: float = 0.0,
 ) -> dict[str, float]:
     shape = tuple(int(v) for v in re.search(r"attention \(([\d, ]+)\)", header)[1].split(","))
     machines, gpus = (int(v) for v in re.search(r"topology (\d+)x(\d+)", header).groups())
@@ -79,7 +85,13 @@ def predict(
         name="cpu-emulated",
     )
     # the rate was measured at this head_dim: no H100 kernel curve (Note [Kernel rates])
-    cost = CostModel(mem_bw=2e9 * share, q_tile=0, interference=interference, kernel="measured")
+    cost = CostModel(
+        mem_bw=2e9 * share,
+        q_tile=0,
+        interference=interference,
+        comm_interference=comm_interference,
+        kernel="measured",
+    )
     batch, seq, heads, dim = shape
     out = {}
     for strategy in ("usp", "tas", "torus", "ulysses", "ring"):
@@ -234,12 +246,52 @@ def measure_interference(iters: int = 5) -> float:
     return 1 - alone / during
 
 
+def _comm_slowdown(ctx: sf_comm.Context, pairs: int) -> list[tuple[float, float]]:
+    """(alone, while every rank computes) seconds of a 4 MB shift to the peer on the other
+    machine, ``pairs`` times alternating, so that both see the same state of the link."""
+    from sf_attn import attention_with_lse
+
+    chunk = _attention_chunk()
+    inter = ctx.group("inter")
+    x = torch.ones(1 << 20)
+    out = []
+    for _ in range(pairs):
+        times = []
+        for load in (False, True):
+            ctx.barrier()
+            start = time.perf_counter()
+            handle = sf_comm.shift(ctx, inter, x, 1)
+            while load and not handle.is_completed():
+                attention_with_lse(*chunk)
+            handle.wait()
+            times.append(time.perf_counter() - start)
+        out.append((times[0], times[1]))
+    return out
+
+
+def measure_comm_interference(pairs: int = 9) -> float:
+    """``CostModel.comm_interference`` on a 2x2 emulation at 0.43 Gbit/s, gloo: g = 1 -
+    alone / while computing, from the medians (over pairs) of the slowest rank's times."""
+    from sf_comm.launch import RankPool
+
+    with sf_comm.Emulation("2x2", inter_gbps=0.43) as emu, RankPool(4, emulation=emu) as pool:
+        out = pool.run(_comm_slowdown, pairs, topology="2x2", transport="gloo", timeout=900)
+    alone = statistics.median(max(r[i][0] for r in out) for i in range(pairs))
+    during = statistics.median(max(r[i][1] for r in out) for i in range(pairs))
+    print(
+        f"4 MB inter-machine shift: alone {alone * 1e3:.0f} ms, while every rank computes "
+        f"{during * 1e3:.0f} ms (median of {pairs} alternating pairs, slowest rank)"
+    )
+    return max(0.0, 1 - alone / during)
+
+
 def main(
     paths: list[str],
     interference: float,
     measure: bool = False,
     load: bool = False,
     link_runs: int = 1,
+    comm_interference: float = 0.0,
 ) -> None:
     """Print measured vs predicted per strategy for each bench output; ``measure``: cost the
     inter-machine transfers with curves measured on the same emulation (:func:`measure_links`,
@@ -268,7 +320,7 @@ def main(
                         f"{p} e_max {e:.2f}, {t * 1e3:.1f} ms" for p, (e, t) in links.items()
                     )
                 )
-        predicted = {t: predict(header, t, interference, links) for t in INTRA}
+        predicted = {t: predict(header, t, interference, links, comm_interference) for t in INTRA}
         print(header)
         print(
             f"{'strategy':<9} {'transport':<9} {'measured ms':>12} {'predicted ms':>13} {'error':>7}"
@@ -290,6 +342,13 @@ if __name__ == "__main__":
     parser.add_argument("--interference", type=float, default=0.0)
     parser.add_argument("--measure-interference", action="store_true")
     parser.add_argument(
+        "--comm-interference",
+        type=float,
+        default=0.0,
+        help="transfer speed lost while the ranks compute (CostModel.comm_interference)",
+    )
+    parser.add_argument("--measure-comm-interference", action="store_true")
+    parser.add_argument(
         "--measure-links",
         action="store_true",
         help="cost the inter-machine transfers with the emulated NIC's measured curves",
@@ -308,4 +367,15 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.measure_interference:
         print(f"interference: {measure_interference():.2f}")
-    main(args.outputs, args.interference, args.measure_links, args.under_load, args.link_runs)
+    comm_interference = args.comm_interference
+    if args.measure_comm_interference:
+        comm_interference = measure_comm_interference()
+        print(f"comm interference: {comm_interference:.2f}")
+    main(
+        args.outputs,
+        args.interference,
+        args.measure_links,
+        args.under_load,
+        args.link_runs,
+        comm_interference,
+    )

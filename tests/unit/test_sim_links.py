@@ -483,3 +483,30 @@ def test_closed_pipe_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_comm_interference_slows_transfers_that_overlap_compute() -> None:
+    """Catches the other direction of Note [Interference] charging transfers that overlap no
+    compute, one-sided puts, or more than g/(1-g) of the compute they overlap; and the
+    transfers queued behind a slowed one keeping their old start (the link would then carry
+    two transfers at once)."""
+    from sf_attn.sim.layer import CostModel
+
+    topo = Topology.preset("p4de", machines=2)
+    kw = dict(seq_len=32768, heads=24, head_dim=128)
+    g = 0.25
+
+    def run(one_sided: bool, fraction: float) -> object:
+        return simulate(
+            "torus", topo, one_sided=one_sided, cost=CostModel(comm_interference=fraction), **kw
+        )
+
+    plain, slowed = run(False, 0.0), run(False, g)
+    assert slowed.latency_s > plain.latency_s
+    assert slowed.latency_s <= plain.latency_s + plain.breakdown["compute"] * g / (1 - g) + 1e-12
+    assert run(True, g).latency_s == run(True, 0.0).latency_s
+    for track in ("intra", "inter"):  # no two transfers on one link at once
+        spans = sorted((e.start, e.end) for e in slowed.events if e.track == track)
+        assert all(b[0] >= a[1] - 1e-12 for a, b in itertools.pairwise(spans)), track
+    with pytest.raises(ValueError, match="comm_interference"):
+        CostModel(comm_interference=1.0)

@@ -69,6 +69,7 @@ class CostModel:
     # calls (nccl-tests), so no rendezvous is added there (Note [Link handshakes])
     inter_handshake: float = 0.0
     interference: float = 0.0  # compute speed lost while two-sided bytes move (Note [Interference])
+    comm_interference: float = 0.0  # two-sided transfer speed lost while compute runs (same Note)
     kernel: str = "cudnn"  # the attention kernel whose head_dim curve is used (Note [Kernel rates])
 
     def __post_init__(self) -> None:
@@ -83,11 +84,12 @@ class CostModel:
                 continue
             if not value >= 0:
                 raise ValueError(f"CostModel.{field.name} must be >= 0, got {value!r}")
-        if not self.interference < 1:
-            raise ValueError(
-                f"CostModel.interference is a fraction of the compute speed, in [0, 1); got "
-                f"{self.interference!r}"
-            )
+        for name, what in (("interference", "compute"), ("comm_interference", "transfer")):
+            if not getattr(self, name) < 1:
+                raise ValueError(
+                    f"CostModel.{name} is a fraction of the {what} speed, in [0, 1); got "
+                    f"{getattr(self, name)!r}"
+                )
 
 
 # Note [Link handshakes]
@@ -147,6 +149,11 @@ def kernel_rate(topology: Topology, head_dim: int, kernel: str = "cudnn") -> flo
 # default 0 keeps the calibration of docs/simulator.md as it was (an H100 NCCL job whose
 # overlap the fitted constants already absorb); tools/emulated_prediction.py sets the value
 # measured on CPU ranks. One-sided puts are taken not to interfere.
+# The other direction, ``comm_interference`` g: on CPU ranks a transfer's TCP and gloo work
+# needs the same cores as the attention, so a two-sided transfer in flight while the rank
+# computes for o seconds ends o * g / (1 - g) later (checked when each compute span ends),
+# and the transfers queued behind it on the same link move with it. On GPUs the
+# NIC moves the bytes by DMA: the default 0. tools/emulated_prediction.py measures it.
 
 
 class VirtualTracer(Tracer):
@@ -172,6 +179,7 @@ class VirtualTracer(Tracer):
         # per-call cost m_half / (peak * e_max)) on each track: what --explain calls overheads
         self.overhead = {"compute": 0.0, "intra": 0.0, "inter": 0.0}
         self.two_sided_spans: list[tuple[float, float]] = []  # Note [Interference]
+        self._in_flight: list[tuple[str, int, int]] = []  # comm_start's flights, until waited
 
     def _latency(self, link: str) -> float:
         return self.topology.intra_latency if link == "intra" else self.topology.inter_latency
@@ -187,6 +195,7 @@ class VirtualTracer(Tracer):
     ) -> Any:
         end = self.now
         step = self._next()
+        flights: list[tuple[str, int, int]] = []  # (link, two-sided span, event) in flight
         per_link_msgs = max(1, messages // max(1, len(links)))  # without ``peers``
         pattern = "send_recv" if op.startswith("shift") else "all_to_all"
         topo = self.topology
@@ -207,20 +216,51 @@ class VirtualTracer(Tracer):
                 )
                 # m / (peak e m / (m + h)) = m / (peak e) + h / (peak e)
                 fixed += curve.half(n_peers) / (topo.peak(link) * curve.e_max)
+            flight = None
             if not self.one_sided:  # Note [Link handshakes]
                 handshake = self.cost.handshake if link == "intra" else self.cost.inter_handshake
                 rendezvous = handshake * (peers or {}).get(link, per_link_msgs)
                 took += rendezvous
                 fixed += rendezvous
+                flight = len(self.two_sided_spans)
                 self.two_sided_spans.append((start, start + took))
             self.overhead[link] += fixed
             self.link_free[link] = start + took
             end = max(end, start + took)
+            if flight is not None:
+                flights.append((link, flight, len(self.events)))
             self.events.append(Event(link, op, start, start + took, nbytes=nbytes, step=step))
-        return end
+        self._in_flight.extend(flights)
+        return end, flights
 
     def comm_end(self, token: Any) -> None:
-        self.now = max(self.now, float(token))
+        end, flights = token
+        for flight in flights:  # a transfer may have ended later than issued (comm_interference)
+            self._in_flight.remove(flight)
+            end = max(end, self.events[flight[2]].end)
+        self.now = max(self.now, end)
+
+    def _slow_transfers(self, start: float, end: float) -> None:
+        """Note [Interference], the other direction: two-sided transfers in flight during the
+        compute span [start, end] end later, and the transfers queued behind them on their
+        link start that much later."""
+        g = self.cost.comm_interference
+        for link, span, _ in self._in_flight:
+            a, b = self.two_sided_spans[span]
+            overlap = min(b, end) - max(a, start)
+            if overlap <= 0:
+                continue
+            later = overlap * g / (1 - g)
+            for other_link, other, event in self._in_flight:
+                c, d = self.two_sided_spans[other]
+                if other_link != link or c < a:
+                    continue
+                moved = (c if other == span else c + later, d + later)
+                self.two_sided_spans[other] = moved
+                self.events[event] = dataclasses.replace(
+                    self.events[event], start=moved[0], end=moved[1]
+                )
+                self.link_free[link] = max(self.link_free[link], moved[1])
 
     def compute_start(
         self, name: str, flops: float, nbytes: int, shape: tuple[int, ...] = ()
@@ -249,6 +289,8 @@ class VirtualTracer(Tracer):
         if c.interference:  # Note [Interference]
             overlap = _covered(self.two_sided_spans, self.now, self.now + took)
             took += overlap * c.interference / (1 - c.interference)
+        if c.comm_interference and self._in_flight:
+            self._slow_transfers(self.now, self.now + took)
         self.events.append(
             Event("compute", name, self.now, self.now + took, nbytes, flops, self._next())
         )
