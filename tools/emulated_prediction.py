@@ -41,6 +41,7 @@ import json
 import re
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -138,30 +139,37 @@ def _link_times(
     ``load``, every rank computes attention while its transfer is in flight (the CPU the
     transfer needs is then shared with compute, as in the strategies) and the call's time
     is when its handle first reports completion (checked every ~15 ms of compute)."""
-    from sf_attn import attention_with_lse
-
     chunk = _attention_chunk()
     out: dict[str, list[float]] = {"send_recv": [], "all_to_all": [], "flat_ring": []}
     inter, world = ctx.group("inter"), ctx.group("world")
     for size in sizes:
         x = torch.ones(size // 4)
+        issue: dict[str, Callable[[], Any]] = {
+            "send_recv": lambda: sf_comm.shift(ctx, inter, x, 1),
+            # one rank per machine sends out, one receives
+            "flat_ring": lambda: sf_comm.shift(ctx, world, x, 1),
+            "all_to_all": lambda: sf_comm.all_to_all(ctx, world, [x] * ctx.world_size),
+        }
         for pattern in out:
-            times = []
-            for _ in range(iters):
-                ctx.barrier()
-                start = time.perf_counter()
-                if pattern == "send_recv":
-                    handle: Any = sf_comm.shift(ctx, inter, x, 1)
-                elif pattern == "flat_ring":  # one rank per machine sends out, one receives
-                    handle = sf_comm.shift(ctx, world, x, 1)
-                else:
-                    handle = sf_comm.all_to_all(ctx, world, [x] * ctx.world_size)
-                while load and not handle.is_completed():
-                    attention_with_lse(*chunk)
-                handle.wait()
-                times.append(time.perf_counter() - start)
+            times = [_timed_transfer(ctx, issue[pattern], chunk, load) for _ in range(iters)]
             out[pattern].append(statistics.median(times))
     return out
+
+
+def _timed_transfer(
+    ctx: sf_comm.Context, issue: Callable[[], Any], chunk: tuple[torch.Tensor, ...], load: bool
+) -> float:
+    """Seconds from issuing a transfer (after a barrier) to its completion; with ``load``
+    the rank computes attention chunks meanwhile and completion is checked between them."""
+    from sf_attn import attention_with_lse
+
+    ctx.barrier()
+    start = time.perf_counter()
+    handle = issue()
+    while load and not handle.is_completed():
+        attention_with_lse(*chunk)
+    handle.wait()
+    return time.perf_counter() - start
 
 
 # bytes per peer: the sizes of these layers' transfers (0.5-4 MB per peer at 2x2 and 4x2)
@@ -249,24 +257,17 @@ def measure_interference(iters: int = 5) -> float:
 def _comm_slowdown(ctx: sf_comm.Context, pairs: int) -> list[tuple[float, float]]:
     """(alone, while every rank computes) seconds of a 4 MB shift to the peer on the other
     machine, ``pairs`` times alternating, so that both see the same state of the link."""
-    from sf_attn import attention_with_lse
-
     chunk = _attention_chunk()
     inter = ctx.group("inter")
     x = torch.ones(1 << 20)
-    out = []
-    for _ in range(pairs):
-        times = []
-        for load in (False, True):
-            ctx.barrier()
-            start = time.perf_counter()
-            handle = sf_comm.shift(ctx, inter, x, 1)
-            while load and not handle.is_completed():
-                attention_with_lse(*chunk)
-            handle.wait()
-            times.append(time.perf_counter() - start)
-        out.append((times[0], times[1]))
-    return out
+
+    def shift() -> Any:
+        return sf_comm.shift(ctx, inter, x, 1)
+
+    return [
+        (_timed_transfer(ctx, shift, chunk, False), _timed_transfer(ctx, shift, chunk, True))
+        for _ in range(pairs)
+    ]
 
 
 def measure_comm_interference(pairs: int = 9) -> float:

@@ -51,8 +51,9 @@ def test_simulated_text_layout_is_the_models() -> None:
     """Catches ``streamfusion simulate --text auto`` costing a layout other than the one
     ``parallelize(..., text="auto")`` runs: for every simulated model with a plan, the
     simulated layout is "sharded" exactly where the plan shards text."""
+    from sf_attn.sim.models import get_model
+    from sf_attn.sim.step import rows_text
     from sf_models.plan import sharded_text_models
-    from sf_models.simulate_cmd import text_layout
 
     classes = {
         "flux": "FluxTransformer2DModel",
@@ -63,5 +64,5 @@ def test_simulated_text_layout_is_the_models() -> None:
     }
     sharded = set(sharded_text_models())
     for model, cls in classes.items():
-        assert (text_layout(model, "auto") == "sharded") == (cls in sharded), model
-        assert text_layout(model, "replicated") == "replicated"
+        assert (rows_text(get_model(model), "auto") == "sharded") == (cls in sharded), model
+        assert rows_text(get_model(model), "replicated") == "replicated"

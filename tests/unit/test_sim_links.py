@@ -32,7 +32,7 @@ def test_link_curve_is_monotone_and_approaches_e_max(preset: str) -> None:
     topo = Topology.preset(preset, machines=2)
     for link, one_sided, pattern in COMBINATIONS:
         curve = topo.links.curve(link, one_sided=one_sided, pattern=pattern)
-        peak = topo.intra_bw if link == "intra" else topo.inter_bw / topo.gpus_per_nic
+        peak = topo.peak(link)
         bws = [topo.bandwidth(link, m, one_sided=one_sided, pattern=pattern) for m in SIZES]
         assert all(b >= a for a, b in itertools.pairwise(bws)), (link, one_sided, pattern)
         assert all(b <= curve.e_max * peak * (1 + 1e-12) for b in bws)

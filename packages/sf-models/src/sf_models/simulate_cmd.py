@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Literal
+from typing import Any
 
 from ._cli_args import (
     UsageError,
@@ -127,7 +127,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--two-sided", action="store_true", help="cost two-sided send/recv transfers")
     p.add_argument(
         "--text",
-        choices=["auto", "replicated", "sharded"],
+        choices=["auto", "replicated", "sharded"],  # sf_attn.sim.step.TEXT_CHOICES
         default="auto",
         help="joint text layout (auto: the strategy rows as sf_models.parallelize runs the "
         "model, sharded for joint text, replicated for cross-attention text; the auto row "
@@ -161,18 +161,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=run)
     return p
-
-
-def text_layout(model: str, asked: str) -> Literal["replicated", "sharded"]:
-    """The text layout of the strategy rows for ``--text asked``: "auto" is what
-    ``sf_models.parallelize(..., text="auto")`` runs, sharded for every joint-text model
-    (each one's plan shards text; tests/models/test_registries.py keeps the two in step);
-    with "auto" the ``auto`` row also weighs the other layout (Note [Text layout choice] in
-    sf_attn.sim.step)."""
-    from sf_attn.sim.models import get_model
-    from sf_attn.sim.step import rows_text
-
-    return rows_text(get_model(model), asked)
 
 
 def _size(args: argparse.Namespace) -> tuple[int, int, int]:

@@ -127,15 +127,9 @@ def kernel_rate(topology: Topology, head_dim: int, kernel: str = "cudnn") -> flo
         return topology.device_flops
     table = KERNEL_TFLOPS[kernel]
     dims = sorted(table)
-    if head_dim <= dims[0]:
-        rate = table[dims[0]]
-    elif head_dim >= dims[-1]:
-        rate = table[dims[-1]]
-    else:
-        hi = next(d for d in dims if d >= head_dim)
-        lo = max(d for d in dims if d <= head_dim)
-        t = 0.0 if hi == lo else (head_dim - lo) / (hi - lo)
-        rate = table[lo] + t * (table[hi] - table[lo])
+    d = min(max(head_dim, dims[0]), dims[-1])  # clamped to the measured head_dims
+    lo, hi = max(x for x in dims if x <= d), min(x for x in dims if x >= d)
+    rate = table[lo] if lo == hi else table[lo] + (d - lo) * (table[hi] - table[lo]) / (hi - lo)
     return topology.device_flops * rate / KERNEL_TFLOPS["cudnn"][128]
 
 

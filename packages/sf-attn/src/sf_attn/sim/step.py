@@ -18,10 +18,10 @@ every self-attention block of these models has the same shape, so one plan cover
 Note [Step cost]: a GEMM of ``m`` tokens through ``w`` weights takes
 ``2 m w / (device_flops * gemm_eff * m / (m + gemm_half))`` (``gemm_eff``: the MFU of compiled
 projections/MLPs relative to ``Topology.device_flops``, the rate attention blocks get in the
-simulator at head_dim 128; ``gemm_half``: rows at which a GEMM runs at half its large-``m`` rate). Everything
-elementwise (norms, adaLN modulation, gates, residuals, RoPE, the MLP activation) is memory
-bound: ``(hidden_passes * hidden + ffn_passes * ffn) * itemsize`` bytes per token per block
-at the device's memory bandwidth. ``block_overhead`` is a fixed time per block (kernel
+simulator at head_dim 128; ``gemm_half``: rows at which a GEMM runs at half its large-``m``
+rate). Everything elementwise (norms, adaLN modulation, gates, residuals, RoPE, the MLP
+activation) is memory bound: ``(hidden_passes * hidden + ffn_passes * ffn) * itemsize``
+bytes per token per block at the device's memory bandwidth. ``block_overhead`` is a fixed time per block (kernel
 launches and gaps that compilation does not remove). The calibration that set these is in
 docs/simulator.md (:func:`sf_attn.sim.calibration.xdit_flux_calibration`).
 """
@@ -235,6 +235,9 @@ class _Work:
     text_sharded: bool
 
 
+TEXT_CHOICES = ("auto", "replicated", "sharded")
+
+
 def rows_text(cfg: DiTConfig, text: str) -> Literal["replicated", "sharded"]:
     """The layout the strategy rows are costed with for ``text``: "auto" is what
     ``sf_models.parallelize(..., text="auto")`` runs, sharded for every joint-text model
@@ -248,9 +251,6 @@ def rows_text(cfg: DiTConfig, text: str) -> Literal["replicated", "sharded"]:
     if text == "auto":
         return "sharded" if cfg.text_mode == "joint" else "replicated"
     return "sharded" if text == "sharded" else "replicated"
-
-
-TEXT_CHOICES = ("auto", "replicated", "sharded")
 
 
 def _make_work(
@@ -414,8 +414,8 @@ def _bounds(w: _Work, cost: StepCost) -> tuple[float, float]:
     inter_e = max(
         links.inter_all_to_all.e_max, links.inter_send_recv.e_max, links.inter_one_sided.e_max
     )
-    inter_bw = topo.inter_bw / topo.gpus_per_nic * inter_e
-    intra_bw = topo.intra_bw * max(links.intra_two_sided.e_max, links.intra_one_sided.e_max)
+    inter_bw = topo.peak("inter") * inter_e
+    intra_bw = topo.peak("intra") * max(links.intra_two_sided.e_max, links.intra_one_sided.e_max)
     attn_rate = kernel_rate(topo, cfg.head_dim, cost.attention.kernel)
     compute = comm = 0.0
     for block in cfg.blocks:
@@ -472,9 +472,9 @@ def simulate_step(
         A :class:`StepResult`. ``bound_s = max(compute_bound_s, comm_bound_s)``:
 
         - ``compute_bound_s``: the whole step's compute on one device (attention FLOPs at
-          the kernel's rate for the head_dim (Note [Kernel rates]) with no small-block loss, GEMMs at ``device_flops * gemm_eff``,
-          elementwise bytes at full memory bandwidth, no per-kernel overheads; text tokens
-          counted once) divided by P.
+          the kernel's rate for the head_dim (Note [Kernel rates]) with no small-block loss,
+          GEMMs at ``device_flops * gemm_eff``, elementwise bytes at full memory bandwidth,
+          no per-kernel overheads; text tokens counted once) divided by P.
         - ``comm_bound_s`` (the unavoidable communication): per self-attention layer, the
           bytes of a head scatter over all P ranks (each rank sends (P-1)/P of its q, k, v and
           of the output rows it computed for others: ``4 (P-1)/P * N/P * hidden`` elements),
